@@ -1,0 +1,20 @@
+"""armor-kernels: ARMOR 2:4 pruning (Liu et al., 2025), its baselines, a fast optimizer and a
+fused Hopper inference op.
+
+    from armor_kernels import ActivationStats, armor, ArmorLinear
+    stats = ActivationStats(d_in); stats.update(x)          # calibration inputs of one layer
+    res = armor(W, stats)                                   # factors, pruned weight, loss history
+    layer = ArmorLinear.from_linear(linear, res.factors)    # y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias
+"""
+from .baselines import BASELINES, Pruned, magnitude, nowag_p, sparsegpt, wanda
+from .factors import (ActivationStats, ArmorFactors, block_size_for, block_sizes, denormalize, normalize,
+                      output_error, proxy_loss, tile_losses)
+from .nn import ArmorLinear
+from .optim import ArmorResult, armor
+from .sparse24 import check_24, pack_24, unpack_24
+
+__all__ = [
+    "ActivationStats", "ArmorFactors", "ArmorLinear", "ArmorResult", "BASELINES", "Pruned", "armor",
+    "block_size_for", "block_sizes", "check_24", "denormalize", "magnitude", "normalize", "nowag_p",
+    "output_error", "pack_24", "proxy_loss", "sparsegpt", "tile_losses", "unpack_24", "wanda",
+]

@@ -1,0 +1,82 @@
+"""What both optimizers share: the NoWag-P start, tiling, the tile residual and the loss history."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..factors import ArmorFactors, block_sizes, check_h, check_weight, normalize, tile_losses
+from ..kernels.mask_select import top2_mask
+
+
+@dataclass
+class Problem:
+    """One layer's normalised weight W̄, statistic h and block sizes, on the optimisation device."""
+
+    Wbar: torch.Tensor
+    h: torch.Tensor
+    r: torch.Tensor
+    c: torch.Tensor
+    bA: int
+    bB: int
+
+    @classmethod
+    def from_weight(cls, W, h, block_size: int, device) -> "Problem":
+        check_weight(W)
+        check_h(h, W.shape[1])
+        if not isinstance(block_size, int) or block_size < 4:
+            raise ValueError(f"block_size: expected an int ≥ 4, got {block_size!r}")
+        device = torch.device(device if device is not None else W.device)
+        Wbar, r, c = normalize(W.to(device))
+        bA, bB = block_sizes(tuple(W.shape), block_size)
+        return cls(Wbar, h.to(device, torch.float32), r, c, bA, bB)
+
+    @property
+    def nA(self) -> int:
+        return self.Wbar.shape[0] // self.bA
+
+    @property
+    def nB(self) -> int:
+        return self.Wbar.shape[1] // self.bB
+
+    def nowag_p(self) -> ArmorFactors:
+        """ARMOR's start: A = B = I, S = W̄ ⊙ top-2(W̄² h)."""
+        S = self.Wbar * top2_mask(self.Wbar * self.Wbar * self.h)
+        return ArmorFactors.identity(self.Wbar, self.r, self.c, S, (self.bA, self.bB))
+
+    def loss(self, f: ArmorFactors) -> float:
+        """Relative proxy loss Σ h (W̄ − ASB)² / Σ h W̄², summed tile by tile in float64."""
+        return float(tile_losses(self.Wbar, self.h, f).sum() / self.norm)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return (self.Wbar.double() ** 2 * self.h.double()).sum()
+
+    def to_tiles(self, M: torch.Tensor) -> torch.Tensor:
+        """(d_out, d_in) -> (nA·nB, bA, bB), tile t = I·nB + J."""
+        return M.reshape(self.nA, self.bA, self.nB, self.bB).transpose(1, 2).reshape(-1, self.bA, self.bB)
+
+    def from_tiles(self, T: torch.Tensor) -> torch.Tensor:
+        return T.reshape(self.nA, self.nB, self.bA, self.bB).transpose(1, 2).reshape(self.Wbar.shape)
+
+    def tile_operands(self, f: ArmorFactors):
+        """Per-tile (R, A_I, B_J D_J^½): the weighted residual and the factors each tile sees."""
+        sq = self.h.sqrt()
+        R = self.to_tiles((self.Wbar - f.core()) * sq)
+        A = f.A.repeat_interleave(self.nB, dim=0)
+        Bt = (f.B * sq.reshape(self.nB, 1, self.bB)).repeat(self.nA, 1, 1)
+        return R, A, Bt
+
+
+@dataclass
+class History:
+    """Relative proxy loss after every accepted step (index 0: NoWag-P) and the wall-clock time."""
+
+    loss: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def record(self, loss: float) -> None:
+        self.loss.append(loss)
+        self.seconds.append(time.perf_counter() - self.t0)

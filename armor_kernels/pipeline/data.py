@@ -1,0 +1,212 @@
+"""Calibration and evaluation text, offline (DESIGN §7).
+
+The default corpus is Jane Austen's six novels as shipped in Debian's ``r-cran-janeaustenr`` package:
+on first use the .deb is fetched with ``apt-get download`` (not installed: that would pull in R),
+the novels are read from the package's R lazy-load database, and one UTF-8 .txt per novel is cached
+under ``$ARMOR_CACHE`` (default ``~/.cache/armor_kernels``). Users may name their own .txt file or
+directory of .txt files instead.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import rdata
+import torch
+
+DEB_PACKAGE = "r-cran-janeaustenr"
+# Variable name in the package's lazy-load database -> title, in publication order.
+AUSTEN_NOVELS = {
+    "sensesensibility": "Sense and Sensibility",
+    "prideprejudice": "Pride and Prejudice",
+    "mansfieldpark": "Mansfield Park",
+    "emma": "Emma",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+}
+EVAL_NOVEL = "Pride and Prejudice"
+_DB_PATH = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ARMOR_CACHE") or Path.home() / ".cache" / "armor_kernels")
+
+
+def austen_novels(cache: str | os.PathLike | None = None) -> dict[str, str]:
+    """Title -> text of the six novels, extracting them into ``cache/janeaustenr`` on first use."""
+    folder = Path(cache or cache_dir()) / "janeaustenr"
+    files = {title: folder / f"{key}.txt" for key, title in AUSTEN_NOVELS.items()}
+    if not all(f.is_file() for f in files.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+        novels = _read_lazyload_db(*_fetch_database())
+        for key, title in AUSTEN_NOVELS.items():
+            _write_atomically(files[title], paragraphs(novels[key]))
+    return {title: f.read_text(encoding="utf-8") for title, f in files.items()}
+
+
+def paragraphs(lines: Iterable[str]) -> str:
+    """The fixed wrapping rule: lines of a paragraph joined by one space, paragraphs by a blank line.
+
+    Runs of blank lines count as one separator; leading and trailing spaces of each line are dropped.
+    """
+    stripped = (line.strip() for line in lines)
+    paras = (" ".join(group) for nonblank, group in itertools.groupby(stripped, key=bool) if nonblank)
+    return "\n\n".join(paras) + "\n"
+
+
+def _fetch_database() -> tuple[bytes, bytes]:
+    """The (.rdx, .rdb) bytes of the novels' lazy-load database, from a freshly downloaded .deb."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            done = subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=tmp,
+                                  capture_output=True, text=True)
+            error = done.stderr.strip() if done.returncode else ""
+        except FileNotFoundError:
+            error = "apt-get not found"
+        debs = sorted(Path(tmp).glob(f"{DEB_PACKAGE}_*.deb"))
+        if error or not debs:
+            raise RuntimeError(
+                f"could not download Debian's {DEB_PACKAGE} (the default Jane Austen text): {error}\n"
+                "Run `apt-get update` first, or pass your own text file or directory of .txt files.")
+        if shutil.which("dpkg-deb"):
+            root = Path(tmp) / "root"
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
+            return (root / f"{_DB_PATH}.rdx").read_bytes(), (root / f"{_DB_PATH}.rdb").read_bytes()
+        return _members_without_dpkg(debs[0].read_bytes())
+
+
+def _members_without_dpkg(deb: bytes) -> tuple[bytes, bytes]:
+    """Read the database out of a .deb in pure Python: an ar archive whose data.tar.* holds the tree."""
+    if not deb.startswith(b"!<arch>\n"):
+        raise ValueError("not a Debian package (no ar header)")
+    pos = 8
+    while pos + 60 <= len(deb):
+        name, size = deb[pos:pos + 16].strip().decode(), int(deb[pos + 48:pos + 58])
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(deb[pos + 60:pos + 60 + size]), mode="r:*") as tar:
+                return tuple(tar.extractfile(f"./{_DB_PATH}{ext}").read() for ext in (".rdx", ".rdb"))
+        pos += 60 + size + size % 2  # ar members are padded to an even length
+    raise ValueError("no data.tar member in the Debian package")
+
+
+def _read_lazyload_db(rdx: bytes, rdb: bytes) -> dict[str, list[str]]:
+    """Variable name -> character vector from an R lazy-load database (``data/Rdata.rdx/.rdb``).
+
+    The .rdx is a gzipped serialised R list whose ``variables`` map each name to (offset, length)
+    in the .rdb; there each record is a 4-byte big-endian uncompressed size followed by a zlib
+    stream of R's serialisation, which the ``rdata`` package parses.
+    """
+    index = rdata.conversion.convert(rdata.parser.parse_data(rdx, extension=".rds"))
+    if list(index["compressed"]) != [True]:
+        raise ValueError(f"unsupported lazy-load compression {index['compressed']!r} (only zlib)")
+    out = {}
+    for name, (offset, length) in index["variables"].items():
+        record = rdb[offset:offset + length]
+        serialised = zlib.decompress(record[4:])
+        if len(serialised) != struct.unpack(">I", record[:4])[0]:
+            raise ValueError(f"corrupt lazy-load record for {name!r}")
+        vector = rdata.conversion.convert(rdata.parser.parse_data(serialised, extension=".rds"))
+        out[str(name)] = [str(line) for line in vector]
+    return out
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.chmod(fd, 0o644)  # mkstemp makes it private; the cache is plain readable data
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_corpus(source: str | os.PathLike | None = None) -> dict[str, str]:
+    """Name -> text. None: the Austen novels (by title); a .txt file; or a directory of .txt files
+    (by file stem, sorted). User text is read as it is, with no re-wrapping."""
+    if source is None:
+        return austen_novels()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"text source {str(path)!r} does not exist")
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"text directory {str(path)!r} has no .txt files")
+    corpus = {f.stem: f.read_text(encoding="utf-8") for f in files}
+    for name, text in corpus.items():
+        if not text.strip():
+            raise ValueError(f"text {name!r} in {str(path)!r} is empty")
+    return corpus
+
+
+class TokenSplits(NamedTuple):
+    calibration: torch.Tensor  # int64 [n_samples, seq_len]
+    evaluation: torch.Tensor  # int64 [eval_tokens]
+
+
+def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None = None, *,
+                 n_samples: int = 32, seq_len: int = 512, eval_tokens: int = 20_000, seed: int = 0,
+                 eval_doc: str | None = None) -> TokenSplits:
+    """Calibration and evaluation tokens from disjoint parts of a corpus.
+
+    ``source`` is what :func:`load_corpus` takes, or an already loaded name -> text mapping.
+    With several documents, evaluation is the first ``eval_tokens`` tokens of ``eval_doc``
+    (default: *Pride and Prejudice* if present, else the last document) and calibration comes from
+    all the others. A single document is split instead: evaluation is its last ``eval_tokens`` tokens,
+    calibration comes from the part before them.
+
+    Calibration is ``n_samples`` distinct non-overlapping windows of ``seq_len`` tokens, drawn at random
+    (``seed``) from the calibration documents' windows, none crossing a document boundary.
+
+    Defaults: 32 x 512 calibration tokens (enough for the Hessian-style statistics of a 576-wide
+    model while keeping one layer-by-layer pass cheap on 2 CPU cores); 20k evaluation tokens, i.e. 39
+    windows of 512 as in DESIGN §7, about a minute for a dense 135M model on 2 CPU cores.
+    """
+    for arg, value in (("n_samples", n_samples), ("seq_len", seq_len), ("eval_tokens", eval_tokens)):
+        if value < 1:
+            raise ValueError(f"{arg} must be positive, got {value}")
+    if eval_tokens < seq_len:
+        raise ValueError(f"eval_tokens={eval_tokens} is less than one window of seq_len={seq_len}")
+    corpus = source if isinstance(source, Mapping) else load_corpus(source)
+    ids = {name: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+           for name, text in corpus.items()}
+    if not ids or all(len(t) == 0 for t in ids.values()):
+        raise ValueError("the text is empty")
+
+    if len(ids) == 1:
+        (name, tokens), = ids.items()
+        need = eval_tokens + n_samples * seq_len
+        if len(tokens) < need:
+            raise ValueError(
+                f"text {name!r} has {len(tokens)} tokens, too short to split into eval_tokens="
+                f"{eval_tokens} plus n_samples={n_samples} x seq_len={seq_len} = {need} tokens")
+        evaluation, pool = tokens[-eval_tokens:], [tokens[:-eval_tokens]]
+    else:
+        name = eval_doc or (EVAL_NOVEL if EVAL_NOVEL in ids else list(ids)[-1])
+        if name not in ids:
+            raise ValueError(f"eval_doc={name!r} is not among the documents {list(ids)}")
+        if len(ids[name]) < eval_tokens:
+            raise ValueError(f"evaluation text {name!r} has {len(ids[name])} tokens, "
+                             f"fewer than eval_tokens={eval_tokens}")
+        evaluation = ids[name][:eval_tokens]
+        pool = [t for n, t in ids.items() if n != name]
+
+    windows = torch.cat([t[:len(t) // seq_len * seq_len].view(-1, seq_len) for t in pool])
+    if len(windows) < n_samples:
+        raise ValueError(f"calibration text holds {len(windows)} windows of seq_len={seq_len} tokens, "
+                         f"fewer than n_samples={n_samples}")
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n_samples]
+    return TokenSplits(windows[pick], evaluation)

