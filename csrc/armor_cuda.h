@@ -11,8 +11,12 @@
 // C linkage so that the library can be used without the Python binding (ctypes, other runtimes).
 #pragma once
 
-#include <cstdint>
-#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+// cudaStream_t without the CUDA headers (the same typedef as driver_types.h), so that the binding
+// compiles with a plain C++ compiler on a machine that has only the prebuilt library.
+struct CUstream_st;
+typedef struct CUstream_st* cudaStream_t;
 
 #ifdef __cplusplus
 extern "C" {

@@ -107,5 +107,53 @@ def sweep_tiles_reference(R, A, Bt, S, passes: int = 1):
     return R, S
 
 
+def _load_cpu_module():
+    """armor_kernels._armor_cpu (csrc/cpu, built by setup.py), or None: the reference then serves."""
+    import os
+    if os.environ.get("ARMOR_KERNELS_NO_CPU_EXT", "") not in ("", "0"):
+        return None
+    try:
+        from .. import _armor_cpu
+    except ImportError:
+        return None
+    return _armor_cpu
+
+
+_armor_cpu = _load_cpu_module()
+
+
+def sweep_tiles_cpu(R, A, Bt, S, passes: int = 1):
+    """The C++/OpenMP kernel (csrc/cpu/sweep.cpp): same semantics as `sweep_tiles_reference`.
+
+    float32 CPU tensors only; non-contiguous inputs are copied and R, S written back in place.
+    """
+    if _armor_cpu is None:
+        raise RuntimeError("armor_kernels._armor_cpu is not built (pip install the package to build it)")
+    T, bA, bB = S.shape
+    if bB % 4 or R.shape != S.shape or A.shape != (T, bA, bA) or Bt.shape != (T, bB, bB):
+        raise ValueError(f"sweep_tiles: shapes R {tuple(R.shape)}, A {tuple(A.shape)}, Bt {tuple(Bt.shape)}, "
+                         f"S {tuple(S.shape)} do not fit (T,bA,bB)/(T,bA,bA)/(T,bB,bB)/(T,bA,bB), bB % 4 == 0")
+    Rc, Sc = R.contiguous(), S.contiguous()
+    if Rc.data_ptr() == Sc.data_ptr() and Rc.numel():
+        Sc = Sc.clone()
+    Ac, Btc = A.contiguous(), Bt.contiguous()
+    _armor_cpu.sweep_tiles(Rc.data_ptr(), Ac.data_ptr(), Btc.data_ptr(), Sc.data_ptr(),
+                           T, bA, bB, int(passes), torch.get_num_threads())
+    if Rc is not R:
+        R.copy_(Rc)
+    if Sc is not S:
+        S.copy_(Sc)
+    return R, S
+
+
+def _cpu_sweep_applies(R, A, Bt, S) -> bool:
+    ts = (R, A, Bt, S)
+    return (_armor_cpu is not None
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 3 for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
 def sweep_tiles(R, A, Bt, S, passes: int = 1):
+    if _cpu_sweep_applies(R, A, Bt, S):
+        return sweep_tiles_cpu(R, A, Bt, S, passes)
     return sweep_tiles_reference(R, A, Bt, S, passes)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Compile every csrc kernel translation unit for sm_90a through CMakeLists.txt, without Python or a GPU.
+# Fails on any compiler error and on ptxas warning C7510 (wgmma pipeline serialised: a performance bug
+# that must not land). Usage: .ci/build_csrc.sh [build_dir]   (PYTHON=... selects the interpreter whose
+# site-packages hold nvidia-cutlass; default: python3 on PATH).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_dir="${1:-build/ci-csrc}"
+python="${PYTHON:-$(command -v python3)}"
+nvcc="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
+[[ -x "$nvcc" ]] || { echo "build_csrc: nvcc not found (PATH or /usr/local/cuda/bin)" >&2; exit 1; }
+"$python" -c "import cutlass_library" 2>/dev/null \
+  || { echo "build_csrc: $python lacks nvidia-cutlass (pip install nvidia-cutlass==4.2.0.0)" >&2; exit 1; }
+
+generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
+cmake -S . -B "$build_dir" "${generator[@]}" -DARMOR_BUILD_PYTHON=OFF \
+  -DCMAKE_CUDA_COMPILER="$nvcc" -DPython_EXECUTABLE="$python" >/dev/null
+log="$build_dir/build.log"
+# Each sparse-GEMM TU needs ~4-5 GB of memory: two at a time fit a 2-core, 24 GB machine.
+if ! cmake --build "$build_dir" --parallel "${ARMOR_BUILD_JOBS:-2}" >"$log" 2>&1; then
+  grep -E "error|Error" "$log" | head -40 >&2
+  echo "build_csrc: FAILED, full log in $log" >&2
+  exit 1
+fi
+if grep -n "C7510" "$log" >&2; then
+  echo "build_csrc: ptxas warning C7510 (serialised wgmma) in $log: treated as a failure" >&2
+  exit 1
+fi
+echo "build_csrc: ok ($(ls "$build_dir"/libarmor_cuda.so))"

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from torch import nn
+
+from armor_kernels import ActivationStats, ArmorLinear, armor
+
+
+def _layer(d_out, d_in, bias, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(d_in, d_out, bias=bias)
+    st = ActivationStats(d_in)
+    st.update(torch.randn(128, d_in))
+    return lin, armor(lin.weight.detach(), st, block_size=16, iters=2)
+
+
+def _abs_chain(mod, x):
+    """|x|·|B'|ᵀ·|S|ᵀ·|A'|ᵀ: the scale that rounding errors of the three stages are relative to."""
+    ab = ArmorLinear(mod.A.float().abs(), mod.S.float().abs(), mod.B.float().abs())
+    return ab(x.float().abs())
+
+
+@pytest.mark.parametrize("d_out,d_in", [(32, 48), (48, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_matches_dense_reconstruction(d_out, d_in, bias, dtype):
+    lin, res = _layer(d_out, d_in, bias)
+    mod = ArmorLinear.from_linear(lin, res.factors, dtype=dtype)
+    x = torch.randn(3, 5, d_in, dtype=dtype)
+    W = mod.to_dense().float()
+    ref = x.float() @ W.T + (mod.bias.float() if bias else 0)
+    y = mod(x)
+    assert y.dtype == dtype and y.shape == (3, 5, d_out)
+    # each of the 3 stages (and the bias add) rounds once to dtype: |error| ≤ ~4·eps·|x||B'||S||A'|
+    eps = torch.finfo(dtype).eps
+    assert ((y.float() - ref).abs() <= 4 * eps * _abs_chain(mod, x) + eps * ref.abs() + 1e-6).all()
+    # the folded factors reproduce diag(r) A S B diag(c)
+    if dtype == torch.float32:
+        assert torch.allclose(W, res.factors.weight(), rtol=1e-5, atol=1e-5 * W.abs().max())
+
+
+def test_packed_and_unpacked_forms_agree_exactly():
+    lin, res = _layer(32, 48, True)
+    mod = ArmorLinear.from_linear(lin, res.factors)
+    x = torch.randn(7, 48)
+    before, dense = mod(x), mod.to_dense()
+    mod.pack()
+    assert mod.packed and mod.S is None and mod.S_idx.dtype == torch.uint8
+    assert torch.equal(mod(x), before)
+    assert torch.equal(mod.to_dense(), dense)
+    assert set(mod.state_dict()) >= {"A", "B", "S_values", "S_idx", "bias"}
+
+
+def test_errors_name_the_argument():
+    lin, res = _layer(32, 48, False)
+    mod = ArmorLinear.from_linear(lin, res.factors)
+    with pytest.raises(ValueError, match="x: expected last dimension 48"):
+        mod(torch.randn(2, 40))
+    with pytest.raises(ValueError, match="factors"):
+        ArmorLinear.from_linear(nn.Linear(48, 16), res.factors)
+    f = res.factors
+    with pytest.raises(ValueError, match="2:4"):
+        ArmorLinear(f.A, torch.ones(32, 48), f.B)
+    with pytest.raises(ValueError, match="A: expected"):
+        ArmorLinear(f.A[:1], f.S, f.B)
