@@ -1,0 +1,184 @@
+"""The packed checkpoint: a self-contained directory, safetensors only.
+
+    config.json           run configuration (method, block size, options, format version, model config)
+    tokenizer files       so the checkpoint evaluates without its source model
+    rest.safetensors      everything that is not pruned (embeddings, norms, lm_head), dense
+    layers/block_NNN.safetensors   one file per decoder block, written atomically when the block is done
+
+Per pruned linear `<name>` of a block: ARMOR stores `<name>.A`, `<name>.B` (block-diagonal blocks,
+r and c folded in), `<name>.S_values`, `<name>.S_idx` (2:4 kept values + 2-bit positions) and
+`<name>.bias` if any; a baseline stores `<name>.S_values`, `<name>.S_idx` (its pruned weight, packed
+the same way) and `<name>.bias`. Each layer file carries the run's config hash in its metadata, so a
+resumed run never mixes layers of different configurations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..nn import ArmorLinear
+from ..sparse24 import pack_24, unpack_24
+
+FORMAT_VERSION = 1
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a reader (or a resumed run)
+    sees either the old file or the complete new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path: Path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+    atomic_write(path, write)
+
+
+def layer_path(out: Path, i: int) -> Path:
+    return Path(out) / "layers" / f"block_{i:03d}.safetensors"
+
+
+def linear_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The stored form of one pruned linear (ArmorLinear, or nn.Linear holding a 2:4 weight)."""
+    if isinstance(module, ArmorLinear):
+        out = {f"{name}.A": module.A, f"{name}.B": module.B}
+        values, idx = (module.S_values, module.S_idx) if module.packed else pack_24(module.S)
+    else:
+        out = {}
+        values, idx = pack_24(module.weight.detach())
+    out[f"{name}.S_values"], out[f"{name}.S_idx"] = values, idx
+    if module.bias is not None:
+        out[f"{name}.bias"] = module.bias.detach()
+    return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
+def save_block(out: Path, i: int, linears: dict[str, nn.Module], chash: str) -> None:
+    tensors = {}
+    for name, mod in linears.items():
+        tensors.update(linear_tensors(name, mod))
+    atomic_write(layer_path(out, i),
+                 lambda tmp: save_file(tensors, tmp, metadata={"config_hash": chash, "block": str(i)}))
+
+
+def load_block(out: Path, i: int, chash: str) -> dict[str, nn.Module]:
+    """name -> module (ArmorLinear, or nn.Linear with the unpacked 2:4 weight) of one saved block."""
+    path = layer_path(out, i)
+    try:
+        tensors = load_file(path)
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint layer {str(path)!r} is corrupt or truncated: {e}") from e
+    meta = header.get("__metadata__", {})
+    if meta.get("config_hash") != chash:
+        raise ValueError(f"checkpoint layer {str(path)!r} was written by a different configuration "
+                         f"(hash {meta.get('config_hash')!r}, this run {chash!r}); use a new output directory")
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    modules = {}
+    for name in names:
+        get = lambda key: tensors.get(f"{name}.{key}")  # noqa: E731
+        S = unpack_24(get("S_values"), get("S_idx"))
+        if get("A") is not None:
+            modules[name] = ArmorLinear(get("A"), S, get("B"), get("bias")).pack()
+        else:
+            lin = nn.Linear(S.shape[1], S.shape[0], bias=get("bias") is not None, dtype=S.dtype)
+            lin.weight.data.copy_(S)
+            if lin.bias is not None:
+                lin.bias.data.copy_(get("bias"))
+            modules[name] = lin.requires_grad_(False)
+    return modules
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def file_bytes(path: Path) -> int:
+    return Path(path).stat().st_size
+
+
+def pruned_names(model: nn.Module) -> set[str]:
+    """State-dict keys that live in the per-block layer files (the decoder blocks' linears)."""
+    from .model import block_linears, decoder_layers
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return {f"{prefix}.{i}.{name}.{p}" for i, block in enumerate(layers)
+            for name, lin in block_linears(block).items() for p, _ in lin.named_parameters()}
+
+
+def save_rest(model: nn.Module, out: Path, dense: bool = False) -> None:
+    """Everything not pruned (embeddings, norms, lm_head; all of it for a dense checkpoint),
+    deduplicating tied weights."""
+    skip, seen, rest = (set() if dense else pruned_names(model)), set(), {}
+    for k, v in model.state_dict().items():
+        if k in skip or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        rest[k] = v.detach().contiguous().cpu()
+    atomic_write(Path(out) / "rest.safetensors", lambda tmp: save_file(rest, tmp))
+
+
+def load_pruned_model(out: str | Path):
+    """(model, tokenizer) rebuilt from a checkpoint directory: ArmorLinear / pruned linears in place."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model import decoder_layers
+    out = Path(out)
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(out)!r} has no config.json")
+    try:
+        meta = json.loads(cfg_path.read_text())
+        run, chash = meta["run"], meta["config_hash"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint config {str(cfg_path)!r} is unreadable: {e}") from e
+    if run.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {str(out)!r} has format version {run.get('format_version')!r}, "
+                         f"this package reads {FORMAT_VERSION}")
+    mc = dict(run["model_config"])
+    config = AutoConfig.for_model(mc.pop("model_type"), **mc)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, run["model_dtype"]))
+    try:
+        rest = load_file(out / "rest.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint file {str(out / 'rest.safetensors')!r} is missing or corrupt: {e}") from e
+    missing, _ = model.load_state_dict(rest, strict=False)
+    missing = set(missing) - (pruned_names(model) if run["method"] != "dense" else set())
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint {str(out)!r} lacks tensors {sorted(missing)[:5]}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    dtype = next(model.parameters()).dtype
+    if run["method"] != "dense":
+        from .prune import adopt
+        for i, block in enumerate(decoder_layers(model)):
+            if not layer_path(out, i).exists():
+                raise ValueError(f"checkpoint {str(out)!r} is incomplete: block {i} was never written "
+                                 "(resume the prune run to finish it)")
+            adopt(block, load_block(out, i, chash), dtype, "cpu")
+    return model.eval(), AutoTokenizer.from_pretrained(out)

@@ -1,0 +1,165 @@
+"""Layer-by-layer pruning of a causal LM (as SparseGPT and ARMOR do), resumable.
+
+One decoder block at a time is on the device. Its calibration inputs are the outputs of the blocks
+before it, already pruned; hooks collect the statistics of every linear's inputs, then every linear
+of the block is pruned, the block is written to disk atomically, and its pruned outputs become the
+next block's inputs. A re-run with the same configuration loads the finished blocks instead of
+pruning them again; a different configuration is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..baselines import BASELINES
+from ..factors import ActivationStats
+from ..nn import ArmorLinear
+from ..optim import armor
+from .checkpoint import (FORMAT_VERSION, config_hash, layer_path, load_block, replace_module, save_block,
+                         save_json, save_rest)
+from .model import block_linears, decoder_layers
+
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
+STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in memory uses the same values
+
+
+class _Captured(Exception):
+    pass
+
+
+def block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, device) -> list[tuple]:
+    """(args, kwargs) of the first decoder block for each calibration batch (mask, positions, …)."""
+    first = decoder_layers(model)[0]
+    seen = []
+
+    def grab(_, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in calib.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
+    """The block's outputs, packaged as the next block's inputs (same keyword arguments)."""
+    outs = []
+    for args, kwargs in inputs:
+        y = block(*args, **kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        outs.append(((y,) + tuple(args[1:]), kwargs))
+    return outs
+
+
+def collect_stats(block: nn.Module, inputs: list[tuple], full: bool) -> dict[str, ActivationStats]:
+    linears = block_linears(block)
+    stats = {name: ActivationStats(lin.in_features, full=full, device=lin.weight.device)
+             for name, lin in linears.items()}
+    hooks = [lin.register_forward_pre_hook(lambda m, a, s=stats[name]: s.update(a[0]))
+             for name, lin in linears.items()]
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: dict) -> tuple[nn.Module, dict]:
+    """The pruned replacement of one linear (stored values, model's dtype for compute) and its report."""
+    W = lin.weight.detach()
+    if method == "armor":
+        res = armor(W, stats, **options)
+        mod = ArmorLinear.from_linear(lin, res.factors, dtype=STORAGE_DTYPE)
+        return mod, {"nowag_p_loss": res.history.loss[0], "loss": res.loss}
+    pruned = BASELINES[method](W, stats)
+    new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                    device=W.device, dtype=W.dtype).requires_grad_(False)
+    new.weight.copy_(pruned.weight.to(STORAGE_DTYPE))
+    if lin.bias is not None:
+        new.bias.copy_(lin.bias.detach().to(STORAGE_DTYPE))
+    return new, {}
+
+
+def adopt(block: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype, device) -> None:
+    """Put pruned modules into the block: ArmorLinear keeps its stored dtype (its forward casts),
+    a pruned nn.Linear takes the model's dtype (bf16 → fp32 is exact)."""
+    for name, mod in modules.items():
+        replace_module(block, name, mod.to(device) if isinstance(mod, ArmorLinear) else mod.to(device, dtype))
+
+
+def run_config(method: str, options: dict, calib: torch.Tensor, model: nn.Module, source: str | None) -> dict:
+    """Everything that decides a run's output: a resumed run must match it exactly."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    config = {
+        "format_version": FORMAT_VERSION, "method": method, "options": options,
+        "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "calibration": {"n_samples": calib.shape[0], "seq_len": calib.shape[1],
+                        "tokens_sha256": hashlib.sha256(calib.cpu().numpy().tobytes()).hexdigest()},
+        "model_source": source or "bundled SmolLM2-135M-Instruct", "model_config": model.config.to_dict(),
+    }
+    return json.loads(json.dumps(config))  # the form it has when read back from config.json
+
+
+def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
+                options: dict | None = None, device="cpu", batch_size: int = 8, source: str | None = None) -> dict:
+    """Prune every decoder block's linears in place and write each block to `out` as it finishes;
+    with the tokenizer and the unpruned tensors beside them, `out` is a self-contained checkpoint.
+
+    Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
+    with the same configuration; refuses one with a different configuration.
+    """
+    out = Path(out)
+    options = dict(options or {})
+    config = run_config(method, options, calib, model, source)
+    chash = config_hash(config)
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if config_hash(old.get("run", {})) != chash:
+            raise ValueError(f"output directory {str(out)!r} holds a run with a different configuration "
+                             f"(method {old.get('run', {}).get('method')!r}); use a new directory")
+    else:
+        tokenizer.save_pretrained(out)
+        save_rest(model, out, dense=(method == "dense"))
+        save_json(cfg_path, {"run": config, "config_hash": chash})
+    if method == "dense":
+        return {"config": config, "layers": {}, "seconds": 0.0}
+
+    t0 = time.perf_counter()
+    dtype = next(model.parameters()).dtype
+    layers = decoder_layers(model)
+    report = {}
+    with torch.no_grad():
+        inputs = block_inputs(model, calib, batch_size, device)
+        bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block")
+        for i in bar:
+            block = layers[i].to(device)
+            if layer_path(out, i).exists():
+                adopt(block, load_block(out, i, chash), dtype, device)
+                bar.set_postfix_str("resumed")
+            else:
+                stats = collect_stats(block, inputs, full=(method == "sparsegpt"))
+                pruned = {}
+                for name, lin in block_linears(block).items():
+                    pruned[name], report[f"{i}.{name}"] = prune_linear(lin, stats[name], method, options)
+                save_block(out, i, pruned, chash)
+                adopt(block, pruned, dtype, device)
+            inputs = run_block(block, inputs)
+            layers[i] = block
+    return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}
