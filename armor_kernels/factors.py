@@ -179,8 +179,8 @@ def tile_losses(Wbar: torch.Tensor, h: torch.Tensor, f: ArmorFactors) -> torch.T
     """Proxy loss of every (bA × bB) tile: L_IJ = ‖(W̄^IJ − A_I S^IJ B_J) D_J^½‖², shape (nA, nB)."""
     nA, bA, _ = f.A.shape
     nB, bB, _ = f.B.shape
-    R = (Wbar - f.core()).double()
-    return (R * R * h.double()).reshape(nA, bA, nB, bB).sum((1, 3))
+    R = Wbar - f.core()
+    return (R * R * h).reshape(nA, bA, nB, bB).sum((1, 3), dtype=torch.float64)
 
 
 def proxy_loss(Wbar: torch.Tensor, h: torch.Tensor, f: ArmorFactors, relative: bool = True) -> float:

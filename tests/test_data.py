@@ -103,12 +103,13 @@ def test_errors(austen, bundled, tmp_path):
         token_splits(tokenizer, {"a": "", "b": ""})
 
     short = {"emma": austen["Emma"][:5000]}  # about 1,200 tokens
-    with pytest.raises(ValueError, match=r"'emma' has \d+ tokens.*eval_tokens=1000.*n_samples=4.*seq_len=512"):
+    with pytest.raises(ValueError, match=r"'emma' has \d+ tokens.*eval_tokens=1000.*n_samples=4.*=512"):
         token_splits(tokenizer, short, n_samples=4, seq_len=512, eval_tokens=1000)
+    emma, pride = austen["Emma"], austen["Pride and Prejudice"]
     with pytest.raises(ValueError, match=r"'Pride and Prejudice' has \d+ tokens.*eval_tokens=20000"):
-        token_splits(tokenizer, {"Emma": austen["Emma"], "Pride and Prejudice": austen["Pride and Prejudice"][:5000]})
-    with pytest.raises(ValueError, match=r"holds \d+ windows of seq_len=512.*n_samples=32"):
-        token_splits(tokenizer, {"Emma": austen["Emma"][:5000], "Pride and Prejudice": austen["Pride and Prejudice"]})
+        token_splits(tokenizer, {"Emma": emma, "Pride and Prejudice": pride[:5000]})
+    with pytest.raises(ValueError, match=r"holds 2 windows of seq_len=512.*n_samples=32"):
+        token_splits(tokenizer, {"Emma": emma[:5000], "Pride and Prejudice": pride})
     with pytest.raises(ValueError, match="eval_tokens=100 is less than one window of seq_len=512"):
         token_splits(tokenizer, short, eval_tokens=100)
     with pytest.raises(ValueError, match="eval_doc='Mansfield Park' is not among"):

@@ -53,8 +53,9 @@ def solve_normal_equations(G: torch.Tensor, F: torch.Tensor, ridge: float = 1e-6
             break
     else:
         raise RuntimeError("block least squares: Gram matrices not positive definite even with ridge")
-    # Z G = F  <=>  G Zᵀ = Fᵀ (G symmetric)
-    return torch.cholesky_solve(F.transpose(1, 2), L).transpose(1, 2).float()
+    # Z G = F with G = L Lᵀ: Z = (F L⁻ᵀ) L⁻¹, two triangular solves (faster than cholesky_solve on CPU)
+    Y = torch.linalg.solve_triangular(L.transpose(1, 2), F, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, Y, upper=False, left=False).float()
 
 
 def block_lstsq(X, Y, w=None, ridge: float = 1e-6) -> torch.Tensor:
@@ -67,13 +68,20 @@ def block_lstsq(X, Y, w=None, ridge: float = 1e-6) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _interpreting() -> bool:
-    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors with its numpy interpreter.
+    """Triton's CPU interpreter is on: TRITON_INTERPRET=1, and it already was when triton was imported.
 
-    Triton (3.x) reads this variable when a function is *decorated* (@triton.jit picks JITFunction
-    or InterpretedFunction), so the kernels here are decorated lazily, at first launch (`_LazyJit`),
-    and the variable only has to be set before the first Triton dispatch, not before import.
+    Triton (3.x) picks interpreter or compiler when a function is decorated with @triton.jit, and
+    its own language library (tl.sum, tl.zeros, ...) is decorated when triton is imported; so the
+    variable must be set before the first `import triton` in the process. Setting it later does
+    not switch the interpreter on, which is checked here rather than failing inside a launch.
     """
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if triton is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(tl.standard.sum, InterpretedFunction)
 
 
 def _use_triton(*tensors: torch.Tensor, use_triton: bool | None = None) -> bool:
@@ -87,6 +95,8 @@ def _use_triton(*tensors: torch.Tensor, use_triton: bool | None = None) -> bool:
       - CPU tensors, True / ARMOR_TRITON=1, TRITON_INTERPRET=1 -> Triton through the interpreter
       - CPU tensors otherwise             -> reference (use_triton=True without the interpreter raises)
     Each dispatch point adds its own dtype condition (these kernels take float32).
+    For the interpreter path, TRITON_INTERPRET=1 must be set before triton is imported (see
+    `_interpreting`).
     """
     env = os.environ.get("ARMOR_TRITON", "").strip()
     want = use_triton if use_triton is not None else {"0": False, "1": True}.get(env)
@@ -101,31 +111,14 @@ def _use_triton(*tensors: torch.Tensor, use_triton: bool | None = None) -> bool:
     if want and _interpreting():
         return True
     if use_triton:
-        raise RuntimeError("use_triton=True with CPU tensors needs TRITON_INTERPRET=1 "
-                           "(Triton's CPU interpreter); otherwise pass CUDA tensors")
+        raise RuntimeError("use_triton=True with CPU tensors needs Triton's CPU interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is first imported; or pass CUDA tensors")
     return False
 
 
-class _LazyJit:
-    """`@_lazy_jit` = `@triton.jit`, applied at first launch and again if TRITON_INTERPRET changes.
-
-    Keeps `kernel[grid](...)` syntax. The kernels in this package call no other jitted function,
-    which is what makes decorating them late (outside the module's import) safe.
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-        self._jitted = {}
-
-    def __getitem__(self, grid):
-        mode = _interpreting()
-        if mode not in self._jitted:
-            self._jitted[mode] = triton.jit(self.fn)
-        return self._jitted[mode][grid]
-
-
-def _lazy_jit(fn):
-    return _LazyJit(fn) if triton is not None else fn
+# @triton.jit when triton is importable; otherwise the kernels stay plain, never-called functions
+# (this module uses postponed annotations, so `tl.constexpr` is not evaluated without triton).
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 def _next_pow2(x: int) -> int:
@@ -136,7 +129,7 @@ def _next_pow2(x: int) -> int:
 # Triton: normal equations C_n = P_n diag(w) Q_nᵀ
 # ---------------------------------------------------------------------------------------------
 
-@_lazy_jit
+@_jit
 def _normal_eq_kernel(P, Q, W, C, M, N, K,
                       s_pn, s_pm, s_pk, s_qn, s_qm, s_qk, s_w, s_cn, s_cm, s_cn2,
                       HAS_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):

@@ -21,6 +21,9 @@ class Problem:
     bA: int
     bB: int
 
+    def __post_init__(self):
+        self.norm = (self.Wbar * self.Wbar * self.h).sum(dtype=torch.float64)  # Σ h W̄²: the loss's scale
+
     @classmethod
     def from_weight(cls, W, h, block_size: int, device) -> "Problem":
         check_weight(W)
@@ -49,9 +52,6 @@ class Problem:
         """Relative proxy loss Σ h (W̄ − ASB)² / Σ h W̄², summed tile by tile in float64."""
         return float(tile_losses(self.Wbar, self.h, f).sum() / self.norm)
 
-    @property
-    def norm(self) -> torch.Tensor:
-        return (self.Wbar.double() ** 2 * self.h.double()).sum()
 
     def to_tiles(self, M: torch.Tensor) -> torch.Tensor:
         """(d_out, d_in) -> (nA·nB, bA, bB), tile t = I·nB + J."""

@@ -40,6 +40,7 @@ _DB_PATH = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 
 
 def cache_dir() -> Path:
+    """Where extracted text is cached: ``$ARMOR_CACHE``, else ``~/.cache/armor_kernels``."""
     return Path(os.environ.get("ARMOR_CACHE") or Path.home() / ".cache" / "armor_kernels")
 
 

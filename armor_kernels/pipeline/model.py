@@ -39,27 +39,30 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         if path.suffix != ".gguf":
             raise ValueError(f"model file {str(path)!r} is not a .gguf file; "
                              "pass a Hugging Face directory with safetensors weights instead")
-        where, kwargs = path.parent, {"gguf_file": path.name}
+        where, tokenizer_kwargs = path.parent, {"gguf_file": path.name}
+        model_kwargs = tokenizer_kwargs
     else:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
         if not any(path.glob("*.safetensors")):
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-            raise FileNotFoundError(
-                f"model directory {str(path)!r} has no .safetensors weights"
-                + (f"; refusing pickled weights {pickles} (convert them to safetensors)" if pickles else ""))
-        where, kwargs = path, {"use_safetensors": True}
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+            refusal = f"; refusing pickled weights {pickles}: convert them to safetensors" if pickles else ""
+            raise FileNotFoundError(f"model directory {str(path)!r} has no .safetensors weights{refusal}")
+        where, tokenizer_kwargs, model_kwargs = path, {}, {"use_safetensors": True}
+    tokenizer = AutoTokenizer.from_pretrained(where, **tokenizer_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **model_kwargs)
     return model.to(device).eval(), tokenizer
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder blocks: its longest ``nn.ModuleList`` (``model.model.layers`` in Llama)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
+    """The model's decoder blocks: its longest outermost ``nn.ModuleList`` (``model.model.layers`` in
+    Llama). Lists nested inside another list are passed over, so a module that keeps a list of its
+    own (a block-diagonal factor, say) never stands in for the blocks that hold it."""
+    lists = {name: m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)}
+    outer = [m for name, m in lists.items() if not any(name.startswith(f"{other}.") for other in lists)]
+    if not outer:
         raise ValueError(f"{type(model).__name__} has no decoder layers (no non-empty nn.ModuleList)")
-    return max(lists, key=len)
+    return max(outer, key=len)
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:

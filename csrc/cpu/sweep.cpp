@@ -153,6 +153,7 @@ void tile_kernel(float* __restrict R, const float* __restrict A, const float* __
     for (i64 i = 0; i < bA; ++i)                         // At[k] = A[:, k], contiguous
         for (i64 k = 0; k < bA; ++k) At[k * bA + i] = A[i * bA + k];
 
+    bool v_ready = false;
     for (int pass = 0; pass < passes; ++pass) {
         for (i64 k = 0; k < bA; ++k) {
             const float* __restrict a = At + k * bA;
@@ -160,15 +161,19 @@ void tile_kernel(float* __restrict R, const float* __restrict A, const float* __
             for (i64 i = 0; i < bA; ++i) nn += double(a[i]) * double(a[i]);
             const float n = float(nn);
 
-            // v = Rᵀa (zero entries of a skipped: A starts as I)
-            std::fill(v, v + bB, 0.0f);
-            for (i64 i = 0; i < bA; ++i) {
-                const float ai = a[i];
-                if (ai == 0.0f) continue;
-                const float* __restrict Ri = R + i * bB;
+            // v = Rᵀa, unless the previous row's residual update already formed it (zero entries of
+            // a skipped: A starts as I)
+            if (!v_ready) {
+                std::fill(v, v + bB, 0.0f);
+                for (i64 i = 0; i < bA; ++i) {
+                    const float ai = a[i];
+                    if (ai == 0.0f) continue;
+                    const float* __restrict Ri = R + i * bB;
 #pragma omp simd
-                for (i64 j = 0; j < bB; ++j) v[j] += ai * Ri[j];
+                    for (i64 j = 0; j < bB; ++j) v[j] += ai * Ri[j];
+                }
             }
+            v_ready = false;
 
             float* __restrict Sk = S + k * bB;
             bool changed = false;
@@ -216,13 +221,30 @@ void tile_kernel(float* __restrict R, const float* __restrict A, const float* __
                 }
             }
             if (!changed) continue;
-            for (i64 i = 0; i < bA; ++i) {                // R −= a ⊗ u
+            // R −= a ⊗ u, fused with v = Rᵀa' of the next row a' (the same float operations in the
+            // same order as two separate loops, one pass over R instead of two)
+            const float* __restrict an = (k + 1 < bA) ? At + (k + 1) * bA : (pass + 1 < passes ? At : nullptr);
+            if (an) std::fill(v, v + bB, 0.0f);
+            for (i64 i = 0; i < bA; ++i) {
                 const float ai = a[i];
-                if (ai == 0.0f) continue;
+                const float ni = an ? an[i] : 0.0f;
                 float* __restrict Ri = R + i * bB;
+                if (ai != 0.0f && ni != 0.0f) {
 #pragma omp simd
-                for (i64 j = 0; j < bB; ++j) Ri[j] -= ai * u[j];
+                    for (i64 j = 0; j < bB; ++j) {
+                        const float r = Ri[j] - ai * u[j];
+                        Ri[j] = r;
+                        v[j] += ni * r;
+                    }
+                } else if (ai != 0.0f) {
+#pragma omp simd
+                    for (i64 j = 0; j < bB; ++j) Ri[j] -= ai * u[j];
+                } else if (ni != 0.0f) {
+#pragma omp simd
+                    for (i64 j = 0; j < bB; ++j) v[j] += ni * Ri[j];
+                }
             }
+            v_ready = an != nullptr;
         }
     }
 }

@@ -1,0 +1,171 @@
+"""Command line: prune, eval, compare, and `main` (the README's main job).
+
+    python -m armor_kernels main                       # ARMOR-prune the bundled model, perplexity vs dense
+    python -m armor_kernels prune --method armor --out runs/armor
+    python -m armor_kernels eval --checkpoint runs/armor
+    python -m armor_kernels compare --out runs/compare  # every method: CSV + Markdown table
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .pipeline.checkpoint import atomic_write, layer_path, load_pruned_model, save_json
+from .pipeline.data import token_splits
+from .pipeline.evaluate import perplexity
+from .pipeline.model import block_linears, decoder_layers, load_model
+from .pipeline.prune import METHODS, prune_model
+
+COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
+           "linear_bytes_ratio", "checkpoint_bytes", "mean_proxy_loss", "mean_nowag_p_proxy_loss"]
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF directory (safetensors) or .gguf; default: bundled SmolLM2-135M")
+    p.add_argument("--text", default=None, help=".txt file or directory of .txt; default: Jane Austen's novels")
+    p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--eval-tokens", type=int, default=20_000, help="evaluation tokens (default 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, default=128, help="ARMOR block size b (default 128)")
+    p.add_argument("--optimizer", choices=["fast", "reference"], default="fast")
+    p.add_argument("--iters", type=int, default=None, help="optimizer iterations (fast: outer A/B/S rounds)")
+
+
+def _armor_options(args) -> dict:
+    opts = {"block_size": args.block_size, "method": args.optimizer, "seed": args.seed}
+    if args.iters is not None:
+        opts["iters"] = args.iters
+    return opts
+
+
+def checkpoint_sizes(out: Path, n_blocks: int) -> dict:
+    """Bytes on disk: the pruned linears (layer files), and the whole checkpoint directory."""
+    linear = sum(layer_path(out, i).stat().st_size for i in range(n_blocks) if layer_path(out, i).exists())
+    total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    return {"linear_bytes": linear, "checkpoint_bytes": total}
+
+
+def dense_bf16_linear_bytes(model) -> int:
+    return sum(2 * p.numel() for block in decoder_layers(model)
+               for lin in block_linears(block).values() for p in lin.parameters())
+
+
+def _mean(layers: dict, key: str):
+    vals = [r[key] for r in layers.values() if key in r]
+    return round(sum(vals) / len(vals), 6) if vals else ""
+
+
+def run_method(method: str, args, out: Path) -> dict:
+    """Prune (or resume) one method into `out`, reload the checkpoint, evaluate it."""
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    model, tok = load_model(args.model, device=args.device)
+    splits = token_splits(tok, args.text, n_samples=args.n_samples, seq_len=args.seq_len,
+                          eval_tokens=args.eval_tokens, seed=args.seed)
+    dense_bytes = dense_bf16_linear_bytes(model)
+    if method == "dense":  # nothing to prune or reload: evaluate the model as loaded
+        report, pruned = {"layers": {}, "seconds": 0.0}, model
+    else:
+        opts = _armor_options(args) if method == "armor" else {}
+        report = prune_model(model, tok, splits.calibration, method, out, options=opts, device=args.device,
+                             source=args.model)
+        del model
+        pruned, _ = load_pruned_model(out)  # evaluate what was saved: proves the checkpoint
+    t0 = time.perf_counter()
+    ppl = perplexity(pruned.to(args.device), splits.evaluation, seq_len=args.seq_len)
+    sizes = checkpoint_sizes(out, len(decoder_layers(pruned))) if method != "dense" else {}
+    result = {
+        "method": method, "perplexity": round(ppl, 4), "calibration_s": round(report["seconds"], 1),
+        "eval_s": round(time.perf_counter() - t0, 1), "dense_bf16_linear_bytes": dense_bytes,
+        "linear_bytes": sizes.get("linear_bytes", dense_bytes), "checkpoint_bytes": sizes.get("checkpoint_bytes", ""),
+        "linear_bytes_ratio": round(sizes.get("linear_bytes", dense_bytes) / dense_bytes, 4),
+        "mean_proxy_loss": _mean(report["layers"], "loss"),
+        "mean_nowag_p_proxy_loss": _mean(report["layers"], "nowag_p_loss"),
+    }
+    save_json(done, result)
+    save_json(out / "layer_report.json", report["layers"])
+    return result
+
+
+def write_table(rows: list[dict], out: Path, seconds: float) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "results.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    md = "\n".join(lines) + f"\n\nTotal run time: {seconds:.0f} s (methods resumed from earlier runs count as 0).\n"
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(md))
+    return md
+
+
+def cmd_compare(args, methods) -> None:
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    rows = [run_method(m, args, out / m) for m in methods]
+    print(write_table(rows, out, time.perf_counter() - t0))
+
+
+def cmd_prune(args) -> None:
+    run_method(args.method, args, Path(args.out))
+    print(json.dumps(json.loads((Path(args.out) / "result.json").read_text()), indent=2))
+
+
+def cmd_eval(args) -> None:
+    if args.checkpoint:
+        model, tok = load_pruned_model(args.checkpoint)
+        sizes = checkpoint_sizes(Path(args.checkpoint), len(decoder_layers(model)))
+    else:
+        model, tok = load_model(args.model, device=args.device)
+        sizes = {"dense_bf16_linear_bytes": dense_bf16_linear_bytes(model)}
+    splits = token_splits(tok, args.text, n_samples=1, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
+    ppl = perplexity(model.to(args.device), splits.evaluation, seq_len=args.seq_len)
+    print(json.dumps({"perplexity": round(ppl, 4), **sizes}, indent=2))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="armor-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("main", help="ARMOR-prune the bundled model with defaults; perplexity beside dense")
+    p.add_argument("--out", default="runs/main")
+    _data_args(p), _prune_args(p)
+    p = sub.add_parser("prune", help="prune a model with one method into a checkpoint directory")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--out", required=True)
+    _data_args(p), _prune_args(p)
+    p = sub.add_parser("eval", help="perplexity and size of a checkpoint (or of a dense model)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory; without it the dense --model")
+    _data_args(p)
+    p = sub.add_parser("compare", help="every method on one model: results.csv + results.md")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    _data_args(p), _prune_args(p)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.cmd == "main":
+        cmd_compare(args, ["dense", "armor"])
+    elif args.cmd == "compare":
+        cmd_compare(args, args.methods)
+    elif args.cmd == "prune":
+        cmd_prune(args)
+    else:
+        cmd_eval(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
