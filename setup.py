@@ -30,6 +30,63 @@ if Pybind11Extension is not None:
     cmdclass["build_ext"] = build_ext
 # --- end _armor_cpu
 
+# --- armor_kernels._armor_cuda: the fused Hopper kernels (csrc/*.cu, python/armor_cuda_binding.cpp), built
+# by CMakeLists.txt when nvcc exists and torch is a CUDA build (under pip's build isolation torch is
+# absent: install with --no-build-isolation to get it). ARMOR_BUILD_CUDA=1 forces the build (and fails
+# loudly), ARMOR_BUILD_CUDA=0 skips it. Compiling takes ~5 min and ~5 GB per parallel job (ARMOR_BUILD_JOBS).
+import os as _os
+import shutil as _shutil
+import subprocess as _subprocess
+
+from setuptools import Extension as _Extension
+from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+
+
+def _nvcc():
+    default = _os.path.join(_os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    return _shutil.which("nvcc") or (default if _os.path.exists(default) else None)
+
+
+def _skip_cuda_reason():
+    flag = _os.environ.get("ARMOR_BUILD_CUDA")
+    if flag in ("0", "1"):
+        return "ARMOR_BUILD_CUDA=0" if flag == "0" else None
+    try:
+        import torch
+        cuda_torch = torch.version.cuda is not None
+    except ImportError:
+        cuda_torch = False
+    return None if _nvcc() and cuda_torch else ("nvcc not found" if not _nvcc() else "torch absent or CPU-only")
+
+
+class _CMakeExtension(_Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class _BuildExt(cmdclass.get("build_ext", _setuptools_build_ext)):
+    def build_extension(self, ext):
+        if not isinstance(ext, _CMakeExtension):
+            return super().build_extension(ext)
+        tmp = _os.path.join(_os.path.abspath(self.build_temp), "cmake-armor-cuda")
+        cfg = ["cmake", "-S", _os.path.dirname(_os.path.abspath(__file__)), "-B", tmp, "-DARMOR_SHARED=OFF",
+               f"-DARMOR_OUTPUT_DIR={_os.path.dirname(_os.path.abspath(self.get_ext_fullpath(ext.name)))}",
+               f"-DPython_EXECUTABLE={_sys.executable}"]
+        if _nvcc():
+            cfg.append(f"-DCMAKE_CUDA_COMPILER={_nvcc()}")
+        _subprocess.run(cfg, check=True)
+        _subprocess.run(["cmake", "--build", tmp, "--parallel", _os.environ.get("ARMOR_BUILD_JOBS", "2")], check=True)
+
+
+_reason = _skip_cuda_reason()
+if _reason is None:
+    ext_modules.append(_CMakeExtension("armor_kernels._armor_cuda"))
+    cmdclass["build_ext"] = _BuildExt
+else:
+    print(f"armor-kernels: skipping the CUDA extension armor_kernels._armor_cuda ({_reason}; "
+          "ARMOR_BUILD_CUDA=1 forces it)", file=_sys.stderr)
+# --- end _armor_cuda
+
 setup(
     name="armor-kernels",
     version="0.1.0",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import ops
 from .factors import ArmorFactors, block_right
 from .sparse24 import check_24, pack_24, unpack_24
 
@@ -34,6 +35,9 @@ class ArmorLinear(nn.Module):
         self.register_buffer("S", S)
         self.register_buffer("S_values", None)
         self.register_buffer("S_idx", None)
+        # S in the fused kernels' device-specific layout (prepare_fused); rebuilt at load, never saved.
+        self.register_buffer("sm90_values", None, persistent=False)
+        self.register_buffer("sm90_meta", None, persistent=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @classmethod
@@ -74,9 +78,20 @@ class ArmorLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        y = block_diag_t(x, self.B.to(x.dtype)) @ self.sparse_core().to(x.dtype).T
-        y = block_diag_t(y, self.A.to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        # torch.ops.armor.linear: the fused Hopper kernels when prepare_fused() ran, the reference otherwise.
+        S, S_idx = (self.S_values, self.S_idx) if self.packed else (self.S, None)
+        fused = self.sm90_values is not None and self.sm90_values.dtype == x.dtype
+        return ops.linear(x, self.A.to(x.dtype), S.to(x.dtype), self.B.to(x.dtype),
+                          None if self.bias is None else self.bias.to(x.dtype), S_idx=S_idx,
+                          sm90=ops.Sm90Packed(self.sm90_values, self.sm90_meta) if fused else None)
+
+    def prepare_fused(self) -> bool:
+        """Compress S once into the fused kernels' layout if they apply (sm_90, bf16/fp16, 128-blocks)."""
+        if not ops.fused_supported(self.A.device, self.A.dtype, self.out_features, self.in_features,
+                                   self.A.shape[1], self.B.shape[1]):
+            return False
+        self.sm90_values, self.sm90_meta = ops.pack_sm90(self.sparse_core().to(self.A.dtype))
+        return True
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

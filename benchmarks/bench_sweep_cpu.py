@@ -2,9 +2,8 @@
 
     python benchmarks/bench_sweep_cpu.py [--ref-rows N] [--csv benchmarks/results/sweep_cpu.csv]
 
-Time per sweep (passes=1) of T tiles of bA × bB. The reference is run on its first --ref-rows rows of
-every tile (0: all rows) and extrapolated linearly to bA rows (its cost per row does not depend on
-k). The C++ time is the median of several sweeps on fresh copies of the same inputs.
+Time per sweep (passes=1) of T tiles of bA × bB. The reference is run on the first --ref-rows rows of
+every tile (0: all rows) and extrapolated linearly to bA rows (every row step does the same work). The C++ time is the median of several sweeps on fresh copies of the same inputs.
 """
 from __future__ import annotations
 
@@ -31,52 +30,33 @@ def make(T, bA, bB, seed=0):
 
 
 def time_cpu(R, A, Bt, S, reps):
-    ts = []
+    """(median wall seconds per sweep with torch.get_num_threads() threads,
+        min CPU seconds per tile on one thread: insensitive to other load on the machine)."""
+    ts, cpu = [], []
+    T = S.shape[0]
     for _ in range(reps):
         Rc, Sc = R.clone(), S.clone()
         t = time.perf_counter()
         ms.sweep_tiles_cpu(Rc, A, Bt, Sc, 1)
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    for _ in range(reps):
+        Rc, Sc = R.clone(), S.clone()
+        t = time.thread_time()
+        ms._armor_cpu.sweep_tiles(Rc.data_ptr(), A.data_ptr(), Bt.data_ptr(), Sc.data_ptr(),
+                                  T, S.shape[1], S.shape[2], 1, 1)
+        cpu.append((time.thread_time() - t) / T)
+    return statistics.median(ts), min(cpu)
 
 
 def time_ref(R, A, Bt, S, rows):
-    """Reference sweep over the first `rows` rows of each tile (a (T, rows, bB) slab of S and the
-    matching columns of A); returns seconds for those rows."""
+    """sweep_tiles_reference over the first `rows` rows of every tile: S[:, :rows] and A[:, :, :rows]
+    as views, R whole, so each row step does exactly the work it does in a full sweep."""
     bA = S.shape[1]
     rows = bA if rows <= 0 else min(rows, bA)
     Rc, Sc = R.clone(), S.clone()
-    Ssub = Sc[:, :rows].contiguous()
-    Asub = A[:, :, :rows].contiguous()
-    # A (T,bA,rows) is not square: run the reference loop on it directly (same per-row work).
     t = time.perf_counter()
-    _ref_rows(Rc, Asub, Bt, Ssub)
+    ms.sweep_tiles_reference(Rc, A[:, :, :rows], Bt, Sc[:, :rows], 1)
     return time.perf_counter() - t, rows
-
-
-def _ref_rows(R, A, Bt, S):
-    # sweep_tiles_reference's body with bA rows taken from S; identical per-row operations.
-    T, rows, bB = S.shape
-    ng = bB // 4
-    Bg = Bt.reshape(T, ng, 4, bB)
-    Gram = Bg @ Bg.transpose(-1, -2)
-    inv = ms.pattern_inverses(Gram)
-    Bgs, Grams, invs = Bg.unbind(1), Gram.unbind(1), inv.unbind(1)
-    for k in range(rows):
-        a = A[:, :, k]
-        n = (a * a).sum(-1)
-        v = (a.unsqueeze(1) @ R).squeeze(1)
-        old = S[:, k, :].clone()
-        row = old.clone().reshape(T, ng, 4)
-        for g in range(ng):
-            s_old = row[:, g]
-            f = (Bgs[g] @ v.unsqueeze(-1)).squeeze(-1) + n[:, None] * (Grams[g] @ s_old.unsqueeze(-1)).squeeze(-1)
-            s_new = ms.solve_group_reference(f, Grams[g], n, s_old, invs[g])
-            v = v - n[:, None] * ((s_new - s_old).unsqueeze(1) @ Bgs[g]).squeeze(1)
-            row[:, g] = s_new
-        row = row.reshape(T, bB)
-        R -= a.unsqueeze(-1) * ((row - old).unsqueeze(1) @ Bt)
-        S[:, k, :] = row
 
 
 def main():
@@ -93,14 +73,15 @@ def main():
     for T, bA, bB in SHAPES:
         R, A, Bt, S = make(T, bA, bB)
         ms.sweep_tiles_cpu(R.clone(), A, Bt, S.clone(), 1)                      # warm-up
-        c = time_cpu(R, A, Bt, S, args.reps)
+        c, c1 = time_cpu(R, A, Bt, S, args.reps)
         r, rows = time_ref(R, A, Bt, S, args.ref_rows)
         r_full = r * bA / rows
         macs = T * bA * (2 * bA * bB + 2 * bB * bB)
-        print(f"T={T:4d} {bA}x{bB}: C++ {c * 1e3:9.2f} ms/sweep ({macs / c / 1e9:5.2f} GMAC/s)   "
+        print(f"T={T:4d} {bA}x{bB}: C++ {c * 1e3:8.2f} ms/sweep wall ({macs / c / 1e9:5.2f} GMAC/s), "
+              f"1 thread {c1 * 1e3:.3f} ms CPU/tile ({macs / T / c1 / 1e9:5.2f} GMAC/s)   "
               f"reference {r_full:8.2f} s/sweep ({'measured' if rows == bA else f'{rows} of {bA} rows, extrapolated'})"
               f"   speed-up {r_full / c:8.0f}x")
-        rows_out.append(dict(T=T, bA=bA, bB=bB, cpp_ms=round(c * 1e3, 3), ref_s=round(r_full, 3),
+        rows_out.append(dict(T=T, bA=bA, bB=bB, cpp_ms=round(c * 1e3, 3), cpp_1thread_cpu_ms_per_tile=round(c1 * 1e3, 4), ref_s=round(r_full, 3),
                              ref_rows=rows, speedup=round(r_full / c, 1), threads=torch.get_num_threads()))
     if args.csv:
         with open(args.csv, "w", newline="") as fh:

@@ -374,11 +374,13 @@ def _sweep_tiles_triton(R, A, Bt, S, passes: int = 1, *, r_in_registers: bool = 
 
     The 4×4 Gram matrices and their 6 pattern inverses depend only on B̃, so they are formed once
     here with the reference's own expressions (same ridge, same bits) and read by the kernel.
-    GPU knobs (defaults are a guess until measured on the H100, see the kernel's docstring):
-      r_in_registers=False, num_warps=1: residual tile in global memory (L1/L2), one warp per tile,
-        so the 4 dot products of every group reduce within a warp (shuffles, no barrier);
-      r_in_registers=True (num_warps=8): residual tile held in registers (64 fp32/thread at
-        128×128), no residual traffic, but every reduction crosses warps.
+    GPU knobs (defaults chosen from ptxas, not yet timed on a GPU; see the kernel's docstring):
+      r_in_registers=False, num_warps=1 (default): residual tile in global memory (L1/L2), one warp
+        per tile, so the 4 dot products of every group reduce within a warp (shuffles, no barrier);
+        sm_90a, 128×128: 96 registers, no spills.
+      r_in_registers=True (num_warps=8): residual tile held in registers, no residual traffic, but
+        every reduction crosses warps; sm_90a, 128×128: 255 registers and ~820 B of spills per
+        thread (64×64 with 4 warps: 254 registers, 48 B spills), so it is not the default.
     """
     T, bA, bB = S.shape
     if bB % 4 or R.shape != S.shape or A.shape != (T, bA, bA) or Bt.shape != (T, bB, bB):

@@ -31,7 +31,7 @@ def armor(W: torch.Tensor, stats, *, method: str = "fast", block_size: int = 128
     stats: an ActivationStats of the layer's inputs, or the diagonal statistic h itself.
     method: "fast" (closed-form block steps + tile sweeps; options iters=30, passes=1, tol=1e-4)
             or "reference" (the published Adam + sampled-group loop; options iters=20000, lr=1e-4,
-            tol=1e-6, patience=100).
+            tol=1e-6, patience=100). Both take time_budget (seconds).
     progress: optional callable(step, total, loss).
     The loss never rises and ends ≤ NoWag-P's (history.loss[0]).
     """

@@ -80,3 +80,6 @@ class History:
     def record(self, loss: float) -> None:
         self.loss.append(loss)
         self.seconds.append(time.perf_counter() - self.t0)
+
+    def out_of_time(self, budget: float | None) -> bool:
+        return budget is not None and time.perf_counter() - self.t0 >= budget

@@ -40,9 +40,9 @@ def s_step(p: Problem, f: ArmorFactors, passes: int) -> ArmorFactors:
 
 
 def optimize_fast(p: Problem, f: ArmorFactors, *, iters: int = 30, passes: int = 1, tol: float = 1e-4,
-                  progress=None) -> tuple[ArmorFactors, History]:
-    """Outer iterations of (A, B, S) steps; stop after `iters` or when one outer iteration improves
-    the loss by less than `tol` relative."""
+                  time_budget: float | None = None, progress=None) -> tuple[ArmorFactors, History]:
+    """Outer iterations of (A, B, S) steps; stop after `iters`, when one outer iteration improves
+    the loss by less than `tol` relative, or once `time_budget` seconds have passed."""
     hist = History()
     best = p.loss(f)
     hist.record(best)
@@ -56,6 +56,6 @@ def optimize_fast(p: Problem, f: ArmorFactors, *, iters: int = 30, passes: int =
                 hist.record(best)
         if progress is not None:
             progress(it + 1, iters, best)
-        if start - best < tol * start:
+        if start - best < tol * start or hist.out_of_time(time_budget):
             break
     return f, hist

@@ -4,7 +4,8 @@ Per iteration: one joint Adam step on A, B and the kept values of S; then in eve
 of 4, sampled with probability ∝ the L1 norm of the loss gradient on it, solved exactly over the
 6 patterns. The Adam step is kept only if the loss does not rise (otherwise the parameters are
 restored); the group solve is an exact minimisation, so the recorded loss never rises.
-Stops after `iters` iterations or `patience` iterations without a relative improvement of `tol`.
+Stops after `iters` iterations, after `patience` iterations without a relative improvement of `tol`,
+or once `time_budget` seconds have passed.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def group_step(p: Problem, f: ArmorFactors, grad_S: torch.Tensor, gen: torch.Gen
 
 
 def optimize_reference(p: Problem, f: ArmorFactors, *, iters: int = 20_000, lr: float = 1e-4,
-                       tol: float = 1e-6, patience: int = 100, seed: int = 0,
+                       tol: float = 1e-6, patience: int = 100, seed: int = 0, time_budget: float | None = None,
                        progress=None) -> tuple[ArmorFactors, History]:
     gen = torch.Generator().manual_seed(seed)
     A, B = f.A.clone().requires_grad_(), f.B.clone().requires_grad_()
@@ -80,6 +81,6 @@ def optimize_reference(p: Problem, f: ArmorFactors, *, iters: int = 20_000, lr: 
         hist.record(best)
         if progress is not None:
             progress(it + 1, iters, best)
-        if stale >= patience:
+        if stale >= patience or hist.out_of_time(time_budget):
             break
     return f, hist

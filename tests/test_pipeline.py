@@ -1,0 +1,106 @@
+"""prune → save → load → eval on a tiny model built from the real SmolLM2 config, every method."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from armor_kernels.nn import ArmorLinear
+from armor_kernels.pipeline import prune as prune_mod
+from armor_kernels.pipeline.checkpoint import layer_path, load_pruned_model
+from armor_kernels.pipeline.evaluate import perplexity
+from armor_kernels.pipeline.prune import METHODS, prune_model
+from armor_kernels.sparse24 import unpack_24
+from test_model_eval import tiny_llama
+
+ARMOR_OPTS = {"block_size": 16, "iters": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny(bundled):
+    model, tok = bundled
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    return model.config, tok, calib
+
+
+def _fresh(config):
+    return tiny_llama(config)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_save_load_eval(tiny, tmp_path, method):
+    config, tok, calib = tiny
+    model = _fresh(config)
+    tokens = torch.randint(0, config.vocab_size, (96,), generator=torch.Generator().manual_seed(1))
+    dense_ppl = perplexity(model, tokens, seq_len=32)
+    prune_model(model, tok, calib, method, tmp_path, options=ARMOR_OPTS if method == "armor" else {})
+    with torch.no_grad():
+        before = model(tokens[None, :32]).logits
+    loaded, _ = load_pruned_model(tmp_path)
+    with torch.no_grad():
+        after = loaded(tokens[None, :32]).logits
+    assert torch.equal(before, after), "logits after save → load differ"
+    ppl = perplexity(loaded, tokens, seq_len=32)
+    assert ppl > 0 and (ppl == dense_ppl) == (method == "dense")
+    if method == "dense":
+        return
+    for i in range(2):
+        tensors = load_file(layer_path(tmp_path, i))
+        names = {k.rsplit(".", 1)[0] for k in tensors}
+        assert len(names) == 7
+        for name in names:
+            S = unpack_24(tensors[f"{name}.S_values"], tensors[f"{name}.S_idx"])
+            assert ((S != 0).reshape(S.shape[0], -1, 4).sum(-1) <= 2).all(), f"2:4 broken in {name}"
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q, ArmorLinear) == (method == "armor")
+
+
+def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypatch):
+    config, tok, calib = tiny
+    prune_model(_fresh(config), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
+
+    real_save, calls = prune_mod.save_block, []
+
+    def save_then_die(out, i, *a):
+        real_save(out, i, *a)
+        calls.append(i)
+        raise KeyboardInterrupt  # interrupted right after block 0 was written
+
+    monkeypatch.setattr(prune_mod, "save_block", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(_fresh(config), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    assert calls == [0] and not layer_path(tmp_path / "resumed", 1).exists()
+    monkeypatch.setattr(prune_mod, "save_block", real_save)
+    prune_model(_fresh(config), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    for i in range(2):
+        a, b = load_file(layer_path(tmp_path / "straight", i)), load_file(layer_path(tmp_path / "resumed", i))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_mix_configurations(tiny, tmp_path):
+    config, tok, calib = tiny
+    prune_model(_fresh(config), tok, calib, "magnitude", tmp_path)
+    with pytest.raises(ValueError, match="different configuration"):
+        prune_model(_fresh(config), tok, calib, "wanda", tmp_path)
+
+
+def test_corrupt_or_incomplete_checkpoint_errors(tiny, tmp_path):
+    config, tok, calib = tiny
+    prune_model(_fresh(config), tok, calib, "magnitude", tmp_path)
+    path = layer_path(tmp_path, 1)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_pruned_model(tmp_path)
+    path.unlink()
+    with pytest.raises(ValueError, match="incomplete: block 1"):
+        load_pruned_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pruned_model(tmp_path / "nowhere")
+
+
+def test_model_without_linear_layers_is_refused(tiny, tmp_path):
+    config, tok, calib = tiny
+    model = _fresh(config)
+    for block in model.model.layers:
+        block.self_attn = torch.nn.Identity()
+        block.mlp = torch.nn.Identity()
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        prune_model(model, tok, calib, "magnitude", tmp_path)
