@@ -7,7 +7,6 @@ import subprocess
 import pytest
 import torch
 
-from armor_kernels.pipeline import data
 from armor_kernels.pipeline.data import austen_novels, load_corpus, token_splits
 
 
