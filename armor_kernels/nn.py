@@ -13,11 +13,6 @@ from .factors import ArmorFactors, block_right
 from .sparse24 import check_24, pack_24, unpack_24
 
 
-def block_diag_t(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x @ blockdiag(blocks)ᵀ over the last dim of x."""
-    return block_right(x, blocks.transpose(1, 2))
-
-
 class ArmorLinear(nn.Module):
     def __init__(self, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()

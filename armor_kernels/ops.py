@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .factors import block_right
 from .sparse24 import check_24, unpack_24
 
 try:  # the native extension is optional: built by setup.py only with nvcc and a CUDA build of torch
@@ -38,8 +39,7 @@ class Sm90Packed(NamedTuple):
 
 def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x · blockdiag(blocks)ᵀ over the last dim: y[..., J] = x[..., J] @ blocks[J]ᵀ, blocks (n, b, b)."""
-    n, b, _ = blocks.shape
-    return torch.einsum("...jk,jnk->...jn", x.reshape(*x.shape[:-1], n, b), blocks).reshape(x.shape)
+    return block_right(x, blocks.transpose(1, 2))
 
 
 def reference(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
