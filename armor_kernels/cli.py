@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -67,22 +68,35 @@ def _mean(layers: dict, key: str):
     return round(sum(vals) / len(vals), 6) if vals else ""
 
 
-def run_method(method: str, args, out: Path) -> dict:
+class Dense:
+    """The dense model, its tokenizer and the token splits, loaded once and only when needed."""
+
+    def __init__(self, args):
+        self.args, self._loaded = args, None
+
+    def get(self):
+        if self._loaded is None:
+            a = self.args
+            model, tok = load_model(a.model, device=a.device)
+            splits = token_splits(tok, a.text, n_samples=a.n_samples, seq_len=a.seq_len,
+                                  eval_tokens=a.eval_tokens, seed=a.seed)
+            self._loaded = model, tok, splits
+        return self._loaded
+
+
+def run_method(method: str, args, out: Path, dense: Dense) -> dict:
     """Prune (or resume) one method into `out`, reload the checkpoint, evaluate it."""
     done = out / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    model, tok = load_model(args.model, device=args.device)
-    splits = token_splits(tok, args.text, n_samples=args.n_samples, seq_len=args.seq_len,
-                          eval_tokens=args.eval_tokens, seed=args.seed)
+    model, tok, splits = dense.get()
     dense_bytes = dense_bf16_linear_bytes(model)
     if method == "dense":  # nothing to prune or reload: evaluate the model as loaded
         report, pruned = {"layers": {}, "seconds": 0.0}, model
     else:
         opts = _armor_options(args) if method == "armor" else {}
-        report = prune_model(model, tok, splits.calibration, method, out, options=opts, device=args.device,
-                             source=args.model)
-        del model
+        report = prune_model(copy.deepcopy(model), tok, splits.calibration, method, out, options=opts,
+                             device=args.device, source=args.model)
         pruned, _ = load_pruned_model(out)  # evaluate what was saved: proves the checkpoint
     t0 = time.perf_counter()
     ppl = perplexity(pruned.to(args.device), splits.evaluation, seq_len=args.seq_len)
@@ -117,12 +131,13 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> str:
 def cmd_compare(args, methods) -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
-    rows = [run_method(m, args, out / m) for m in methods]
+    dense = Dense(args)
+    rows = [run_method(m, args, out / m, dense) for m in methods]
     print(write_table(rows, out, time.perf_counter() - t0))
 
 
 def cmd_prune(args) -> None:
-    run_method(args.method, args, Path(args.out))
+    run_method(args.method, args, Path(args.out), Dense(args))
     print(json.dumps(json.loads((Path(args.out) / "result.json").read_text()), indent=2))
 
 

@@ -104,3 +104,22 @@ def test_model_without_linear_layers_is_refused(tiny, tmp_path):
         block.mlp = torch.nn.Identity()
     with pytest.raises(ValueError, match="no nn.Linear"):
         prune_model(model, tok, calib, "magnitude", tmp_path)
+
+
+def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
+    from armor_kernels.cli import main
+    config, tok, _ = tiny
+    model_dir, text = tmp_path / "tiny", tmp_path / "emma.txt"
+    _fresh(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    text.write_text(austen["Emma"][:20_000])
+    argv = ["compare", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "cmp"),
+            "--methods", "dense", "magnitude", "armor", "--n-samples", "2", "--seq-len", "32",
+            "--eval-tokens", "96", "--block-size", "16", "--iters", "1"]
+    main(argv)
+    rows = (tmp_path / "cmp" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("method,perplexity") and [r.split(",")[0] for r in rows[1:]] == ["dense", "magnitude", "armor"]
+    assert "| armor |" in (tmp_path / "cmp" / "results.md").read_text()
+    first = (tmp_path / "cmp" / "armor" / "result.json").read_text()
+    main(argv)  # everything finished: the re-run only reads the results back
+    assert (tmp_path / "cmp" / "armor" / "result.json").read_text() == first

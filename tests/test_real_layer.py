@@ -50,3 +50,11 @@ def test_armor_linear_on_real_weights_matches_dense(real_layer):
     x = torch.randn(4, 9, lin.in_features)
     ref = x @ mod.to_dense().T
     assert torch.allclose(mod(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+
+
+def test_fast_beats_reference_at_equal_wall_clock(real_layer):
+    lin, stats = real_layer
+    W = lin.weight.detach()
+    ref = armor(W, stats, method="reference", iters=10 ** 6, patience=10 ** 6, time_budget=3.0)
+    fast = armor(W, stats, method="fast", time_budget=3.0)
+    assert fast.loss <= ref.loss < ref.history.loss[0]
