@@ -9,12 +9,12 @@ fused Hopper inference op.
 from .baselines import BASELINES, Pruned, magnitude, nowag_p, sparsegpt, wanda
 from .factors import (ActivationStats, ArmorFactors, block_size_for, block_sizes, denormalize, normalize,
                       output_error, proxy_loss, tile_losses)
-from .nn import ArmorLinear
+from .nn import ArmorLinear, prepare_fused
 from .optim import ArmorResult, armor
 from .sparse24 import check_24, pack_24, unpack_24
 
 __all__ = [
     "ActivationStats", "ArmorFactors", "ArmorLinear", "ArmorResult", "BASELINES", "Pruned", "armor",
     "block_size_for", "block_sizes", "check_24", "denormalize", "magnitude", "normalize", "nowag_p",
-    "output_error", "pack_24", "proxy_loss", "sparsegpt", "tile_losses", "unpack_24", "wanda",
+    "output_error", "pack_24", "prepare_fused", "proxy_loss", "sparsegpt", "tile_losses", "unpack_24", "wanda",
 ]

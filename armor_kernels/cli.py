@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .nn import prepare_fused
 from .pipeline.checkpoint import atomic_write, layer_path, load_pruned_model, save_json
 from .pipeline.data import token_splits
 from .pipeline.evaluate import perplexity
@@ -98,6 +99,7 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
         report = prune_model(copy.deepcopy(model), tok, splits.calibration, method, out, options=opts,
                              device=args.device, source=args.model)
         pruned, _ = load_pruned_model(out)  # evaluate what was saved: proves the checkpoint
+        prepare_fused(pruned.to(args.device))
     t0 = time.perf_counter()
     ppl = perplexity(pruned.to(args.device), splits.evaluation, seq_len=args.seq_len)
     sizes = checkpoint_sizes(out, len(decoder_layers(pruned))) if method != "dense" else {}
@@ -144,6 +146,7 @@ def cmd_prune(args) -> None:
 def cmd_eval(args) -> None:
     if args.checkpoint:
         model, tok = load_pruned_model(args.checkpoint)
+        prepare_fused(model.to(args.device))
         sizes = checkpoint_sizes(Path(args.checkpoint), len(decoder_layers(model)))
     else:
         model, tok = load_model(args.model, device=args.device)

@@ -91,3 +91,9 @@ class ArmorLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block=({self.A.shape[1]}, {self.B.shape[1]}), packed={self.packed}, bias={self.bias is not None}")
+
+
+def prepare_fused(model: nn.Module) -> int:
+    """Call `prepare_fused()` on every ArmorLinear of a model (after moving it to its GPU, once);
+    returns how many layers will run the fused kernels (the rest run the reference)."""
+    return sum(m.prepare_fused() for m in model.modules() if isinstance(m, ArmorLinear))
