@@ -7,6 +7,7 @@ from armor_kernels.nn import ArmorLinear
 from armor_kernels.pipeline import prune as prune_mod
 from armor_kernels.pipeline.checkpoint import layer_path, load_pruned_model
 from armor_kernels.pipeline.evaluate import perplexity
+from armor_kernels.pipeline.model import block_linears, decoder_layers
 from armor_kernels.pipeline.prune import METHODS, prune_model
 from armor_kernels.sparse24 import unpack_24
 from test_model_eval import tiny_llama
@@ -49,6 +50,10 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
         for name in names:
             S = unpack_24(tensors[f"{name}.S_values"], tensors[f"{name}.S_idx"])
             assert ((S != 0).reshape(S.shape[0], -1, 4).sum(-1) <= 2).all(), f"2:4 broken in {name}"
+            assert S.dtype == torch.bfloat16  # stored like the dense bf16 model it is measured against
+        if method != "armor":  # kept values + 2-bit positions: 9/16 of the dense bf16 bytes
+            dense_bytes = sum(2 * lin.weight.numel() for lin in block_linears(decoder_layers(model)[i]).values())
+            assert sum(t.numel() * t.element_size() for t in tensors.values()) == dense_bytes * 9 // 16
     q = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q, ArmorLinear) == (method == "armor")
 

@@ -28,6 +28,7 @@ from ..nn import ArmorLinear
 from ..sparse24 import pack_24, unpack_24
 
 FORMAT_VERSION = 1
+STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in memory uses the same values
 
 
 def config_hash(config: dict) -> str:
@@ -65,12 +66,12 @@ def linear_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(module, ArmorLinear):
         out = {f"{name}.A": module.A, f"{name}.B": module.B}
         values, idx = (module.S_values, module.S_idx) if module.packed else pack_24(module.S)
-    else:
+    else:  # its weight holds STORAGE_DTYPE values in the model's dtype: the cast back is exact
         out = {}
-        values, idx = pack_24(module.weight.detach())
+        values, idx = pack_24(module.weight.detach().to(STORAGE_DTYPE))
     out[f"{name}.S_values"], out[f"{name}.S_idx"] = values, idx
     if module.bias is not None:
-        out[f"{name}.bias"] = module.bias.detach()
+        out[f"{name}.bias"] = module.bias.detach().to(out[f"{name}.S_values"].dtype)
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 

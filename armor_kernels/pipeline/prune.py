@@ -21,12 +21,11 @@ from ..baselines import BASELINES
 from ..factors import ActivationStats
 from ..nn import ArmorLinear
 from ..optim import armor
-from .checkpoint import (FORMAT_VERSION, config_hash, layer_path, load_block, replace_module, save_block,
-                         save_json, save_rest)
+from .checkpoint import (FORMAT_VERSION, STORAGE_DTYPE, config_hash, layer_path, load_block, replace_module,
+                         save_block, save_json, save_rest)
 from .model import block_linears, decoder_layers
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
-STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in memory uses the same values
 
 
 class _Captured(Exception):
