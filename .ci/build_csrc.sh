@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir="${1:-build/ci-csrc}"
-python="${PYTHON:-$(command -v python3)}"
+python="$(command -v "${PYTHON:-python3}")"
+# CMake ignores a relative Python_EXECUTABLE and would find another interpreter: make it absolute
+# (without resolving symlinks, which would leave a virtual environment for its base interpreter).
+[[ "$python" = /* ]] || python="$PWD/$python"
 nvcc="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
 [[ -x "$nvcc" ]] || { echo "build_csrc: nvcc not found (PATH or /usr/local/cuda/bin)" >&2; exit 1; }
 "$python" -c "import cutlass_library" 2>/dev/null \
