@@ -60,7 +60,7 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
 
 def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypatch):
     config, tok, calib = tiny
-    prune_model(_fresh(config), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
+    straight = prune_model(_fresh(config), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
 
     real_save, calls = prune_mod.save_block, []
 
@@ -74,7 +74,8 @@ def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypa
         prune_model(_fresh(config), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
     assert calls == [0] and not layer_path(tmp_path / "resumed", 1).exists()
     monkeypatch.setattr(prune_mod, "save_block", real_save)
-    prune_model(_fresh(config), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    resumed = prune_model(_fresh(config), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    assert resumed["layers"] == straight["layers"]  # block 0's losses come back from its file
     for i in range(2):
         a, b = load_file(layer_path(tmp_path / "straight", i)), load_file(layer_path(tmp_path / "resumed", i))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -75,16 +75,18 @@ def linear_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
-def save_block(out: Path, i: int, linears: dict[str, nn.Module], chash: str) -> None:
+def save_block(out: Path, i: int, linears: dict[str, nn.Module], chash: str, report: dict) -> None:
+    """One block's pruned linears, with the run's config hash and the block's report (ARMOR's losses)
+    in the metadata, so a resumed run loses nothing."""
     tensors = {}
     for name, mod in linears.items():
         tensors.update(linear_tensors(name, mod))
-    atomic_write(layer_path(out, i),
-                 lambda tmp: save_file(tensors, tmp, metadata={"config_hash": chash, "block": str(i)}))
+    meta = {"config_hash": chash, "block": str(i), "report": json.dumps(report)}
+    atomic_write(layer_path(out, i), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_block(out: Path, i: int, chash: str) -> dict[str, nn.Module]:
-    """name -> module (ArmorLinear, or nn.Linear with the unpacked 2:4 weight) of one saved block."""
+def load_block(out: Path, i: int, chash: str) -> tuple[dict[str, nn.Module], dict]:
+    """(name -> module (ArmorLinear, or nn.Linear with the unpacked 2:4 weight), report) of one saved block."""
     path = layer_path(out, i)
     try:
         tensors = load_file(path)
@@ -109,7 +111,7 @@ def load_block(out: Path, i: int, chash: str) -> dict[str, nn.Module]:
             if lin.bias is not None:
                 lin.bias.data.copy_(get("bias"))
             modules[name] = lin.requires_grad_(False)
-    return modules
+    return modules, json.loads(meta.get("report", "{}"))
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -181,5 +183,5 @@ def load_pruned_model(out: str | Path):
             if not layer_path(out, i).exists():
                 raise ValueError(f"checkpoint {str(out)!r} is incomplete: block {i} was never written "
                                  "(resume the prune run to finish it)")
-            adopt(block, load_block(out, i, chash), dtype, "cpu")
+            adopt(block, load_block(out, i, chash)[0], dtype, "cpu")
     return model.eval(), AutoTokenizer.from_pretrained(out)

@@ -150,15 +150,16 @@ def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, o
         for i in bar:
             block = layers[i].to(device)
             if layer_path(out, i).exists():
-                adopt(block, load_block(out, i, chash), dtype, device)
+                pruned, block_report = load_block(out, i, chash)
                 bar.set_postfix_str("resumed")
             else:
                 stats = collect_stats(block, inputs, full=(method == "sparsegpt"))
-                pruned = {}
+                pruned, block_report = {}, {}
                 for name, lin in block_linears(block).items():
-                    pruned[name], report[f"{i}.{name}"] = prune_linear(lin, stats[name], method, options)
-                save_block(out, i, pruned, chash)
-                adopt(block, pruned, dtype, device)
+                    pruned[name], block_report[name] = prune_linear(lin, stats[name], method, options)
+                save_block(out, i, pruned, chash, block_report)
+            adopt(block, pruned, dtype, device)
+            report.update({f"{i}.{name}": r for name, r in block_report.items()})
             inputs = run_block(block, inputs)
             layers[i] = block
     return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}
