@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .nn import prepare_fused
+from .nn import ArmorLinear, prepare_fused
 from .pipeline.checkpoint import atomic_write, layer_path, load_pruned_model, save_json
 from .pipeline.data import token_splits
 from .pipeline.evaluate import perplexity
-from .pipeline.model import block_linears, decoder_layers, load_model
+from .pipeline.model import decoder_layers, load_model
 from .pipeline.prune import METHODS, prune_model
 
 COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
@@ -52,16 +52,23 @@ def _armor_options(args) -> dict:
     return opts
 
 
-def checkpoint_sizes(out: Path, n_blocks: int) -> dict:
-    """Bytes on disk: the pruned linears (layer files), and the whole checkpoint directory."""
-    linear = sum(layer_path(out, i).stat().st_size for i in range(n_blocks) if layer_path(out, i).exists())
-    total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    return {"linear_bytes": linear, "checkpoint_bytes": total}
+def block_dense_bf16_bytes(block) -> int:
+    """What the block's linears (pruned or not) take as dense bf16 weights and biases."""
+    return sum(2 * m.out_features * (m.in_features + (m.bias is not None)) for m in block.modules()
+               if isinstance(m, (torch.nn.Linear, ArmorLinear)))
 
 
 def dense_bf16_linear_bytes(model) -> int:
-    return sum(2 * p.numel() for block in decoder_layers(model)
-               for lin in block_linears(block).values() for p in lin.parameters())
+    return sum(block_dense_bf16_bytes(block) for block in decoder_layers(model))
+
+
+def checkpoint_sizes(out: Path, model) -> dict:
+    """Bytes on disk against the dense bf16 model: per block (its layer file), all pruned linears,
+    and the whole checkpoint directory."""
+    per_block = [{"block": i, "bytes": layer_path(out, i).stat().st_size, "dense_bf16_bytes": block_dense_bf16_bytes(b)}
+                 for i, b in enumerate(decoder_layers(model))]
+    total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    return {"linear_bytes": sum(b["bytes"] for b in per_block), "checkpoint_bytes": total, "per_block": per_block}
 
 
 def _mean(layers: dict, key: str):
@@ -102,7 +109,7 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
         prepare_fused(pruned.to(args.device))
     t0 = time.perf_counter()
     ppl = perplexity(pruned.to(args.device), splits.evaluation, seq_len=args.seq_len)
-    sizes = checkpoint_sizes(out, len(decoder_layers(pruned))) if method != "dense" else {}
+    sizes = checkpoint_sizes(out, pruned) if method != "dense" else {}
     result = {
         "method": method, "perplexity": round(ppl, 4), "calibration_s": round(report["seconds"], 1),
         "eval_s": round(time.perf_counter() - t0, 1), "dense_bf16_linear_bytes": dense_bytes,
@@ -110,6 +117,7 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
         "linear_bytes_ratio": round(sizes.get("linear_bytes", dense_bytes) / dense_bytes, 4),
         "mean_proxy_loss": _mean(report["layers"], "loss"),
         "mean_nowag_p_proxy_loss": _mean(report["layers"], "nowag_p_loss"),
+        "per_block_bytes": sizes.get("per_block", []),
     }
     save_json(done, result)
     save_json(out / "layer_report.json", report["layers"])
@@ -147,7 +155,7 @@ def cmd_eval(args) -> None:
     if args.checkpoint:
         model, tok = load_pruned_model(args.checkpoint)
         prepare_fused(model.to(args.device))
-        sizes = checkpoint_sizes(Path(args.checkpoint), len(decoder_layers(model)))
+        sizes = checkpoint_sizes(Path(args.checkpoint), model)
     else:
         model, tok = load_model(args.model, device=args.device)
         sizes = {"dense_bf16_linear_bytes": dense_bf16_linear_bytes(model)}

@@ -1,4 +1,6 @@
 """prune → save → load → eval on a tiny model built from the real SmolLM2 config, every method."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -127,5 +129,8 @@ def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
     assert rows[0].startswith("method,perplexity") and [r.split(",")[0] for r in rows[1:]] == ["dense", "magnitude", "armor"]
     assert "| armor |" in (tmp_path / "cmp" / "results.md").read_text()
     first = (tmp_path / "cmp" / "armor" / "result.json").read_text()
+    blocks = json.loads(first)["per_block_bytes"]
+    assert [b["block"] for b in blocks] == [0, 1] and all(b["bytes"] > 0 for b in blocks)
+    assert blocks[0]["dense_bf16_bytes"] == sum(2 * lin.weight.numel() for lin in block_linears(decoder_layers(_fresh(config))[0]).values())
     main(argv)  # everything finished: the re-run only reads the results back
     assert (tmp_path / "cmp" / "armor" / "result.json").read_text() == first
