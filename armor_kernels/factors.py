@@ -175,11 +175,13 @@ class ArmorFactors:
         return cls(eye(d_out, bA), S, eye(d_in, bB), r, c)
 
 
-def tile_losses(Wbar: torch.Tensor, h: torch.Tensor, f: ArmorFactors) -> torch.Tensor:
-    """Proxy loss of every (bA × bB) tile: L_IJ = ‖(W̄^IJ − A_I S^IJ B_J) D_J^½‖², shape (nA, nB)."""
+def tile_losses(Wbar: torch.Tensor, h: torch.Tensor, f: ArmorFactors, core: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Proxy loss of every (bA × bB) tile: L_IJ = ‖(W̄^IJ − A_I S^IJ B_J) D_J^½‖², shape (nA, nB).
+    `core`: f.core() where the caller already has it."""
     nA, bA, _ = f.A.shape
     nB, bB, _ = f.B.shape
-    R = Wbar - f.core()
+    R = Wbar - (f.core() if core is None else core)
     return (R * R * h).reshape(nA, bA, nB, bB).sum((1, 3), dtype=torch.float64)
 
 

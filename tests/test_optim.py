@@ -6,7 +6,7 @@ import torch
 from armor_kernels import ActivationStats, armor
 from armor_kernels.kernels.mask_select import solve_group_reference
 from armor_kernels.optim.common import Problem
-from armor_kernels.optim.fast import a_step, b_step, s_step
+from armor_kernels.optim.fast import a_step, b_step, extrapolate, s_step
 
 
 def _problem(d_out=48, d_in=64, b=16, seed=0):
@@ -53,7 +53,7 @@ def test_group_solve_equals_brute_force_over_six_patterns():
 def test_a_step_equals_weighted_lstsq():
     W, h, p = _problem()
     f = _perturbed(p)
-    A = a_step(p, f).A
+    A = a_step(p, f)[0].A
     P = (f.S @ torch.block_diag(*f.B)).double()
     sq = h.double().sqrt()
     for I in range(p.nA):
@@ -65,7 +65,7 @@ def test_a_step_equals_weighted_lstsq():
 def test_b_step_equals_lstsq():
     W, h, p = _problem()
     f = _perturbed(p)
-    B = b_step(p, f).B
+    B = b_step(p, f)[0].B
     Q = (torch.block_diag(*f.A) @ f.S).double()
     for J in range(p.nB):
         cols = slice(J * p.bB, (J + 1) * p.bB)
@@ -74,12 +74,26 @@ def test_b_step_equals_lstsq():
 
 
 @pytest.mark.parametrize("step", ["A", "B", "S"])
-def test_each_block_step_does_not_raise_the_loss_and_keeps_24(step):
+def test_each_block_step_does_not_raise_the_loss_keeps_24_and_returns_its_product(step):
     W, h, p = _problem(seed=4)
     f = _perturbed(p)
-    new = {"A": lambda: a_step(p, f), "B": lambda: b_step(p, f), "S": lambda: s_step(p, f, passes=1)}[step]()
+    new, core = {"A": lambda: a_step(p, f), "B": lambda: b_step(p, f), "S": lambda: s_step(p, f, passes=1)}[step]()
     assert p.loss(new) <= p.loss(f) * (1 + 1e-6)
     assert ((new.S != 0).reshape(p.Wbar.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert torch.allclose(core, new.core(), rtol=1e-5, atol=1e-5)
+
+
+def test_extrapolation_keeps_24_and_only_moves_entries_whose_mask_held():
+    W, h, p = _problem(seed=7)
+    old = _perturbed(p)
+    f = s_step(p, b_step(p, a_step(p, old)[0])[0], passes=1)[0]
+    g, core = extrapolate(f, old)
+    assert torch.allclose(g.A, 2 * f.A - old.A) and torch.allclose(g.B, 2 * f.B - old.B)
+    same = (f.S != 0) == (old.S != 0)
+    assert torch.equal(g.S[~same], f.S[~same])
+    assert torch.allclose(g.S[same], 2 * f.S[same] - old.S[same])
+    assert ((g.S != 0).reshape(p.Wbar.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert torch.allclose(core, g.core(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method,opts", [("fast", {"iters": 4}), ("reference", {"iters": 60})])

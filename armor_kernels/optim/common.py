@@ -48,10 +48,10 @@ class Problem:
         S = self.Wbar * top2_mask(self.Wbar * self.Wbar * self.h)
         return ArmorFactors.identity(self.Wbar, self.r, self.c, S, (self.bA, self.bB))
 
-    def loss(self, f: ArmorFactors) -> float:
-        """Relative proxy loss Σ h (W̄ − ASB)² / Σ h W̄², summed tile by tile in float64."""
-        return float(tile_losses(self.Wbar, self.h, f).sum() / self.norm)
-
+    def loss(self, f: ArmorFactors, core: torch.Tensor | None = None) -> float:
+        """Relative proxy loss Σ h (W̄ − ASB)² / Σ h W̄², summed tile by tile in float64.
+        `core`: f's A·S·B where the caller already has it."""
+        return float(tile_losses(self.Wbar, self.h, f, core).sum() / self.norm)
 
     def to_tiles(self, M: torch.Tensor) -> torch.Tensor:
         """(d_out, d_in) -> (nA·nB, bA, bB), tile t = I·nB + J."""
@@ -60,10 +60,10 @@ class Problem:
     def from_tiles(self, T: torch.Tensor) -> torch.Tensor:
         return T.reshape(self.nA, self.nB, self.bA, self.bB).transpose(1, 2).reshape(self.Wbar.shape)
 
-    def tile_operands(self, f: ArmorFactors):
+    def tile_operands(self, f: ArmorFactors, core: torch.Tensor | None = None):
         """Per-tile (R, A_I, B_J D_J^½): the weighted residual and the factors each tile sees."""
         sq = self.h.sqrt()
-        R = self.to_tiles((self.Wbar - f.core()) * sq)
+        R = self.to_tiles((self.Wbar - (f.core() if core is None else core)) * sq)
         A = f.A.repeat_interleave(self.nB, dim=0)
         Bt = (f.B * sq.reshape(self.nB, 1, self.bB)).repeat(self.nA, 1, 1)
         return R, A, Bt
