@@ -1,7 +1,8 @@
 """Fast optimizer vs the published (reference) loop on the same layers, in one run.
 
 For each layer: the reference runs `--ref-iters` iterations (20 000 as published), the fast one
-`--fast-iters` outer iterations; both start from NoWag-P. Reported: final losses, wall-clock times, and the
+`--fast-iters` outer iterations, with and without its extrapolation step, and once more with the
+library defaults (what the pipeline runs); all start from NoWag-P. Reported: final losses, wall-clock times, and the
 time the fast optimizer needs to reach the loss the reference reaches after 2 000 iterations and
 after all of its iterations, with the speed-up ratios. Writes
     benchmarks/results/optimizer_<device>.csv         one row per layer
@@ -92,24 +93,30 @@ def main() -> None:
     for name, (W, h) in layers.items():
         W, h = W.to(args.device), h.to(args.device)
         runs = {}
-        for method, opts in (("reference", {"iters": args.ref_iters, "patience": 10 ** 9}),
-                             ("fast", {"iters": args.fast_iters, "tol": 0.0})):
+        for label, method, opts in (("reference", "reference", {"iters": args.ref_iters, "patience": 10 ** 9}),
+                                    ("fast", "fast", {"iters": args.fast_iters, "tol": 0.0}),
+                                    ("fast_no_extrapolation", "fast",
+                                     {"iters": args.fast_iters, "tol": 0.0, "extrapolation": False}),
+                                    ("fast_defaults", "fast", {})):
             t0 = time.perf_counter()
             res = armor(W, h, method=method, block_size=args.block_size, device=args.device, **opts)
-            runs[method] = (res.history, time.perf_counter() - t0)
-            trace += [{"layer": name, "optimizer": method, "seconds": t, "loss": loss}
+            runs[label] = (res.history, time.perf_counter() - t0)
+            trace += [{"layer": name, "optimizer": label, "seconds": t, "loss": loss}
                       for t, loss in zip(res.history.seconds, res.history.loss)]
-            print(f"{name} {method}: loss {res.history.loss[0]:.5f} -> {res.loss:.5f} in {runs[method][1]:.1f} s")
-        ref, fast = runs["reference"][0], runs["fast"][0]
+            print(f"{name} {label}: loss {res.history.loss[0]:.5f} -> {res.loss:.5f} in {runs[label][1]:.1f} s")
+        ref, fast, plain = runs["reference"][0], runs["fast"][0], runs["fast_no_extrapolation"][0]
         at2k = min(2000, len(ref.loss) - 1)
         row = {"layer": name, "shape": "x".join(map(str, W.shape)), "device": args.device,
                "nowag_p_loss": ref.loss[0], "ref_iters": len(ref.loss) - 1, "ref_final_loss": ref.loss[-1],
                "ref_seconds": ref.seconds[-1], "fast_final_loss": fast.loss[-1], "fast_seconds": fast.seconds[-1],
                "ref_loss_at_2000": ref.loss[at2k], "ref_seconds_at_2000": ref.seconds[at2k]}
+        row["fast_no_extrapolation_final_loss"] = plain.loss[-1]
+        row["fast_defaults_loss"], row["fast_defaults_seconds"] = runs["fast_defaults"][0].loss[-1], runs["fast_defaults"][1]
         for tag, target, t_ref in (("2000", ref.loss[at2k], ref.seconds[at2k]), ("final", ref.loss[-1], ref.seconds[-1])):
-            t_fast = time_to_reach(fast, target)
-            row[f"fast_seconds_to_ref_{tag}"] = t_fast
-            row[f"speedup_{tag}"] = t_ref / t_fast if t_fast > 0 else math.inf
+            for label, hist in (("fast", fast), ("fast_no_extrapolation", plain)):
+                t_fast = time_to_reach(hist, target)
+                row[f"{label}_seconds_to_ref_{tag}"] = t_fast
+                row[f"{label}_speedup_{tag}"] = t_ref / t_fast if t_fast > 0 else math.inf
         rows.append(row)
         print({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
 
@@ -131,9 +138,9 @@ def plot(trace: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for layer in dict.fromkeys(r["layer"] for r in trace):
-        for method, style in (("reference", "--"), ("fast", "-")):
-            pts = [(r["seconds"], r["loss"]) for r in trace if r["layer"] == layer and r["optimizer"] == method]
-            ax.plot([max(t, 1e-3) for t, _ in pts], [loss for _, loss in pts], style, label=f"{layer} {method}")
+        for label, style in (("reference", "--"), ("fast", "-"), ("fast_no_extrapolation", ":")):
+            pts = [(r["seconds"], r["loss"]) for r in trace if r["layer"] == layer and r["optimizer"] == label]
+            ax.plot([max(t, 1e-3) for t, _ in pts], [loss for _, loss in pts], style, label=f"{layer} {label}")
     ax.set(xscale="log", xlabel="wall-clock seconds", ylabel="relative proxy loss", title="ARMOR: loss against time")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,6 +1,5 @@
 """Model loading, the decoder blocks and their linears, and perplexity."""
 
-import copy
 import math
 
 import pytest
@@ -13,16 +12,6 @@ from armor_kernels.pipeline.model import block_linears, decoder_layers, load_mod
 
 LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-def tiny_llama(config):
-    """A randomly initialised 2-layer Llama with the bundled model's config, shrunk."""
-    config = copy.deepcopy(config)
-    del config.quantization_config  # describes the GGUF file, not this model
-    config.update(dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16))
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def test_bundled_model(bundled):
@@ -47,7 +36,7 @@ def test_perplexity_equals_direct_computation(bundled, austen):
     assert perplexity(model, tokens, seq_len=64, batch_size=2) == pytest.approx(expected, rel=1e-5)
 
 
-def test_tiny_model_from_real_config(bundled, tmp_path):
+def test_tiny_model_from_real_config(bundled, tiny_llama, tmp_path):
     model, tokenizer = bundled
     tiny = tiny_llama(model.config)
     layers = decoder_layers(tiny)
@@ -78,7 +67,7 @@ def test_wrong_model_paths(tmp_path):
         load_model(tmp_path / "config.json")
 
 
-def test_decoder_layers_are_the_outermost_list(bundled):
+def test_decoder_layers_are_the_outermost_list(bundled, tiny_llama):
     tiny = tiny_llama(bundled[0].config)
     tiny.model.layers[0].mlp.parts = nn.ModuleList([nn.Identity()] * 5)  # longer, but nested
     assert decoder_layers(tiny) is tiny.model.layers

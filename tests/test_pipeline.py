@@ -12,26 +12,22 @@ from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
 from armor_kernels.pipeline.prune import METHODS, prune_model
 from armor_kernels.sparse24 import unpack_24
-from test_model_eval import tiny_llama
 
 ARMOR_OPTS = {"block_size": 16, "iters": 2}
 
 
 @pytest.fixture(scope="module")
-def tiny(bundled):
+def tiny(bundled, tiny_llama):
+    """(config, tokenizer, calibration tokens, factory of fresh tiny models)."""
     model, tok = bundled
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    return model.config, tok, calib
-
-
-def _fresh(config):
-    return tiny_llama(config)
+    return model.config, tok, calib, lambda: tiny_llama(model.config)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_prune_save_load_eval(tiny, tmp_path, method):
-    config, tok, calib = tiny
-    model = _fresh(config)
+    config, tok, calib, fresh = tiny
+    model = fresh()
     tokens = torch.randint(0, config.vocab_size, (96,), generator=torch.Generator().manual_seed(1))
     dense_ppl = perplexity(model, tokens, seq_len=32)
     prune_model(model, tok, calib, method, tmp_path, options=ARMOR_OPTS if method == "armor" else {})
@@ -61,8 +57,8 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
 
 
 def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypatch):
-    config, tok, calib = tiny
-    straight = prune_model(_fresh(config), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
+    _, tok, calib, fresh = tiny
+    straight = prune_model(fresh(), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
 
     real_save, calls = prune_mod.save_block, []
 
@@ -73,10 +69,10 @@ def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypa
 
     monkeypatch.setattr(prune_mod, "save_block", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prune_model(_fresh(config), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+        prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
     assert calls == [0] and not layer_path(tmp_path / "resumed", 1).exists()
     monkeypatch.setattr(prune_mod, "save_block", real_save)
-    resumed = prune_model(_fresh(config), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    resumed = prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
     assert resumed["layers"] == straight["layers"]  # block 0's losses come back from its file
     for i in range(2):
         a, b = load_file(layer_path(tmp_path / "straight", i)), load_file(layer_path(tmp_path / "resumed", i))
@@ -84,15 +80,15 @@ def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypa
 
 
 def test_refuses_to_mix_configurations(tiny, tmp_path):
-    config, tok, calib = tiny
-    prune_model(_fresh(config), tok, calib, "magnitude", tmp_path)
+    _, tok, calib, fresh = tiny
+    prune_model(fresh(), tok, calib, "magnitude", tmp_path)
     with pytest.raises(ValueError, match="different configuration"):
-        prune_model(_fresh(config), tok, calib, "wanda", tmp_path)
+        prune_model(fresh(), tok, calib, "wanda", tmp_path)
 
 
 def test_corrupt_or_incomplete_checkpoint_errors(tiny, tmp_path):
-    config, tok, calib = tiny
-    prune_model(_fresh(config), tok, calib, "magnitude", tmp_path)
+    _, tok, calib, fresh = tiny
+    prune_model(fresh(), tok, calib, "magnitude", tmp_path)
     path = layer_path(tmp_path, 1)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
@@ -105,8 +101,8 @@ def test_corrupt_or_incomplete_checkpoint_errors(tiny, tmp_path):
 
 
 def test_model_without_linear_layers_is_refused(tiny, tmp_path):
-    config, tok, calib = tiny
-    model = _fresh(config)
+    _, tok, calib, fresh = tiny
+    model = fresh()
     for block in model.model.layers:
         block.self_attn = torch.nn.Identity()
         block.mlp = torch.nn.Identity()
@@ -116,9 +112,9 @@ def test_model_without_linear_layers_is_refused(tiny, tmp_path):
 
 def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
     from armor_kernels.cli import main
-    config, tok, _ = tiny
+    _, tok, _, fresh = tiny
     model_dir, text = tmp_path / "tiny", tmp_path / "emma.txt"
-    _fresh(config).save_pretrained(model_dir)
+    fresh().save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     text.write_text(austen["Emma"][:20_000])
     argv = ["compare", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "cmp"),
@@ -131,6 +127,6 @@ def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
     first = (tmp_path / "cmp" / "armor" / "result.json").read_text()
     blocks = json.loads(first)["per_block_bytes"]
     assert [b["block"] for b in blocks] == [0, 1] and all(b["bytes"] > 0 for b in blocks)
-    assert blocks[0]["dense_bf16_bytes"] == sum(2 * lin.weight.numel() for lin in block_linears(decoder_layers(_fresh(config))[0]).values())
+    assert blocks[0]["dense_bf16_bytes"] == sum(2 * lin.weight.numel() for lin in block_linears(decoder_layers(fresh())[0]).values())
     main(argv)  # everything finished: the re-run only reads the results back
     assert (tmp_path / "cmp" / "armor" / "result.json").read_text() == first

@@ -8,7 +8,7 @@ One outer iteration = A-step, B-step, S-step, then one extrapolation:
           S whose mask did not change, so S stays 2:4). Alternating exact steps on a trilinear
           model zig-zag along narrow valleys, and this jump along the recent displacement (the
           line-search acceleration of alternating least squares) reaches the same loss 2-3× sooner
-          on the bundled model's layers (benchmarks/bench_optimizer.py --no-extrapolate compares).
+          on the bundled model's layers (benchmarks/bench_optimizer.py runs it with and without).
 Each step minimises the loss exactly over its block of variables; every candidate, the
 extrapolation included, is kept only if the loss does not rise (a ridge or round-off effect
 could otherwise raise it), so the history never goes up and never ends above NoWag-P.
