@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..factors import ArmorFactors, block_sizes, check_h, check_weight, normalize, tile_losses
+from ..factors import ArmorFactors, block_sizes, check_h, check_weight, normalize, weighted_sq_error
 from ..kernels.mask_select import top2_mask
 
 
@@ -49,9 +49,8 @@ class Problem:
         return ArmorFactors.identity(self.Wbar, self.r, self.c, S, (self.bA, self.bB))
 
     def loss(self, f: ArmorFactors, core: torch.Tensor | None = None) -> float:
-        """Relative proxy loss Σ h (W̄ − ASB)² / Σ h W̄², summed tile by tile in float64.
-        `core`: f's A·S·B where the caller already has it."""
-        return float(tile_losses(self.Wbar, self.h, f, core).sum() / self.norm)
+        """Relative proxy loss Σ h (W̄ − ASB)² / Σ h W̄². `core`: f's A·S·B where the caller has it."""
+        return float(weighted_sq_error(self.Wbar, self.h, f.core() if core is None else core) / self.norm)
 
     def to_tiles(self, M: torch.Tensor) -> torch.Tensor:
         """(d_out, d_in) -> (nA·nB, bA, bB), tile t = I·nB + J."""
