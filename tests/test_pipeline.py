@@ -10,7 +10,7 @@ from armor_kernels.pipeline import prune as prune_mod
 from armor_kernels.pipeline.checkpoint import layer_path, load_pruned_model
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
-from armor_kernels.pipeline.prune import METHODS, prune_model
+from armor_kernels.pipeline.prune import METHODS, block_inputs, collect_stats, prune_block_linears, prune_model
 from armor_kernels.sparse24 import unpack_24
 
 ARMOR_OPTS = {"block_size": 16, "iters": 2}
@@ -55,6 +55,29 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
     q = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q, ArmorLinear) == (method == "armor")
 
+
+
+def test_layers_pruned_in_parallel_equal_layers_pruned_one_by_one(tiny):
+    """Two CPU workers, one thread each, give bit-identical factors to the sequential single-thread run."""
+    _, _, calib, fresh = tiny
+    model = fresh()
+    block = decoder_layers(model)[0]
+    with torch.no_grad():
+        stats = collect_stats(block, block_inputs(model, calib, 8, "cpu"), full=False)
+    linears = block_linears(block)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(prune_block_linears(linears, stats, "armor", ARMOR_OPTS, torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    (one, rep1), (two, rep2) = results
+    assert list(two) == list(linears) and rep1 == rep2
+    for name in linears:
+        sd1, sd2 = one[name].state_dict(), two[name].state_dict()
+        assert list(sd1) == list(sd2) and all(torch.equal(sd1[k], sd2[k]) for k in sd1), name
 
 def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypatch):
     _, tok, calib, fresh = tiny

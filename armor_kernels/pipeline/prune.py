@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -93,6 +94,31 @@ def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: d
     return new, {}
 
 
+def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats], method: str,
+                        options: dict, device: torch.device) -> tuple[dict[str, nn.Module], dict]:
+    """Prune a block's linears (independent once the block's statistics are collected).
+
+    On a multi-core CPU, ARMOR runs one linear per core, each single-threaded, largest first: the
+    optimizer's small matmuls and per-tile sweeps scale poorly across threads within one layer, so
+    whole layers in parallel finish the block sooner (SmolLM2 on 2 cores: see README). Each layer's
+    result does not depend on the schedule; outputs are returned in the block's own order.
+    """
+    workers = min(torch.get_num_threads(), len(linears))
+    if method != "armor" or device.type != "cpu" or workers < 2:
+        done = {name: prune_linear(lin, stats[name], method, options) for name, lin in linears.items()}
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                largest_first = sorted(linears, key=lambda n: -linears[n].weight.numel())
+                futures = {n: pool.submit(prune_linear, linears[n], stats[n], method, options) for n in largest_first}
+                done = {name: futures[name].result() for name in linears}
+        finally:
+            torch.set_num_threads(threads)
+    return {n: m for n, (m, _) in done.items()}, {n: r for n, (_, r) in done.items()}
+
+
 def adopt(block: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype, device) -> None:
     """Put pruned modules into the block: ArmorLinear keeps its stored dtype (its forward casts),
     a pruned nn.Linear takes the model's dtype (bf16 → fp32 is exact)."""
@@ -154,9 +180,8 @@ def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, o
                 bar.set_postfix_str("resumed")
             else:
                 stats = collect_stats(block, inputs, full=(method == "sparsegpt"))
-                pruned, block_report = {}, {}
-                for name, lin in block_linears(block).items():
-                    pruned[name], block_report[name] = prune_linear(lin, stats[name], method, options)
+                pruned, block_report = prune_block_linears(block_linears(block), stats, method, options,
+                                                           torch.device(device))
                 save_block(out, i, pruned, chash, block_report)
             adopt(block, pruned, dtype, device)
             report.update({f"{i}.{name}": r for name, r in block_report.items()})
