@@ -29,7 +29,8 @@ def armor(W: torch.Tensor, stats, *, method: str = "fast", block_size: int = 128
     """Prune W (d_out, d_in) to diag(r)·A·S·B·diag(c) with S 2:4, starting from NoWag-P.
 
     stats: an ActivationStats of the layer's inputs, or the diagonal statistic h itself.
-    method: "fast" (closed-form block steps + tile sweeps; options iters=30, passes=1, tol=1e-4)
+    method: "fast" (closed-form block steps + tile sweeps + extrapolation; options iters=80, passes=1,
+            tol=1e-4, extrapolation=True)
             or "reference" (the published Adam + sampled-group loop; options iters=20000, lr=1e-4,
             tol=1e-6, patience=100). Both take time_budget (seconds).
     progress: optional callable(step, total, loss).

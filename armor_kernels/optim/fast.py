@@ -55,7 +55,7 @@ def extrapolate(f: ArmorFactors, old: ArmorFactors) -> tuple[ArmorFactors, torch
     return g, g.core()
 
 
-def optimize_fast(p: Problem, f: ArmorFactors, *, iters: int = 30, passes: int = 1, tol: float = 1e-4,
+def optimize_fast(p: Problem, f: ArmorFactors, *, iters: int = 80, passes: int = 1, tol: float = 1e-4,
                   extrapolation: bool = True, time_budget: float | None = None, progress=None
                   ) -> tuple[ArmorFactors, History]:
     """Outer iterations of (A, B, S) steps and an extrapolation; stop after `iters`, when one outer
