@@ -8,6 +8,7 @@ after all of its iterations, with the speed-up ratios. Writes
     benchmarks/results/optimizer_<device>.csv         one row per layer
     benchmarks/results/optimizer_<device>_trace.csv   loss against time, both optimizers
     benchmarks/results/optimizer_<device>.png         the same as a plot
+(`--name` replaces the stem optimizer_<device>).
 
 Layers are real layers of the bundled SmolLM2-135M with statistics from real text (Austen). With
 --synthetic 4096x4096 (GPU sizes no bundled real model has), the weight is Gaussian and h is a real
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--name", default=None, help="output file stem in benchmarks/results (default optimizer_<device>)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available on this machine")
@@ -121,7 +123,7 @@ def main() -> None:
         print({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
 
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"optimizer_{args.device.split(':')[0]}"
+    stem = RESULTS / (args.name or f"optimizer_{args.device.split(':')[0]}")
     for path, data in ((stem.with_suffix(".csv"), rows), (Path(f"{stem}_trace.csv"), trace)):
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(data[0]))
