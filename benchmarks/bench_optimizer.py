@@ -135,16 +135,24 @@ def main() -> None:
 
 
 def plot(trace: list[dict], path: Path) -> None:
+    """Loss against time, log-log: one colour per layer, one line style per optimizer."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for layer in dict.fromkeys(r["layer"] for r in trace):
-        for label, style in (("reference", "--"), ("fast", "-"), ("fast_no_extrapolation", ":")):
-            pts = [(r["seconds"], r["loss"]) for r in trace if r["layer"] == layer and r["optimizer"] == label]
-            ax.plot([max(t, 1e-3) for t, _ in pts], [loss for _, loss in pts], style, label=f"{layer} {label}")
-    ax.set(xscale="log", xlabel="wall-clock seconds", ylabel="relative proxy loss", title="ARMOR: loss against time")
-    ax.legend(fontsize=7)
+    from matplotlib.lines import Line2D
+    styles = {"reference": "--", "fast": "-", "fast_no_extrapolation": ":"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    layers = list(dict.fromkeys(r["layer"] for r in trace))
+    for k, layer in enumerate(layers):
+        for label, style in styles.items():
+            pts = [(float(r["seconds"]), float(r["loss"])) for r in trace
+                   if r["layer"] == layer and r["optimizer"] == label]
+            ax.plot([max(t, 1e-3) for t, _ in pts], [loss for _, loss in pts], style, color=f"C{k % 10}")
+    handles = [Line2D([], [], color=f"C{k % 10}", label=layer) for k, layer in enumerate(layers)]
+    handles += [Line2D([], [], color="k", linestyle=st, label=label) for label, st in styles.items()]
+    ax.legend(handles=handles, fontsize=7, loc="lower left")
+    ax.set(xscale="log", yscale="log", xlabel="wall-clock seconds", ylabel="relative proxy loss",
+           title="ARMOR: loss against time")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
