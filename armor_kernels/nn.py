@@ -81,10 +81,12 @@ class ArmorLinear(nn.Module):
                           sm90=ops.Sm90Packed(self.sm90_values, self.sm90_meta) if fused else None)
 
     def prepare_fused(self) -> bool:
-        """Compress S once into the fused kernels' layout if they apply (sm_90, bf16/fp16, 128-blocks)."""
+        """Make the layer run the fused kernels if they apply (sm_90, bf16/fp16, 128-blocks): S packed (read
+        by the decode kernels, up to 16 tokens) and compressed once into the sparse GEMM's layout."""
         if not ops.fused_supported(self.A.device, self.A.dtype, self.out_features, self.in_features,
                                    self.A.shape[1], self.B.shape[1]):
             return False
+        self.pack()
         self.sm90_values, self.sm90_meta = ops.pack_sm90(self.sparse_core().to(self.A.dtype))
         return True
 

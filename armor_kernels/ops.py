@@ -6,9 +6,12 @@
     y = linear(x, A, S, B, bias, sm90=sm90)            # fused Hopper kernels where they apply
 
 A: (d_out/bA, bA, bA) and B: (d_in/bB, bB, bB) hold the diagonal blocks. Every device runs the PyTorch
-reference (`reference`); on CUDA, when the sm90 compressed form is passed and the kernels apply (sm_90,
-bf16/fp16, bA = bB = 128, d_out and d_in multiples of 128, built extension), the fused kernels of csrc/
-run instead: B' as a block-diagonal GEMM, then the 2:4 sparse GEMM with A' and bias in its epilogue.
+reference (`reference`); on CUDA, where the kernels of csrc/ apply (sm_90, bf16/fp16, bA = bB = 128,
+d_out and d_in multiples of 128, built extension) they run instead:
+- up to 16 tokens with S packed (S_idx given): the decode kernels, which stream the portable packed S
+  once, split along K over all SMs, with B' before and A' + bias folded into the reduction;
+- otherwise, with the sm90 compressed form passed: B' as a block-diagonal GEMM, then the 2:4 sparse
+  tensor-core GEMM with A' and bias in its epilogue.
 The op has a fake implementation, so torch.compile(fullgraph=True), CUDA graphs and export see it.
 """
 from __future__ import annotations
@@ -149,21 +152,30 @@ def _aligned(*ts) -> bool:
 def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta):
     d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta)
     tokens = x.numel() // d_in
-    if (sm90_values is None or tokens == 0
+    decode = S_idx is not None and tokens <= getattr(_armor_cuda, "DECODE_MAX_TOKENS", 0)
+    if (tokens == 0 or not (decode or sm90_values is not None)
             or not fused_supported(x.device, x.dtype, d_out, d_in, A.shape[1], B.shape[1])):
         return _reference_kernel(x, A, S, B, bias, S_idx)
     x2 = x.reshape(tokens, d_in).contiguous()
     A, B = A.contiguous(), B.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    if not _aligned(x2, A, B, sm90_values, sm90_meta):  # e.g. a view starting mid-allocation
+    if not _aligned(x2, A, B):  # e.g. a view starting mid-allocation
         x2 = x2.clone()
         A, B = A.clone(), B.clone()
+    dtype, sm_count = _FUSED_DTYPES[x.dtype], _device_info(x.device.index)[1]
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    bias_ptr = 0 if bias is None else bias.data_ptr()
     y = torch.empty(tokens, d_out, dtype=x.dtype, device=x.device)
-    xb = torch.empty(tokens, d_in, dtype=x.dtype, device=x.device)  # B'-transformed activations
-    _armor_cuda.linear(_FUSED_DTYPES[x.dtype], x2.data_ptr(), B.data_ptr(), sm90_values.data_ptr(),
-                       sm90_meta.data_ptr(), A.data_ptr(), 0 if bias is None else bias.data_ptr(), xb.data_ptr(),
-                       y.data_ptr(), tokens, d_in, d_out, _device_info(x.device.index)[1],
-                       torch.cuda.current_stream(x.device).cuda_stream)
+    if decode:
+        S, S_idx = (t if _aligned(t) else t.clone() for t in (S.contiguous(), S_idx.contiguous()))
+        workspace = torch.empty(_armor_cuda.decode_workspace_bytes(dtype, d_out, d_in, tokens, sm_count),
+                                dtype=torch.uint8, device=x.device)
+        _armor_cuda.decode_linear(dtype, x2.data_ptr(), B.data_ptr(), S.data_ptr(), S_idx.data_ptr(), A.data_ptr(),
+                                  bias_ptr, workspace.data_ptr(), y.data_ptr(), tokens, d_in, d_out, sm_count, stream)
+    else:
+        xb = torch.empty(tokens, d_in, dtype=x.dtype, device=x.device)  # B'-transformed activations
+        _armor_cuda.linear(dtype, x2.data_ptr(), B.data_ptr(), sm90_values.data_ptr(), sm90_meta.data_ptr(),
+                           A.data_ptr(), bias_ptr, xb.data_ptr(), y.data_ptr(), tokens, d_in, d_out, sm_count, stream)
     return y.reshape(*x.shape[:-1], d_out)
 
 

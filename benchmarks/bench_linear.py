@@ -6,8 +6,12 @@ Methods, per (d_out x d_in, tokens):
   dense, dense_graph          F.linear (cuBLAS), eager and replayed from a CUDA graph
   sparse24, sparse24_graph    torch 2:4 (to_sparse_semi_structured, cuSPARSELt) on S alone
   armor_unfused               B' by bmm, S by cuSPARSELt, A' by bmm: the official three-op path
-  armor, armor_graph          torch.ops.armor.linear (fused csrc kernels where they apply, column
-                              `path`; the PyTorch reference otherwise), eager and graphed
+  armor, armor_graph          torch.ops.armor.linear with the sm90 compressed S: the fused sparse
+                              tensor-core GEMM where it applies (column `path`; the PyTorch reference
+                              otherwise), eager and graphed
+  armor_decode, ..._graph     torch.ops.armor.linear with the portable packed S, up to 16 tokens: the
+                              decode kernels (split-K stream over S). Both run at decode sizes so that
+                              the op's choice per token count rests on these numbers
 Time: median of CUDA-event timings of single calls. TFLOP/s counts the dense-equivalent 2·T·d_out·d_in
 (so it compares speed, not work done). Bytes: the minimum a method must move through DRAM (weights
 once, activations in and out, its own intermediates). Results: benchmarks/results/bench_linear.csv
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 
 from armor_kernels import ops
 from armor_kernels.factors import block_sizes
+from armor_kernels.sparse24 import pack_24
 
 # Llama-7B/13B/3-8B/70B-style shapes from the issue, then the bundled SmolLM2-135M's projections
 # (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536).
@@ -85,6 +90,7 @@ def bytes_moved(method: str, d_out: int, d_in: int, T: int, bA: int, bB: int, es
         "sparse24": s24 + act,
         "armor_unfused": s24 + blocks + act + xb + 2 * T * d_out * esize,  # + (xb Sᵀ) written and read
         "armor": s24 + blocks + act + xb,
+        "armor_decode": s24 + blocks + act + xb,  # its fp32 partial sums stay in L2
     }[method.removesuffix("_graph")]
 
 
@@ -113,6 +119,8 @@ def main(argv=None) -> int:
         S_sp = to_sparse_semi_structured(S)
         fused = ops.fused_supported("cuda", dtype, d_out, d_in, bA, bB)
         sm90 = ops.pack_sm90(S) if fused else None
+        values, idx = pack_24(S)
+        decode_max = ops._armor_cuda.DECODE_MAX_TOKENS if fused else 0
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, d_in, device="cuda", dtype=dtype)
             # cuSPARSELt takes the sparse operand first: y = (S · xᵀ)ᵀ, with xᵀ padded by torch as needed.
@@ -123,7 +131,9 @@ def main(argv=None) -> int:
                     F.linear(ops.block_diag_apply(x, B), S_sp), A) + bias,
                 "armor": lambda: ops.linear(x, A, S, B, bias, sm90=sm90),
             }
-            for name in ("dense", "sparse24", "armor"):
+            if T <= decode_max:
+                fns["armor_decode"] = lambda: ops.linear(x, A, values, B, bias, S_idx=idx)
+            for name in [n for n in fns if n != "armor_unfused"]:
                 fns[name + "_graph"] = lambda fn=fns[name]: graphed(fn)  # captured when first timed
             times = {}
             for name, fn in fns.items():
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
             for name, t in times.items():
                 rows.append(dict(
                     device=device, dtype=args.dtype, d_out=d_out, d_in=d_in, tokens=T, bA=bA, bB=bB,
-                    method=name, path=("fused" if fused else "reference") if name.startswith("armor") else "",
+                    method=name, path=path(name, fused),
                     time_us=round(t, 2), tflops=round(2 * T * d_out * d_in / t / 1e6, 2),
                     bytes=bytes_moved(name, d_out, d_in, T, bA, bB, S.element_size()),
                     speedup_vs_dense=round(times["dense"] / t, 3) if "dense" in times else ""))
@@ -142,6 +152,15 @@ def main(argv=None) -> int:
     write_csv(rows, args.out)
     plot(rows, args.out.with_suffix(".png"))
     return 0
+
+
+def path(method: str, fused: bool) -> str:
+    """Which implementation of torch.ops.armor.linear a method ran."""
+    if not method.startswith("armor") or method == "armor_unfused":
+        return ""
+    if not fused:
+        return "reference"
+    return "decode" if method.startswith("armor_decode") else "sparse_gemm"
 
 
 def write_csv(rows, path: Path) -> None:

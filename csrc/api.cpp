@@ -2,6 +2,7 @@
 #include <cstdint>
 
 #include "armor_cuda.h"
+#include "decode_fragments.h"
 #include "sm90_dispatch.h"
 
 namespace {
@@ -23,6 +24,7 @@ const char* armor_status_string(int status) {
     case ARMOR_ERROR_ALIGNMENT: return "a tensor's data pointer is not 16-byte aligned";
     case ARMOR_ERROR_CUTLASS: return "CUTLASS refused the problem (can_implement)";
     case ARMOR_ERROR_LAUNCH: return "CUDA kernel launch failed";
+    case ARMOR_ERROR_ARGUMENT: return "invalid argument (sm_count must be positive, decode tokens at most 16)";
     default: return "unknown armor status";
   }
 }
@@ -88,6 +90,28 @@ int armor_sm90_linear(int dtype, const void* x, const void* B_blocks, const void
   if (int s = armor_sm90_block_diag(dtype, x, B_blocks, workspace, tokens, d_in, sm_count, stream)) return s;
   return armor_sm90_sparse_linear_out(dtype, workspace, values, meta, A_blocks, bias, y, tokens, d_in, d_out, sm_count,
                                       stream);
+}
+
+int armor_sm90_decode_workspace_bytes(int dtype, int64_t d_out, int64_t d_in, int64_t tokens, int sm_count,
+                                      int64_t* bytes) {
+  if (dtype != ARMOR_BF16 && dtype != ARMOR_FP16) return ARMOR_ERROR_DTYPE;
+  if (!fits_int(tokens) || armor_sm90_supported(d_out, d_in) != ARMOR_OK) return ARMOR_ERROR_SHAPE;
+  if (sm_count <= 0 || tokens > ARMOR_DECODE_MAX_TOKENS) return ARMOR_ERROR_ARGUMENT;
+  *bytes = armor::decode::workspace_layout(d_out, d_in, tokens, 2, sm_count).bytes;
+  return ARMOR_OK;
+}
+
+int armor_sm90_decode_linear(int dtype, const void* x, const void* B_blocks, const void* S_values, const void* S_idx,
+                             const void* A_blocks, const void* bias, void* workspace, void* y, int64_t tokens,
+                             int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream) {
+  int64_t bytes = 0;
+  if (int s = armor_sm90_decode_workspace_bytes(dtype, d_out, d_in, tokens, sm_count, &bytes)) return s;
+  if (!aligned16(x) || !aligned16(B_blocks) || !aligned16(S_values) || !aligned16(S_idx) || !aligned16(A_blocks) ||
+      !aligned16(workspace) || !aligned16(y)) {
+    return ARMOR_ERROR_ALIGNMENT;
+  }
+  auto run = dtype == ARMOR_BF16 ? armor::sm90::decode_linear_bf16 : armor::sm90::decode_linear_fp16;
+  return run(x, B_blocks, S_values, S_idx, A_blocks, bias, workspace, y, tokens, d_in, d_out, sm_count, stream);
 }
 
 }  // extern "C"

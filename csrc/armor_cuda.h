@@ -29,12 +29,13 @@ enum ArmorStatus {
   ARMOR_ERROR_ALIGNMENT = 3,  // a pointer is not 16-byte aligned
   ARMOR_ERROR_CUTLASS = 4,    // CUTLASS can_implement refused the problem
   ARMOR_ERROR_LAUNCH = 5,     // the CUDA launch failed (cudaGetLastError after the launch)
+  ARMOR_ERROR_ARGUMENT = 6,   // sm_count not positive, or tokens above ARMOR_DECODE_MAX_TOKENS (decode)
 };
 
 enum ArmorDtype { ARMOR_BF16 = 0, ARMOR_FP16 = 1 };
 
-// The only block size of A' and B' the fused kernels support.
-enum { ARMOR_SM90_BLOCK = 128 };
+// The only block size of A' and B' the fused kernels support; the most tokens of the decode kernels.
+enum { ARMOR_SM90_BLOCK = 128, ARMOR_DECODE_MAX_TOKENS = 16 };
 
 const char* armor_status_string(int status);
 
@@ -64,6 +65,17 @@ int armor_sm90_sparse_linear_out(int dtype, const void* xb, const void* values, 
 int armor_sm90_linear(int dtype, const void* x, const void* B_blocks, const void* values, const void* meta,
                       const void* A_blocks, const void* bias, void* workspace, void* y, int64_t tokens,
                       int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream);
+
+// Decode sizes (1 <= tokens <= ARMOR_DECODE_MAX_TOKENS): the whole op in two memory-bound launches that
+// read S in the portable packed 2:4 form of armor_kernels/sparse24.py (S_values (d_out, d_in / 2) in
+// the dtype, S_idx (d_out, d_in / 8) uint8), so no compressed copy is needed (csrc/sm90_decode.cuh).
+// `workspace` holds armor_sm90_decode_workspace_bytes(...) bytes, uninitialised, with the same tokens
+// and sm_count (the split of K depends on it; pass the device's SM count).
+int armor_sm90_decode_workspace_bytes(int dtype, int64_t d_out, int64_t d_in, int64_t tokens, int sm_count,
+                                      int64_t* bytes);
+int armor_sm90_decode_linear(int dtype, const void* x, const void* B_blocks, const void* S_values,
+                             const void* S_idx, const void* A_blocks, const void* bias, void* workspace, void* y,
+                             int64_t tokens, int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

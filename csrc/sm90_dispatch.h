@@ -16,7 +16,10 @@ namespace armor::sm90 {
                                  void const* bias, void* y, int64_t tokens, int64_t d_in, int64_t d_out,     \
                                  int sm_count, cudaStream_t stream);                                         \
   int block_diag_##SUFFIX(void const* x, void const* B_blocks, void* xb, int64_t tokens, int64_t dim,        \
-                          int sm_count, cudaStream_t stream);
+                          int sm_count, cudaStream_t stream);                                        \
+  int decode_linear_##SUFFIX(void const* x, void const* B_blocks, void const* S_values, void const* S_idx,   \
+                             void const* A_blocks, void const* bias, void* workspace, void* y, int64_t tokens, \
+                             int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream);
 
 ARMOR_DECLARE_DTYPE(bf16)
 ARMOR_DECLARE_DTYPE(fp16)

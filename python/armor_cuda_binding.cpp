@@ -35,6 +35,7 @@ PYBIND11_MODULE(_armor_cuda, m) {
   m.attr("BF16") = int(ARMOR_BF16);
   m.attr("FP16") = int(ARMOR_FP16);
   m.attr("BLOCK") = int(ARMOR_SM90_BLOCK);
+  m.attr("DECODE_MAX_TOKENS") = int(ARMOR_DECODE_MAX_TOKENS);
 
   m.def("supported", [](int64_t d_out, int64_t d_in) { return armor_sm90_supported(d_out, d_in) == ARMOR_OK; },
         py::arg("d_out"), py::arg("d_in"));
@@ -82,4 +83,28 @@ PYBIND11_MODULE(_armor_cuda, m) {
       py::arg("bias"), py::arg("workspace"), py::arg("y"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"),
       py::arg("sm_count"), py::arg("stream"),
       "y = ((x B'^T) S^T) A'^T + bias; bias = 0 for none; workspace holds tokens x d_in elements");
+
+  m.def(
+      "decode_workspace_bytes",
+      [](int dtype, int64_t d_out, int64_t d_in, int64_t tokens, int sm_count) {
+        int64_t bytes = 0;
+        check(armor_sm90_decode_workspace_bytes(dtype, d_out, d_in, tokens, sm_count, &bytes),
+              "decode_workspace_bytes");
+        return bytes;
+      },
+      py::arg("dtype"), py::arg("d_out"), py::arg("d_in"), py::arg("tokens"), py::arg("sm_count"));
+
+  m.def(
+      "decode_linear",
+      [](int dtype, uintptr_t x, uintptr_t B, uintptr_t S_values, uintptr_t S_idx, uintptr_t A, uintptr_t bias,
+         uintptr_t workspace, uintptr_t y, int64_t tokens, int64_t d_in, int64_t d_out, int sm_count, uintptr_t s) {
+        check(armor_sm90_decode_linear(dtype, ptr<void>(x), ptr<void>(B), ptr<void>(S_values), ptr<void>(S_idx),
+                                       ptr<void>(A), ptr<void>(bias), reinterpret_cast<void*>(workspace),
+                                       reinterpret_cast<void*>(y), tokens, d_in, d_out, sm_count, stream(s)),
+              "decode_linear");
+      },
+      py::arg("dtype"), py::arg("x"), py::arg("B"), py::arg("S_values"), py::arg("S_idx"), py::arg("A"),
+      py::arg("bias"), py::arg("workspace"), py::arg("y"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"),
+      py::arg("sm_count"), py::arg("stream"),
+      "decode-sized y = ((x B'^T) S^T) A'^T + bias from the portable packed S; bias = 0 for none");
 }

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from armor_kernels import ActivationStats, ArmorLinear, armor
+from armor_kernels import ActivationStats, ArmorLinear, armor, ops
 
 
 def _layer(d_out, d_in, bias, seed=0):
@@ -15,7 +15,7 @@ def _layer(d_out, d_in, bias, seed=0):
 
 def _abs_chain(mod, x):
     """|x|·|B'|ᵀ·|S|ᵀ·|A'|ᵀ: the scale that rounding errors of the three stages are relative to."""
-    ab = ArmorLinear(mod.A.float().abs(), mod.S.float().abs(), mod.B.float().abs())
+    ab = ArmorLinear(mod.A.float().abs(), mod.sparse_core().float().abs(), mod.B.float().abs())
     return ab(x.float().abs())
 
 
@@ -62,3 +62,23 @@ def test_errors_name_the_argument():
         ArmorLinear(f.A, torch.ones(32, 48), f.B)
     with pytest.raises(ValueError, match="A: expected"):
         ArmorLinear(f.A[:1], f.S, f.B)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.fused_supported("cuda", torch.bfloat16, 256, 256)),
+                    reason="needs an sm_90 GPU and the built armor_kernels._armor_cuda extension")
+@pytest.mark.parametrize("tokens", [1, 16, 64])  # the decode kernels, then the sparse GEMM
+def test_prepare_fused_runs_the_kernels_and_keeps_the_checkpoint(tokens):
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 256, bias=True)
+    st = ActivationStats(512)
+    st.update(torch.randn(256, 512))
+    res = armor(lin.weight.detach(), st, block_size=128, iters=2)
+    mod = ArmorLinear.from_linear(lin, res.factors, dtype=torch.bfloat16).cuda()
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+    want = mod(x)  # the reference (nothing prepared yet)
+    state = {k: v.clone() for k, v in mod.pack().state_dict().items()}
+    assert mod.prepare_fused() and mod.packed and mod.sm90_values is not None
+    y = mod(x)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert ((y.float() - want.float()).abs() <= 8 * eps * _abs_chain(mod, x) + 1e-3).all()
+    assert all(torch.equal(v, state[k]) for k, v in mod.state_dict().items())  # sm90 buffers not saved

@@ -1,5 +1,10 @@
 """torch.ops.armor.linear: the reference against plain dense math, the op contract (opcheck, compile,
 errors), and on an sm_90 GPU with the built extension the fused kernels against the reference."""
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -140,17 +145,37 @@ FUSED_SHAPES = [(256, 256), (384, 512), (512, 128), (4096, 4096)]
 
 @fused
 @pytest.mark.parametrize("d_out,d_in", FUSED_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 5, 100, 129, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tokens", [1, 5, 9, 16, 17, 100, 129, 300])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_matches_reference(d_out, d_in, dtype, tokens, bias):
+@pytest.mark.parametrize("packed", [False, True])  # packed: the decode kernels up to 16 tokens
+def test_fused_matches_reference(d_out, d_in, dtype, tokens, bias, packed):
     A, S, B, b = (t if t is None else t.cuda() for t in factors(d_out, d_in, 128, 128, dtype, bias))
     x = torch.randn(tokens, d_in, device="cuda").to(dtype)
-    y = ops.linear(x, A, S, B, b, sm90=ops.pack_sm90(S))
+    values, idx = pack_24(S) if packed else (S, None)
+    y = ops.linear(x, A, values, B, b, S_idx=idx, sm90=ops.pack_sm90(S))
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), dtype)
     # The same roundings of intermediates as the reference, so closer to it than to exact math.
     assert_close(y, ops.reference(x, A, S, B, b).double(), dtype)
+
+
+@fused
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_decode_is_deterministic_and_graphable(tokens):
+    """The split-K reduction sums in a fixed order: replays and graph replays are bit-identical."""
+    A, S, B, b = (t.cuda() for t in factors(4096, 4096, 128, 128, torch.bfloat16))
+    values, idx = pack_24(S)
+    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+    run = lambda: ops.linear(x, A, values, B, b, S_idx=idx)
+    want = run()
+    assert all(torch.equal(run(), want) for _ in range(5))
+    graph = torch.cuda.CUDAGraph()
+    run()  # warm-up outside capture
+    with torch.cuda.graph(graph):
+        y = run()
+    graph.replay()
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
 @fused
@@ -185,3 +210,69 @@ def test_fused_cuda_graph_and_compile():
     assert not torch.equal(y, want)
     compiled = torch.compile(lambda x: ops.linear(x, A, S, B, b, sm90=sm90), fullgraph=True, mode="reduce-overhead")
     torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)
+
+
+# --- The decode kernels' lane logic, emulated on the host (runs everywhere) -------------------------
+
+@pytest.fixture(scope="module")
+def decode_emulator(tmp_path_factory):
+    """tests/csrc/decode_emulation.cpp built as a shared library: csrc/sm90_decode.cuh's per-lane code
+    (csrc/decode_fragments.h) run for every lane, with the warp's mma emulated from its PTX layout."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    lib = tmp_path_factory.mktemp("decode") / "decode_emulation.so"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{root / 'csrc'}",
+                    str(root / "tests/csrc/decode_emulation.cpp"), "-o", str(lib)], check=True)
+    fn = ctypes.CDLL(str(lib)).armor_emulate_decode_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
+    return fn
+
+
+def emulate_decode(fn, x, A, values, idx, B, bias, sm_count):
+    """(y, K splits) of the emulated decode kernels, bf16 on the CPU."""
+    tokens, d_in = x.shape
+    d_out = values.shape[0]
+    y = torch.full((tokens, d_out), float("nan"), dtype=torch.bfloat16)
+    splits = fn(x.data_ptr(), B.data_ptr(), values.data_ptr(), idx.data_ptr(), A.data_ptr(),
+                None if bias is None else bias.data_ptr(), y.data_ptr(), tokens, d_in, d_out, sm_count)
+    return y, splits
+
+
+@pytest.mark.parametrize("d_out,d_in,tokens,sm_count,bias,splits", [
+    (128, 128, 1, 1, True, 1),      # one CTA per kernel
+    (256, 384, 5, 4, False, 1),     # ragged token tile (5 of 8); too little K to split
+    (384, 256, 8, 132, True, 1),    # a full n8 tile
+    (128, 640, 9, 2, True, 2),      # two n8 tiles, the second with one token
+    (256, 1152, 16, 8, False, 4),   # 16 tokens; 18 steps of K as 5 + 5 + 5 + 3
+    (512, 2048, 3, 132, True, 8),   # at most d_in / 256 splits
+])
+def test_decode_lane_logic_matches_reference(decode_emulator, d_out, d_in, tokens, sm_count, bias, splits):
+    A, S, B, b = factors(d_out, d_in, 128, 128, torch.bfloat16, bias)
+    values, idx = pack_24(S)
+    x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y, used = emulate_decode(decode_emulator, x, A, values, idx, B, b, sm_count)
+    assert used == splits
+    # Same roundings of xb and S xb^T as the reference, fp32 sums in another order: close to it.
+    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
+    assert_close(y, dense_math(x, A, S, B, b), torch.bfloat16)
+
+
+def test_decode_lane_logic_reads_positions(decode_emulator):
+    """Moving one kept value to another position of its group must change exactly that output row."""
+    A, S, B, _ = factors(128, 256, 128, 128, torch.bfloat16, bias=False)
+    eye = torch.eye(128, dtype=torch.bfloat16).expand(2, 128, 128).contiguous()
+    S[5, 4:8] = torch.tensor([0, 1.5, 0, -2.0])
+    values, idx = pack_24(S)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y0, _ = emulate_decode(decode_emulator, x, eye[:1], values, idx, eye, None, 4)
+    S2 = S.clone()
+    S2[5, 4:8] = torch.tensor([1.5, 0, 0, -2.0])
+    values2, idx2 = pack_24(S2)
+    assert torch.equal(values2, values) and not torch.equal(idx2, idx)
+    y1, _ = emulate_decode(decode_emulator, x, eye[:1], values2, idx2, eye, None, 4)
+    changed = (y1 != y0).any(0).nonzero().flatten().tolist()
+    assert changed == [5]
+    assert_close(y1, ops.reference(x, eye[:1], S2, eye, None).double(), torch.bfloat16)
