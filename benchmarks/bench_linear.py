@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             for name, t in times.items():
                 rows.append(dict(
                     device=device, dtype=args.dtype, d_out=d_out, d_in=d_in, tokens=T, bA=bA, bB=bB,
-                    method=name, path=path(name, fused),
+                    method=name, path=op_path(name, fused),
                     time_us=round(t, 2), tflops=round(2 * T * d_out * d_in / t / 1e6, 2),
                     bytes=bytes_moved(name, d_out, d_in, T, bA, bB, S.element_size()),
                     speedup_vs_dense=round(times["dense"] / t, 3) if "dense" in times else ""))
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def path(method: str, fused: bool) -> str:
+def op_path(method: str, fused: bool) -> str:
     """Which implementation of torch.ops.armor.linear a method ran."""
     if not method.startswith("armor") or method == "armor_unfused":
         return ""

@@ -69,18 +69,18 @@ __device__ __forceinline__ void load16_stream(void const* p, uint32_t (&w)[4]) {
 }
 
 // B fragments of one step: token n = 8 q + g of n-tile q is row n of X (leading dimension ld, global or
-// shared memory); rows at or past `tokens` are zeros.
+// shared memory); rows at or past `tokens` are zeros. Loads of a clamped row, then selects: no branch,
+// so the unrolled K loop stays one basic block and the S loads of several steps are issued together.
 template <int NT, class Element>
 __device__ __forceinline__ void load_tokens(Element const* X, int64_t ld, int64_t k0, int lane, int tokens,
                                             uint32_t (&b)[NT][kMmas][2]) {
   for (int q = 0; q < NT; ++q) {
-    uint32_t w[8] = {};
+    uint32_t w[8];
     int const n = 8 * q + lane_g(lane);
-    if (n < tokens) {
-      Element const* p = X + dense_run(n, ld, k0, lane_c(lane));
-      load16(p, w);
-      load16(p + 8, w + 4);
-    }
+    Element const* p = X + dense_run(min(n, tokens - 1), ld, k0, lane_c(lane));
+    load16(p, w);
+    load16(p + 8, w + 4);
+    for (int i = 0; i < 8; ++i) w[i] = n < tokens ? w[i] : 0u;
     b_from_dense(w, b[q]);
   }
 }
@@ -133,20 +133,29 @@ __global__ void __launch_bounds__(kThreads) sparse_splitk(Params<Element> p) {
   int64_t const row = int64_t(blk) * kBlock + 16 * warp + lane_g(lane);  // and row + 8
   int const s_end = min(p.steps, (split + 1) * p.steps_per_split);
 
+  // Steps in batches: all the batch's S loads are issued before its first mma (clamped to the last step,
+  // so without branches), which keeps kBatch x 1.1 KB per warp in flight to cover DRAM latency.
+  constexpr int kBatch = 4;
   float acc[NT][4] = {};
-#pragma unroll 4
-  for (int s = split * p.steps_per_split; s < s_end; ++s) {
-    int64_t const k0 = int64_t(s) * kStep;
-    uint32_t v_g[4], v_g8[4], a[kMmas][4], b[NT][kMmas][2];
-    load16_stream(p.S_values + sparse_values_run(row, p.d_in, k0, c), v_g);
-    load16_stream(p.S_values + sparse_values_run(row + 8, p.d_in, k0, c), v_g8);
-    uint32_t const i_g = __ldcs(reinterpret_cast<uint16_t const*>(p.S_idx + sparse_idx_run(row, p.d_in, k0, c)));
-    uint32_t const i_g8 =
-        __ldcs(reinterpret_cast<uint16_t const*>(p.S_idx + sparse_idx_run(row + 8, p.d_in, k0, c)));
-    a_from_sparse(v_g, i_g, v_g8, i_g8, a);
-    load_tokens<NT>(p.xb, p.d_in, k0, lane, p.tokens, b);
-    for (int t = 0; t < kMmas; ++t)
-      for (int q = 0; q < NT; ++q) mma<Element>(acc[q], a[t], b[q][t]);
+  for (int s0 = split * p.steps_per_split; s0 < s_end; s0 += kBatch) {
+    uint32_t v_g[kBatch][4], v_g8[kBatch][4], i_g[kBatch], i_g8[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      int64_t const k0 = int64_t(min(s0 + u, s_end - 1)) * kStep;
+      load16_stream(p.S_values + sparse_values_run(row, p.d_in, k0, c), v_g[u]);
+      load16_stream(p.S_values + sparse_values_run(row + 8, p.d_in, k0, c), v_g8[u]);
+      i_g[u] = __ldcs(reinterpret_cast<uint16_t const*>(p.S_idx + sparse_idx_run(row, p.d_in, k0, c)));
+      i_g8[u] = __ldcs(reinterpret_cast<uint16_t const*>(p.S_idx + sparse_idx_run(row + 8, p.d_in, k0, c)));
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (s0 + u >= s_end) break;  // warp-uniform
+      uint32_t a[kMmas][4], b[NT][kMmas][2];
+      a_from_sparse(v_g[u], i_g[u], v_g8[u], i_g8[u], a);
+      load_tokens<NT>(p.xb, p.d_in, int64_t(s0 + u) * kStep, lane, p.tokens, b);
+      for (int t = 0; t < kMmas; ++t)
+        for (int q = 0; q < NT; ++q) mma<Element>(acc[q], a[t], b[q][t]);
+    }
   }
 
   // Partial sums (row, token) of this split; c[0], c[1] are two adjacent tokens of one row.
