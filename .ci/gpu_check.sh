@@ -5,8 +5,9 @@
 #
 # Needs python3 with a CUDA torch, cmake, pybind11, and (sanitize) compute-sanitizer. `build` compiles
 # csrc unless build/ci-csrc/libarmor_cuda.so exists, i.e. was built elsewhere by .ci/build_csrc.sh (the
-# same sm_90a library CI compiles) and carried along, and binds it as armor_kernels._armor_cuda. Every
-# stage writes its log, and the benchmarks their CSV and plot, into OUT_DIR.
+# same sm_90a library CI compiles, 1.6 MB) and carried along, which a GPU machine without the
+# nvidia-cutlass wheel needs; it binds the library as armor_kernels._armor_cuda. Every stage writes its
+# log, and the benchmark its CSV and plot, into OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$1"; shift
