@@ -11,6 +11,7 @@ Native code, each source listed once:
   (ARMOR_BUILD_JOBS, default 2).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,8 @@ except ImportError:
     print("armor-kernels: pybind11 not found; building without armor_kernels._armor_cpu", file=sys.stderr)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "armor_kernels", "__init__.py")) as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def nvcc():
@@ -87,7 +90,7 @@ else:
 
 setup(
     name="armor-kernels",
-    version="0.1.0",
+    version=VERSION,
     description="ARMOR 2:4 pruning: block-diagonal x 2:4 sparse x block-diagonal factorisation, "
     "its optimizer, baselines and a fused Hopper inference op",
     packages=find_packages(include=["armor_kernels", "armor_kernels.*"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .nn import ArmorLinear, prepare_fused
-from .pipeline.checkpoint import atomic_write, layer_path, load_pruned_model, save_json
-from .pipeline.data import token_splits
+from .atomic import save_json, write_text
+from .nn import prepare_fused
+from .optim import ArmorOptions
+from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes, load_pruned_model
+from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.evaluate import perplexity
-from .pipeline.model import decoder_layers, load_model
+from .pipeline.model import load_model
 from .pipeline.prune import METHODS, prune_model
 
 COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
@@ -32,43 +35,32 @@ COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "d
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory (safetensors) or .gguf; default: bundled SmolLM2-135M")
     p.add_argument("--text", default=None, help=".txt file or directory of .txt; default: Jane Austen's novels")
-    p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--eval-tokens", type=int, default=20_000, help="evaluation tokens (default 20000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-samples", type=int, default=N_SAMPLES, help=f"calibration windows (default {N_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help=f"tokens per window (default {SEQ_LEN})")
+    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help=f"evaluation tokens (default {EVAL_TOKENS})")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling and ARMOR's seed (default 0)")
     p.add_argument("--device", default="cpu")
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=int, default=128, help="ARMOR block size b (default 128)")
-    p.add_argument("--optimizer", choices=["fast", "reference"], default="fast")
-    p.add_argument("--iters", type=int, default=None, help="optimizer iterations (fast: outer A/B/S rounds)")
+    """One flag per ArmorOptions field (but seed, shared with the data), its default the library's."""
+    g = p.add_argument_group("ARMOR options (ArmorOptions; defaults are the library's)")
+    for f in dataclasses.fields(ArmorOptions):
+        if f.name == "seed":
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if f.name == "optimizer":
+            g.add_argument(flag, choices=["fast", "reference"], default=default, help=f"default {default}")
+        elif isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"default {default}")
+        else:
+            kind = int if f.type in ("int", "int | None") else float
+            g.add_argument(flag, type=kind, default=default,
+                           help="default: the optimizer's own" if default is None else f"default {default}")
 
 
-def _armor_options(args) -> dict:
-    opts = {"block_size": args.block_size, "method": args.optimizer, "seed": args.seed}
-    if args.iters is not None:
-        opts["iters"] = args.iters
-    return opts
-
-
-def block_dense_bf16_bytes(block) -> int:
-    """What the block's linears (pruned or not) take as dense bf16 weights and biases."""
-    return sum(2 * m.out_features * (m.in_features + (m.bias is not None)) for m in block.modules()
-               if isinstance(m, (torch.nn.Linear, ArmorLinear)))
-
-
-def dense_bf16_linear_bytes(model) -> int:
-    return sum(block_dense_bf16_bytes(block) for block in decoder_layers(model))
-
-
-def checkpoint_sizes(out: Path, model) -> dict:
-    """Bytes on disk against the dense bf16 model: per block (its layer file), all pruned linears,
-    and the whole checkpoint directory."""
-    per_block = [{"block": i, "bytes": layer_path(out, i).stat().st_size, "dense_bf16_bytes": block_dense_bf16_bytes(b)}
-                 for i, b in enumerate(decoder_layers(model))]
-    total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    return {"linear_bytes": sum(b["bytes"] for b in per_block), "checkpoint_bytes": total, "per_block": per_block}
+def _armor_options(args) -> ArmorOptions:
+    return ArmorOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ArmorOptions)})
 
 
 def _mean(layers: dict, key: str):
@@ -92,7 +84,7 @@ class Dense:
         return self._loaded
 
 
-def run_method(method: str, args, out: Path, dense: Dense) -> dict:
+def run_method(method: str, args, out: Path, dense: "Dense") -> dict:
     """Prune (or resume) one method into `out`, reload the checkpoint, evaluate it."""
     done = out / "result.json"
     if done.exists():
@@ -102,7 +94,7 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
     if method == "dense":  # nothing to prune or reload: evaluate the model as loaded
         report, pruned = {"layers": {}, "seconds": 0.0}, model
     else:
-        opts = _armor_options(args) if method == "armor" else {}
+        opts = _armor_options(args) if method == "armor" else None
         report = prune_model(copy.deepcopy(model), tok, splits.calibration, method, out, options=opts,
                              device=args.device, source=args.model)
         pruned, _ = load_pruned_model(out)  # evaluate what was saved: proves the checkpoint
@@ -129,12 +121,12 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> str:
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    atomic_write(out / "results.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    write_text(out / "results.csv", buf.getvalue())
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
     md = "\n".join(lines) + f"\n\nTotal run time: {seconds:.0f} s (methods resumed from earlier runs count as 0).\n"
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(md))
+    write_text(out / "results.md", md)
     return md
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from armor_kernels import ActivationStats, armor
-from armor_kernels.kernels.mask_select import solve_group_reference
+from armor_kernels.kernels.group_solve import solve_group_reference
 from armor_kernels.optim.common import Problem
 from armor_kernels.optim.fast import a_step, b_step, extrapolate, s_step
 
@@ -99,7 +99,7 @@ def test_extrapolation_keeps_24_and_only_moves_entries_whose_mask_held():
 @pytest.mark.parametrize("method,opts", [("fast", {"iters": 4}), ("reference", {"iters": 60})])
 def test_history_is_monotone_and_ends_below_nowag_p(method, opts):
     W, h, _ = _problem(seed=5)
-    res = armor(W, h, method=method, block_size=16, **opts)
+    res = armor(W, h, optimizer=method, block_size=16, **opts)
     hist = res.history.loss
     assert all(b <= a for a, b in zip(hist, hist[1:])), "loss rose"
     assert hist[-1] < hist[0], "no improvement over NoWag-P"
@@ -108,16 +108,20 @@ def test_history_is_monotone_and_ends_below_nowag_p(method, opts):
 
 def test_reference_optimizer_is_reproducible_with_a_seed():
     W, h, _ = _problem(seed=6)
-    a = armor(W, h, method="reference", block_size=16, iters=20, seed=3)
-    b = armor(W, h, method="reference", block_size=16, iters=20, seed=3)
+    a = armor(W, h, optimizer="reference", block_size=16, iters=20, seed=3)
+    b = armor(W, h, optimizer="reference", block_size=16, iters=20, seed=3)
     assert a.history.loss == b.history.loss
     assert torch.equal(a.factors.S, b.factors.S)
 
 
 def test_armor_rejects_bad_arguments():
     W, h, _ = _problem()
-    with pytest.raises(ValueError, match="method"):
-        armor(W, h, method="adam")
+    with pytest.raises(ValueError, match="optimizer"):
+        armor(W, h, optimizer="adam")
+    with pytest.raises(TypeError, match="optimizer="):  # the old name of the choice
+        armor(W, h, method="fast")
+    with pytest.raises(TypeError, match="unknown option"):
+        armor(W, h, itres=3)
     with pytest.raises(ValueError, match="block_size"):
         armor(W, h, block_size=2)
     with pytest.raises(ValueError, match=r"h: expected a \(64,\)"):

@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import armor_kernels
 from armor_kernels.nn import ArmorLinear
+from armor_kernels.optim import ArmorOptions, options as options_mod
 from armor_kernels.pipeline import prune as prune_mod
 from armor_kernels.pipeline.checkpoint import layer_path, load_pruned_model
 from armor_kernels.pipeline.evaluate import perplexity
@@ -13,7 +15,7 @@ from armor_kernels.pipeline.model import block_linears, decoder_layers
 from armor_kernels.pipeline.prune import METHODS, block_inputs, collect_stats, prune_block_linears, prune_model
 from armor_kernels.sparse24 import unpack_24
 
-ARMOR_OPTS = {"block_size": 16, "iters": 2}
+ARMOR_OPTS = ArmorOptions(block_size=16, iters=2)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
     model = fresh()
     tokens = torch.randint(0, config.vocab_size, (96,), generator=torch.Generator().manual_seed(1))
     dense_ppl = perplexity(model, tokens, seq_len=32)
-    prune_model(model, tok, calib, method, tmp_path, options=ARMOR_OPTS if method == "armor" else {})
+    prune_model(model, tok, calib, method, tmp_path, options=ARMOR_OPTS if method == "armor" else None)
     with torch.no_grad():
         before = model(tokens[None, :32]).logits
     loaded, _ = load_pruned_model(tmp_path)
@@ -107,6 +109,43 @@ def test_refuses_to_mix_configurations(tiny, tmp_path):
     prune_model(fresh(), tok, calib, "magnitude", tmp_path)
     with pytest.raises(ValueError, match="different configuration"):
         prune_model(fresh(), tok, calib, "wanda", tmp_path)
+
+
+@pytest.mark.parametrize("change", ["optimizer default", "package version", "sparsegpt damping"])
+def test_refuses_to_resume_after_a_default_changed(tiny, tmp_path, monkeypatch, change):
+    """What decides the output but was not given explicitly (a default, the package version) is in the
+    run's hash: a resumed run after it changed must not append blocks computed differently."""
+    _, tok, calib, fresh = tiny
+    method, opts = ("sparsegpt", None) if change == "sparsegpt damping" else ("armor", ArmorOptions(block_size=16))
+    real_save = prune_mod.save_block
+
+    def save_then_die(out, i, *a):
+        real_save(out, i, *a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_mod, "save_block", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(fresh(), tok, calib, method, tmp_path, options=opts)
+    monkeypatch.setattr(prune_mod, "save_block", real_save)
+    if change == "optimizer default":
+        monkeypatch.setitem(options_mod.OPTIMIZER_DEFAULTS, "fast", {"iters": 81, "tol": 1e-4})
+    elif change == "package version":
+        monkeypatch.setattr(prune_mod, "__version__", armor_kernels.__version__ + ".post1")
+    else:
+        monkeypatch.setattr(prune_mod, "SPARSEGPT_DAMP", 0.02)
+    with pytest.raises(ValueError, match="different configuration"):
+        prune_model(fresh(), tok, calib, method, tmp_path, options=opts)
+
+
+def test_run_config_records_every_option_with_its_default(tiny):
+    config_, _, calib, fresh = tiny
+    config = prune_mod.run_config("armor", None, calib, fresh(), None, 8)
+    assert config["options"] == {"optimizer": "fast", "block_size": 128, "seed": 0, "iters": 80, "tol": 1e-4,
+                                 "passes": 1, "extrapolation": True, "time_budget": None}
+    assert config["package_version"] == armor_kernels.__version__ and config["format_version"] >= 1
+    ref = prune_mod.run_config("armor", ArmorOptions(optimizer="reference"), calib, fresh(), None, 8)["options"]
+    assert ref == {"optimizer": "reference", "block_size": 128, "seed": 0, "iters": 20_000, "tol": 1e-6,
+                   "lr": 1e-4, "patience": 100, "time_budget": None}
 
 
 def test_corrupt_or_incomplete_checkpoint_errors(tiny, tmp_path):

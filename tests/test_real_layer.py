@@ -32,7 +32,7 @@ def _monotone(hist):
 def test_armor_on_real_weights_is_monotone_and_beats_nowag_p(real_layer, method, opts):
     lin, stats = real_layer
     W = lin.weight.detach()
-    res = armor(W, stats, method=method, **opts)
+    res = armor(W, stats, optimizer=method, **opts)
     hist = res.history.loss
     assert _monotone(hist)
     # history[0] is NoWag-P's own proxy loss: check it against the baseline computed independently
@@ -57,8 +57,8 @@ def test_armor_linear_on_real_weights_matches_dense(real_layer):
 def test_fast_beats_reference_at_equal_wall_clock(real_layer):
     lin, stats = real_layer
     W = lin.weight.detach()
-    ref = armor(W, stats, method="reference", iters=10 ** 6, patience=10 ** 6, time_budget=3.0)
-    fast = armor(W, stats, method="fast", time_budget=3.0)
+    ref = armor(W, stats, optimizer="reference", iters=10 ** 6, patience=10 ** 6, time_budget=3.0)
+    fast = armor(W, stats, optimizer="fast", time_budget=3.0)
     assert fast.loss <= ref.loss < ref.history.loss[0]
 
 
@@ -66,5 +66,5 @@ def test_extrapolation_speeds_up_the_fast_optimizer(real_layer):
     """The same 10 outer iterations end clearly lower with the extrapolation step than without."""
     lin, stats = real_layer
     p = Problem.from_weight(lin.weight.detach(), stats.h(), 128, "cpu")
-    off, on = (optimize_fast(p, p.nowag_p(), iters=10, tol=0.0, extrapolation=e)[1].loss[-1] for e in (False, True))
+    off, on = (optimize_fast(p, p.nowag_p(), iters=10, passes=1, tol=0.0, extrapolation=e)[1].loss[-1] for e in (False, True))
     assert on < 0.9 * off, (on, off)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,8 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_write, save_json
 from ..nn import ArmorLinear
 from ..sparse24 import pack_24, unpack_24
+from .model import adopt, block_linears, decoder_layers
 
 FORMAT_VERSION = 1
 STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in memory uses the same values
@@ -33,28 +33,6 @@ STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in 
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a reader (or a resumed run)
-    sees either the old file or the complete new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_json(path: Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-    atomic_write(path, write)
 
 
 def layer_path(out: Path, i: int) -> Path:
@@ -114,18 +92,8 @@ def load_block(out: Path, i: int, chash: str) -> tuple[dict[str, nn.Module], dic
     return modules, json.loads(meta.get("report", "{}"))
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def file_bytes(path: Path) -> int:
-    return Path(path).stat().st_size
-
-
 def pruned_names(model: nn.Module) -> set[str]:
     """State-dict keys that live in the per-block layer files (the decoder blocks' linears)."""
-    from .model import block_linears, decoder_layers
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     return {f"{prefix}.{i}.{name}.{p}" for i, block in enumerate(layers)
@@ -148,7 +116,6 @@ def load_pruned_model(out: str | Path):
     """(model, tokenizer) rebuilt from a checkpoint directory: ArmorLinear / pruned linears in place."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model import decoder_layers
     out = Path(out)
     cfg_path = out / "config.json"
     if not cfg_path.is_file():
@@ -178,10 +145,28 @@ def load_pruned_model(out: str | Path):
         model.tie_weights()
     dtype = next(model.parameters()).dtype
     if run["method"] != "dense":
-        from .prune import adopt
         for i, block in enumerate(decoder_layers(model)):
             if not layer_path(out, i).exists():
                 raise ValueError(f"checkpoint {str(out)!r} is incomplete: block {i} was never written "
                                  "(resume the prune run to finish it)")
             adopt(block, load_block(out, i, chash)[0], dtype, "cpu")
     return model.eval(), AutoTokenizer.from_pretrained(out)
+
+
+def block_dense_bf16_bytes(block: nn.Module) -> int:
+    """What the block's linears (pruned or not) take as dense bf16 weights and biases."""
+    return sum(2 * m.out_features * (m.in_features + (m.bias is not None)) for m in block.modules()
+               if isinstance(m, (nn.Linear, ArmorLinear)))
+
+
+def dense_bf16_linear_bytes(model: nn.Module) -> int:
+    return sum(block_dense_bf16_bytes(block) for block in decoder_layers(model))
+
+
+def checkpoint_sizes(out: Path, model: nn.Module) -> dict:
+    """Bytes on disk against the dense bf16 model: per block (its layer file), all pruned linears,
+    and the whole checkpoint directory."""
+    per_block = [{"block": i, "bytes": layer_path(out, i).stat().st_size, "dense_bf16_bytes": block_dense_bf16_bytes(b)}
+                 for i, b in enumerate(decoder_layers(model))]
+    total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    return {"linear_bytes": sum(b["bytes"] for b in per_block), "checkpoint_bytes": total, "per_block": per_block}

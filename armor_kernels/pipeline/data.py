@@ -1,4 +1,4 @@
-"""Calibration and evaluation text, offline (DESIGN §7).
+"""Calibration and evaluation text, offline (docs/DESIGN.md §7).
 
 The default corpus is Jane Austen's six novels as shipped in Debian's ``r-cran-janeaustenr`` package:
 on first use the .deb is fetched with ``apt-get download`` (not installed: that would pull in R),
@@ -25,6 +25,8 @@ from typing import NamedTuple
 import rdata
 import torch
 
+from ..atomic import write_text
+
 DEB_PACKAGE = "r-cran-janeaustenr"
 # Variable name in the package's lazy-load database -> title, in publication order.
 AUSTEN_NOVELS = {
@@ -36,6 +38,10 @@ AUSTEN_NOVELS = {
     "persuasion": "Persuasion",
 }
 EVAL_NOVEL = "Pride and Prejudice"
+# Default splits: 32 x 512 calibration tokens (enough for the Hessian-style statistics of a 576-wide model
+# while keeping one layer-by-layer pass cheap on 2 CPU cores); 20k evaluation tokens, 39 windows of 512
+# (docs/DESIGN.md §7), about a minute for a dense 135M model on 2 CPU cores.
+N_SAMPLES, SEQ_LEN, EVAL_TOKENS = 32, 512, 20_000
 _DB_PATH = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 
 
@@ -52,7 +58,7 @@ def austen_novels(cache: str | os.PathLike | None = None) -> dict[str, str]:
         folder.mkdir(parents=True, exist_ok=True)
         novels = _read_lazyload_db(*_fetch_database())
         for key, title in AUSTEN_NOVELS.items():
-            _write_atomically(files[title], paragraphs(novels[key]))
+            write_text(files[title], paragraphs(novels[key]))
     return {title: f.read_text(encoding="utf-8") for title, f in files.items()}
 
 
@@ -122,19 +128,6 @@ def _read_lazyload_db(rdx: bytes, rdb: bytes) -> dict[str, list[str]]:
     return out
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.chmod(fd, 0o644)  # mkstemp makes it private; the cache is plain readable data
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def load_corpus(source: str | os.PathLike | None = None) -> dict[str, str]:
     """Name -> text. None: the Austen novels (by title); a .txt file; or a directory of .txt files
     (by file stem, sorted). User text is read as it is, with no re-wrapping."""
@@ -159,7 +152,7 @@ class TokenSplits(NamedTuple):
 
 
 def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None = None, *,
-                 n_samples: int = 32, seq_len: int = 512, eval_tokens: int = 20_000, seed: int = 0,
+                 n_samples: int = N_SAMPLES, seq_len: int = SEQ_LEN, eval_tokens: int = EVAL_TOKENS, seed: int = 0,
                  eval_doc: str | None = None) -> TokenSplits:
     """Calibration and evaluation tokens from disjoint parts of a corpus.
 
@@ -172,9 +165,7 @@ def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None
     Calibration is ``n_samples`` distinct non-overlapping windows of ``seq_len`` tokens, drawn at random
     (``seed``) from the calibration documents' windows, none crossing a document boundary.
 
-    Defaults: 32 x 512 calibration tokens (enough for the Hessian-style statistics of a 576-wide
-    model while keeping one layer-by-layer pass cheap on 2 CPU cores); 20k evaluation tokens, i.e. 39
-    windows of 512 as in DESIGN §7, about a minute for a dense 135M model on 2 CPU cores.
+    Defaults: N_SAMPLES, SEQ_LEN and EVAL_TOKENS above.
     """
     for arg, value in (("n_samples", n_samples), ("seq_len", seq_len), ("eval_tokens", eval_tokens)):
         if value < 1:

@@ -32,7 +32,7 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int = 512, batch_size: int 
         for batch in windows.split(batch_size):
             batch = batch.to(device)
             logits = model(batch, use_cache=False).logits[:, :-1]
-            total_nll += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                         reduction="sum").item()
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+            total_nll += nll.double().sum().item()  # float64 sum: 20k float32 terms would lose ~1e-5
             bar.update(len(batch))
     return math.exp(total_nll / (n_windows * (seq_len - 1)))

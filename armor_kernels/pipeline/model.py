@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..nn import ArmorLinear
+
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -72,3 +74,16 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     if not linears:
         raise ValueError(f"decoder block {type(block).__name__} has no nn.Linear layers to prune")
     return linears
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` (dotted) of `root` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def adopt(block: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype, device) -> None:
+    """Put pruned modules into the block: ArmorLinear keeps its stored dtype (its forward casts),
+    a pruned nn.Linear takes the model's dtype (bf16 → fp32 is exact)."""
+    for name, mod in modules.items():
+        replace_module(block, name, mod.to(device) if isinstance(mod, ArmorLinear) else mod.to(device, dtype))

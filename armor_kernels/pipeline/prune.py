@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..baselines import BASELINES
+from .. import __version__
+from ..baselines import BASELINES, SPARSEGPT_BLOCK, SPARSEGPT_DAMP
 from ..factors import ActivationStats
 from ..nn import ArmorLinear
-from ..optim import armor
-from .checkpoint import (FORMAT_VERSION, STORAGE_DTYPE, config_hash, layer_path, load_block, replace_module,
-                         save_block, save_json, save_rest)
-from .model import block_linears, decoder_layers
+from ..optim import ArmorOptions, armor
+from .checkpoint import FORMAT_VERSION, STORAGE_DTYPE, config_hash, layer_path, load_block, save_block, save_json, save_rest
+from .model import adopt, block_linears, decoder_layers
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
 
@@ -78,11 +78,11 @@ def collect_stats(block: nn.Module, inputs: list[tuple], full: bool) -> dict[str
     return stats
 
 
-def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: dict) -> tuple[nn.Module, dict]:
+def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: ArmorOptions) -> tuple[nn.Module, dict]:
     """The pruned replacement of one linear (stored values, model's dtype for compute) and its report."""
     W = lin.weight.detach()
     if method == "armor":
-        res = armor(W, stats, **options)
+        res = armor(W, stats, options)
         mod = ArmorLinear.from_linear(lin, res.factors, dtype=STORAGE_DTYPE)
         return mod, {"nowag_p_loss": res.history.loss[0], "loss": res.loss}
     pruned = BASELINES[method](W, stats)
@@ -95,7 +95,7 @@ def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: d
 
 
 def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats], method: str,
-                        options: dict, device: torch.device) -> tuple[dict[str, nn.Module], dict]:
+                        options: ArmorOptions, device: torch.device) -> tuple[dict[str, nn.Module], dict]:
     """Prune a block's linears (independent once the block's statistics are collected).
 
     On a multi-core CPU, ARMOR runs one linear per core, each single-threaded, largest first: the
@@ -119,19 +119,24 @@ def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, Activati
     return {n: m for n, (m, _) in done.items()}, {n: r for n, (_, r) in done.items()}
 
 
-def adopt(block: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype, device) -> None:
-    """Put pruned modules into the block: ArmorLinear keeps its stored dtype (its forward casts),
-    a pruned nn.Linear takes the model's dtype (bf16 → fp32 is exact)."""
-    for name, mod in modules.items():
-        replace_module(block, name, mod.to(device) if isinstance(mod, ArmorLinear) else mod.to(device, dtype))
+def method_options(method: str, options: ArmorOptions | None) -> dict:
+    """The options that decide a method's output, defaults included: ARMOR's ArmorOptions, SparseGPT's
+    block and dampening, nothing for the scoring baselines."""
+    if method == "armor":
+        return (options or ArmorOptions()).to_config()
+    if options is not None:
+        raise ValueError(f"options: ArmorOptions are for method 'armor', got them with method {method!r}")
+    return {"block": SPARSEGPT_BLOCK, "damp": SPARSEGPT_DAMP} if method == "sparsegpt" else {}
 
 
-def run_config(method: str, options: dict, calib: torch.Tensor, model: nn.Module, source: str | None) -> dict:
-    """Everything that decides a run's output: a resumed run must match it exactly."""
+def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, model: nn.Module,
+               source: str | None, batch_size: int) -> dict:
+    """Everything that decides a run's output, defaults included: a resumed run must match it exactly."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     config = {
-        "format_version": FORMAT_VERSION, "method": method, "options": options,
+        "package_version": __version__, "format_version": FORMAT_VERSION, "method": method,
+        "options": method_options(method, options), "batch_size": batch_size,
         "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "calibration": {"n_samples": calib.shape[0], "seq_len": calib.shape[1],
@@ -142,7 +147,8 @@ def run_config(method: str, options: dict, calib: torch.Tensor, model: nn.Module
 
 
 def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
-                options: dict | None = None, device="cpu", batch_size: int = 8, source: str | None = None) -> dict:
+                options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None
+                ) -> dict:
     """Prune every decoder block's linears in place and write each block to `out` as it finishes;
     with the tokenizer and the unpruned tensors beside them, `out` is a self-contained checkpoint.
 
@@ -150,8 +156,8 @@ def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, o
     with the same configuration; refuses one with a different configuration.
     """
     out = Path(out)
-    options = dict(options or {})
-    config = run_config(method, options, calib, model, source)
+    config = run_config(method, options, calib, model, source, batch_size)
+    options = options or ArmorOptions()
     chash = config_hash(config)
     cfg_path = out / "config.json"
     if cfg_path.exists():

@@ -1,0 +1,83 @@
+"""ArmorOptions: every knob that decides ARMOR's result for a layer, besides W and its statistics.
+
+The defaults live here and nowhere else: the optimizers take their arguments from these fields, the
+CLI builds its flags from them, and a pruning run hashes `to_config()` (every field the chosen
+optimizer reads, defaults resolved) so that a resumed run refuses to mix layers computed differently.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+OPTIMIZERS = ("fast", "reference")
+
+# Defaults that differ by optimizer; None in ArmorOptions means "this optimizer's default".
+OPTIMIZER_DEFAULTS = {
+    "fast": {"iters": 80, "tol": 1e-4},          # outer (A, B, S, extrapolation) iterations
+    "reference": {"iters": 20_000, "tol": 1e-6},  # the published loop's iterations
+}
+# The fields each optimizer reads (besides block_size and seed, which every run uses).
+OPTIMIZER_FIELDS = {
+    "fast": ("iters", "tol", "passes", "extrapolation", "time_budget"),
+    "reference": ("iters", "tol", "lr", "patience", "time_budget"),
+}
+
+
+@dataclass(frozen=True)
+class ArmorOptions:
+    """ARMOR's options (docs/DESIGN.md §4).
+
+    optimizer      "fast" (closed-form A/B steps, exact tile sweeps, extrapolation) or "reference"
+                   (the published Adam + sampled-group loop)
+    block_size     nominal block size b of A and B (the block-size rule of factors.py applies)
+    iters, tol     iterations, and the relative improvement below which the run stops
+                   (fast: per outer iteration; reference: `patience` iterations in a row);
+                   None = the optimizer's default (OPTIMIZER_DEFAULTS)
+    passes         fast: S-sweeps over every group per outer iteration
+    extrapolation  fast: try the jump along the two-iteration displacement
+    lr, patience   reference: Adam's learning rate; iterations without improvement before stopping
+    seed           the reference loop's group sampling (and torch's global seed)
+    time_budget    seconds per layer, None = unlimited (a budget makes the result machine-dependent)
+    """
+
+    optimizer: str = "fast"
+    block_size: int = 128
+    iters: int | None = None
+    tol: float | None = None
+    passes: int = 1
+    extrapolation: bool = True
+    lr: float = 1e-4
+    patience: int = 100
+    seed: int = 0
+    time_budget: float | None = None
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 4:
+            raise ValueError(f"block_size: expected an int ≥ 4, got {self.block_size!r}")
+        for name in ("iters", "passes", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "ArmorOptions":
+        """ArmorOptions(**kwargs) with an error that names an unknown option and lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if "method" in unknown:
+            raise TypeError("armor(): the optimizer choice is now `optimizer=` ('fast' or 'reference'), not `method=`")
+        if unknown:
+            raise TypeError(f"armor(): unknown option(s) {unknown}; ArmorOptions has {sorted(known)}")
+        return cls(**kwargs)
+
+    def optimizer_kwargs(self) -> dict:
+        """The keyword arguments of the chosen optimizer, defaults resolved."""
+        resolved = {**asdict(self), **{k: v if getattr(self, k) is None else getattr(self, k)
+                                       for k, v in OPTIMIZER_DEFAULTS[self.optimizer].items()}}
+        return {k: resolved[k] for k in OPTIMIZER_FIELDS[self.optimizer]}
+
+    def to_config(self) -> dict:
+        """What a run records and hashes: the optimizer, block size, seed and every option it reads."""
+        return {"optimizer": self.optimizer, "block_size": self.block_size, "seed": self.seed,
+                **self.optimizer_kwargs()}

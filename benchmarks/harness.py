@@ -1,0 +1,109 @@
+"""What every benchmark shares: timing (CPU wall clock; CUDA events and CUDA-graph replay), one atomic
+CSV writer, one plot helper and the `--out` convention (a CSV path; the plot goes beside it as .png).
+
+    from harness import bench_args, cpu_time_s, cuda_time_us, graphed, write_csv, plot_lines
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from armor_kernels.atomic import atomic_write, write_text  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_args(description: str, default_name: str) -> argparse.ArgumentParser:
+    """An argument parser with the shared `--out` (CSV path, default benchmarks/results/<name>.csv)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=RESULTS / f"{default_name}.csv",
+                   help=f"CSV to write; the plot goes beside it (default results/{default_name}.csv)")
+    return p
+
+
+def cpu_time_s(fn, reps: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn()` over `reps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cuda_time_us(fn, reps: int = 50, warmup: int = 5) -> float:
+    """Median microseconds of single `fn()` calls, timed by CUDA events on the current stream."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(start, end):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3
+
+
+def graphed(fn):
+    """`fn` captured once in a CUDA graph (after a warm-up outside the capture); returns the replay."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # lazy inits and plan creation happen outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """All rows (the union of their keys, in first-seen order) to `path`, atomically."""
+    if not rows:
+        raise ValueError(f"write_csv: no rows to write to {path}")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, restval="")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+    print(f"wrote {path}")
+
+
+def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path, *, xlabel: str,
+               ylabel: str, xscale: str = "linear", yscale: str = "linear", hline: float | None = None) -> None:
+    """One panel per key of `panels`, one line per label: {panel: {label: [(x, y), ...]}} -> PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for label, pts in lines.items():
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", ms=3, label=label)
+        ax.set(xscale=xscale, yscale=yscale, title=title, xlabel=xlabel)
+        if hline is not None:
+            ax.axhline(hline, color="gray", lw=0.5)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -1,0 +1,18 @@
+"""Builders the tests share (importable as `helpers`: pytest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import torch
+
+
+def mask_24(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random boolean mask with exactly 2 True in every group of 4 along the last dimension."""
+    *lead, d = shape
+    keep = torch.rand(*lead, d // 4, 4, generator=generator).argsort(-1)[..., :2]
+    return torch.zeros(*lead, d // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(shape)
+
+
+def random_24(*shape: int, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+    """Standard-normal values on a random 2:4 mask (exactly 2 non-zeros per group of 4)."""
+    values = torch.randn(*shape, generator=generator)
+    return (values * mask_24(*shape, generator=generator)).to(dtype)
