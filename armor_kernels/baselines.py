@@ -1,4 +1,4 @@
-"""The 2:4 baselines ARMOR is compared with (DESIGN §3), one signature for all:
+"""The 2:4 baselines ARMOR is compared with (docs/DESIGN.md §3), one signature for all:
 
     method(W, stats) -> Pruned(weight, mask)
 
@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .factors import ActivationStats, check_weight, normalize
-from .kernels.mask_select import top2_mask
+from .kernels.top2 import top2_mask
 
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01

@@ -1,5 +1,5 @@
 // armor_kernels._armor_cpu: a thin pybind11 binding of csrc/cpu (no torch, no numpy headers).
-// Tensors cross as integer data pointers (tensor.data_ptr()); the caller (mask_select.sweep_tiles)
+// Tensors cross as integer data pointers (tensor.data_ptr()); the caller (tile_sweep.sweep_tiles_cpu)
 // checks dtype, device, shapes and contiguity.
 #include <pybind11/pybind11.h>
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from armor_kernels.kernels.mask_select import top2_mask
+from armor_kernels.kernels.top2 import top2_mask
 from armor_kernels.sparse24 import check_24, pack_24, unpack_24
 
 

@@ -1,4 +1,4 @@
-"""Block-diagonal least squares: the A- and B-steps of the optimizer (DESIGN §4).
+"""Block-diagonal least squares: the A- and B-steps of the optimizer (docs/DESIGN.md §4).
 
 For every block n, find Z_n minimising Σ_k w_k ‖Y_n[:, k] − Z_n X_n[:, k]‖², i.e.
 Z_n = (Y_n W X_nᵀ)(X_n W X_nᵀ)⁻¹ with W = diag(w). Forming the normal equations is the
@@ -6,22 +6,16 @@ O(b² K) part and is what a kernel accelerates; the b × b Cholesky solves are O
 and stay in torch.linalg.
 
 `normal_equations_reference` is the plain PyTorch definition; it serves every device.
-`_normal_equations_triton` is the Triton kernel (one program per block × output tile, fp32
-accumulate); `normal_equations` dispatches between them through `_use_triton` (below), which
-`mask_select` shares.
+`normal_equations_triton` is the Triton kernel (one program per block × output tile, fp32
+accumulate); `normal_equations` dispatches between them through `triton_switch.use_triton`.
+`block_lstsq` is the entry point: normal equations, then `solve_normal_equations`.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # triton is optional: without it every dispatch point runs its reference
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from . import triton_switch
+from .triton_switch import jit, next_pow2, tl, triton
 
 
 def normal_equations_reference(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None):
@@ -31,10 +25,10 @@ def normal_equations_reference(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor
 
 
 def normal_equations(X, Y, w, *, use_triton: bool | None = None):
-    """Dispatch: the Triton kernel where `_use_triton` says so (fp32 inputs), else the reference."""
+    """Dispatch: the Triton kernel where `triton_switch.use_triton` says so (fp32 inputs), else the reference."""
     ts = (X, Y) if w is None else (X, Y, w)
-    if _use_triton(*ts, use_triton=use_triton) and all(t.dtype == torch.float32 for t in ts):
-        return _normal_equations_triton(X, Y, w)
+    if triton_switch.use_triton(*ts, use_triton=use_triton) and all(t.dtype == torch.float32 for t in ts):
+        return normal_equations_triton(X, Y, w)
     return normal_equations_reference(X, Y, w)
 
 
@@ -59,77 +53,18 @@ def solve_normal_equations(G: torch.Tensor, F: torch.Tensor, ridge: float = 1e-6
 
 
 def block_lstsq(X, Y, w=None, ridge: float = 1e-6) -> torch.Tensor:
+    """Z (n, m, b) minimising Σ_k w_k ‖Y_n[:, k] − Z_n X_n[:, k]‖² per block: X (n, b, K), Y (n, m, K),
+    w (K,) or None (unweighted). The normal equations go through `normal_equations` (Triton or the
+    reference); the solve is `solve_normal_equations` (float64 Cholesky, float32 result)."""
     G, F = normal_equations(X, Y, w)
     return solve_normal_equations(G, F, ridge)
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton: dispatch switch shared by the kernels of this package
-# ---------------------------------------------------------------------------------------------
-
-def _interpreting() -> bool:
-    """Triton's CPU interpreter is on: TRITON_INTERPRET=1, and it already was when triton was imported.
-
-    Triton (3.x) picks interpreter or compiler when a function is decorated with @triton.jit, and
-    its own language library (tl.sum, tl.zeros, ...) is decorated when triton is imported; so the
-    variable must be set before the first `import triton` in the process. Setting it later does
-    not switch the interpreter on, which is checked here rather than failing inside a launch.
-    """
-    if triton is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except Exception:  # pragma: no cover
-        return False
-    return isinstance(tl.standard.sum, InterpretedFunction)
-
-
-def _use_triton(*tensors: torch.Tensor, use_triton: bool | None = None) -> bool:
-    """The one switch every dispatch point asks: run the Triton kernel on these tensors?
-
-    Precedence: the explicit argument `use_triton`, else the environment variable ARMOR_TRITON
-    ("0" = never, "1" = also on CPU tensors under TRITON_INTERPRET=1, unset = automatic).
-      - False / ARMOR_TRITON=0            -> reference (also on CUDA: a debugging escape hatch)
-      - triton not importable             -> reference (use_triton=True raises)
-      - all tensors on CUDA               -> Triton
-      - CPU tensors, True / ARMOR_TRITON=1, TRITON_INTERPRET=1 -> Triton through the interpreter
-      - CPU tensors otherwise             -> reference (use_triton=True without the interpreter raises)
-    Each dispatch point adds its own dtype condition (these kernels take float32).
-    For the interpreter path, TRITON_INTERPRET=1 must be set before triton is imported (see
-    `_interpreting`).
-    """
-    env = os.environ.get("ARMOR_TRITON", "").strip()
-    want = use_triton if use_triton is not None else {"0": False, "1": True}.get(env)
-    if want is False:
-        return False
-    if triton is None:
-        if use_triton:
-            raise RuntimeError("use_triton=True but triton is not importable")
-        return False
-    if all(t.is_cuda for t in tensors):
-        return True
-    if want and _interpreting():
-        return True
-    if use_triton:
-        raise RuntimeError("use_triton=True with CPU tensors needs Triton's CPU interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is first imported; or pass CUDA tensors")
-    return False
-
-
-# @triton.jit when triton is importable; otherwise the kernels stay plain, never-called functions
-# (this module uses postponed annotations, so `tl.constexpr` is not evaluated without triton).
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton: normal equations C_n = P_n diag(w) Q_nᵀ
 # ---------------------------------------------------------------------------------------------
 
-@_jit
+@jit
 def _normal_eq_kernel(P, Q, W, C, M, N, K,
                       s_pn, s_pm, s_pk, s_qn, s_qm, s_qk, s_w, s_cn, s_cm, s_cn2,
                       HAS_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -168,7 +103,7 @@ def _tile(d: int) -> int:
     for t in (64, 32, 16):
         if d % t == 0:
             return t
-    return min(64, max(16, _next_pow2(d)))
+    return min(64, max(16, next_pow2(d)))
 
 
 def _launch_normal_eq(P: torch.Tensor, Q: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -189,7 +124,7 @@ def _launch_normal_eq(P: torch.Tensor, Q: torch.Tensor, w: torch.Tensor | None) 
     return C
 
 
-def _normal_equations_triton(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None):
+def normal_equations_triton(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None):
     """Same contract as `normal_equations_reference`, float32 in and out; two launches
     (G = X W Xᵀ, F = Y W Xᵀ). Inputs may be strided views (no copies are made)."""
     if X.dim() != 3 or Y.dim() != 3 or X.shape[0] != Y.shape[0] or X.shape[2] != Y.shape[2]:

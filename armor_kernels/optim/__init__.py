@@ -1,6 +1,7 @@
 """ARMOR's optimizer as a library: `armor(W, stats)` → factors, pruned weight and loss history."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -8,9 +9,12 @@ import torch
 from ..factors import ActivationStats, ArmorFactors
 from .common import History, Problem
 from .fast import optimize_fast
+from .options import ArmorOptions
+
+__all__ = ["ArmorOptions", "ArmorResult", "armor"]
 from .reference import optimize_reference
 
-OPTIMIZERS = {"fast": optimize_fast, "reference": optimize_reference}
+OPTIMIZE = {"fast": optimize_fast, "reference": optimize_reference}
 
 
 class ArmorResult(NamedTuple):
@@ -24,24 +28,25 @@ class ArmorResult(NamedTuple):
         return self.history.loss[-1]
 
 
-def armor(W: torch.Tensor, stats, *, method: str = "fast", block_size: int = 128, device=None,
-          seed: int = 0, progress=None, **options) -> ArmorResult:
+def armor(W: torch.Tensor, stats, options: ArmorOptions | None = None, *, device=None, progress=None,
+          **overrides) -> ArmorResult:
     """Prune W (d_out, d_in) to diag(r)·A·S·B·diag(c) with S 2:4, starting from NoWag-P.
 
     stats: an ActivationStats of the layer's inputs, or the diagonal statistic h itself.
-    method: "fast" (closed-form block steps + tile sweeps + extrapolation; options iters=80, passes=1,
-            tol=1e-4, extrapolation=True)
-            or "reference" (the published Adam + sampled-group loop; options iters=20000, lr=1e-4,
-            tol=1e-6, patience=100). Both take time_budget (seconds).
+    options: an ArmorOptions (default: the library's defaults); keyword overrides name its fields,
+             e.g. armor(W, stats, optimizer="reference", block_size=64, iters=2000).
     progress: optional callable(step, total, loss).
     The loss never rises and ends ≤ NoWag-P's (history.loss[0]).
     """
-    if method not in OPTIMIZERS:
-        raise ValueError(f"method: expected one of {sorted(OPTIMIZERS)}, got {method!r}")
+    if options is None:
+        options = ArmorOptions.from_kwargs(**overrides)
+    elif overrides:
+        options = replace(options, **overrides)
     h = stats.h() if isinstance(stats, ActivationStats) else stats
-    torch.manual_seed(seed)
-    p = Problem.from_weight(W, h, block_size, device)
-    if method == "reference":
-        options.setdefault("seed", seed)
-    factors, history = OPTIMIZERS[method](p, p.nowag_p(), progress=progress, **options)
+    torch.manual_seed(options.seed)
+    p = Problem.from_weight(W, h, options.block_size, device)
+    kwargs = options.optimizer_kwargs()
+    if options.optimizer == "reference":
+        kwargs["seed"] = options.seed
+    factors, history = OPTIMIZE[options.optimizer](p, p.nowag_p(), progress=progress, **kwargs)
     return ArmorResult(factors, history, factors.weight().to(W.device, W.dtype), factors.mask.to(W.device))

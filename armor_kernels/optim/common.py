@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..factors import ArmorFactors, block_sizes, check_h, check_weight, normalize, weighted_sq_error
-from ..kernels.mask_select import top2_mask
+from ..kernels.top2 import top2_mask
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The fast optimizer: exact block coordinate descent with closed-form steps (DESIGN §4).
+"""The fast optimizer: exact block coordinate descent with closed-form steps (docs/DESIGN.md §4).
 
 One outer iteration = A-step, B-step, S-step, then one extrapolation:
   A-step  A_I = (W̄_I D P_Iᵀ)(P_I D P_Iᵀ)⁻¹, P = S B      (block least squares, weighted by h)
@@ -22,7 +22,7 @@ import torch
 
 from ..factors import ArmorFactors, block_left, block_right
 from ..kernels.block_lstsq import block_lstsq
-from ..kernels.mask_select import sweep_tiles
+from ..kernels.tile_sweep import sweep_tiles
 from .common import History, Problem
 
 
@@ -55,11 +55,12 @@ def extrapolate(f: ArmorFactors, old: ArmorFactors) -> tuple[ArmorFactors, torch
     return g, g.core()
 
 
-def optimize_fast(p: Problem, f: ArmorFactors, *, iters: int = 80, passes: int = 1, tol: float = 1e-4,
-                  extrapolation: bool = True, time_budget: float | None = None, progress=None
+def optimize_fast(p: Problem, f: ArmorFactors, *, iters: int, passes: int, tol: float, extrapolation: bool,
+                  time_budget: float | None = None, progress=None
                   ) -> tuple[ArmorFactors, History]:
     """Outer iterations of (A, B, S) steps and an extrapolation; stop after `iters`, when one outer
-    iteration improves the loss by less than `tol` relative, or once `time_budget` seconds have passed."""
+    iteration improves the loss by less than `tol` relative, or once `time_budget` seconds have passed.
+    The defaults of every argument are ArmorOptions's."""
     hist = History()
     core = f.core()
     best = p.loss(f, core)

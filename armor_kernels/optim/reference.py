@@ -1,4 +1,4 @@
-"""The published ARMOR loop (DESIGN §4), made monotone: the reference the fast optimizer must beat.
+"""The published ARMOR loop (docs/DESIGN.md §4), made monotone: the reference the fast optimizer must beat.
 
 Per iteration: one joint Adam step on A, B and the kept values of S; then in every tile one group
 of 4, sampled with probability ∝ the L1 norm of the loss gradient on it, solved exactly over the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..factors import ArmorFactors, block_left, block_right
-from ..kernels.mask_select import solve_group_reference
+from ..kernels.group_solve import solve_group_reference
 from .common import History, Problem
 
 
@@ -43,9 +43,8 @@ def group_step(p: Problem, f: ArmorFactors, grad_S: torch.Tensor, gen: torch.Gen
     return ArmorFactors(f.A, p.from_tiles(S), f.B, f.r, f.c)
 
 
-def optimize_reference(p: Problem, f: ArmorFactors, *, iters: int = 20_000, lr: float = 1e-4,
-                       tol: float = 1e-6, patience: int = 100, seed: int = 0, time_budget: float | None = None,
-                       progress=None) -> tuple[ArmorFactors, History]:
+def optimize_reference(p: Problem, f: ArmorFactors, *, iters: int, lr: float, tol: float, patience: int,
+                       seed: int, time_budget: float | None = None, progress=None) -> tuple[ArmorFactors, History]:
     gen = torch.Generator().manual_seed(seed)
     A, B = f.A.clone().requires_grad_(), f.B.clone().requires_grad_()
     S = f.S.clone().requires_grad_()

@@ -1,76 +1,21 @@
-"""2:4 mask selection: keep the 2 highest-scoring entries of every group of 4 along the last dim.
+"""The S-step's tile sweep: exact group solves swept over every group of every tile (docs/DESIGN.md §4).
 
-`top2_mask_reference` is the plain PyTorch definition; it serves every device.
+`sweep_tiles_reference` is the plain PyTorch definition (the spec; it serves every device).
+Two kernels implement it: `sweep_tiles_cpu`, the C++/OpenMP kernel of csrc/cpu/sweep.cpp (the
+extension armor_kernels._armor_cpu, built by setup.py; loaded here as `cpu_ext`, None when it is
+not built or ARMOR_CPU_EXT=0), and `sweep_tiles_triton`, the Triton kernel. `sweep_tiles`
+dispatches: Triton where `triton_switch.use_triton` says so, else the C++ kernel for float32 CPU
+tensors, else the reference. The group solve itself is group_solve.py's.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-
-def top2_mask_reference(score: torch.Tensor) -> torch.Tensor:
-    """Boolean mask, same shape as `score`, with exactly 2 True per group of 4 along the last dim.
-
-    Ties go to the lower column (a stable sort), so every device picks the same mask.
-    """
-    *lead, d = score.shape
-    if d % 4:
-        raise ValueError(f"score: last dimension must be divisible by 4, got shape {tuple(score.shape)}")
-    g = score.reshape(*lead, d // 4, 4).float()
-    order = torch.sort(-g, dim=-1, stable=True).indices[..., :2]
-    mask = torch.zeros_like(g, dtype=torch.bool)
-    mask.scatter_(-1, order, True)
-    return mask.reshape(score.shape)
-
-
-def top2_mask(score: torch.Tensor, *, use_triton: bool | None = None) -> torch.Tensor:
-    if _use_triton(score, use_triton=use_triton) and score.is_floating_point():
-        return _top2_mask_triton(score)
-    return top2_mask_reference(score)
-
-
-# The six ways to keep 2 of 4: (first, second) position inside the group.
-PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
-
-
-def pattern_inverses(G: torch.Tensor, ridge: float = 1e-7) -> torch.Tensor:
-    """(G_PP + ridge)⁻¹ for the 6 patterns as (c_ii, c_ij, c_jj): G (..., 4, 4) -> (..., 3, 6)."""
-    i, j = torch.tensor(PATTERNS, device=G.device).T
-    gii, gjj, gij = G[..., i, i], G[..., j, j], G[..., i, j]
-    eps = ridge * (gii + gjj).clamp_min(1e-30)
-    gii, gjj = gii + eps, gjj + eps
-    det = gii * gjj - gij * gij
-    return torch.stack((gjj / det, -gij / det, gii / det), dim=-2)
-
-
-def group_objective(s: torch.Tensor, f: torch.Tensor, G: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """q(s) = −2 sᵀf + n sᵀGs: the tile loss as a function of one group's values, up to a constant."""
-    Gs = (G @ s.unsqueeze(-1)).squeeze(-1)
-    return (s * (n.unsqueeze(-1) * Gs - 2 * f)).sum(-1)
-
-
-def solve_group_reference(f, G, n, s_old, inv=None):
-    """Exact minimiser of q over the 6 two-of-four patterns, batched over leading dims.
-
-    One group of row k in a tile contributes a·sᵀB̃ to the residual (a = A_I[:, k], B̃ the group's
-    4 rows of B_J D_J^½). With f = B̃ R'ᵀa (R' the tile residual without the group), G = B̃B̃ᵀ and
-    n = ‖a‖², the loss is const + q(s); on a pattern P the minimiser is s_P = G_PP⁻¹ f_P / n and
-    q = −f_P·s_P. The new values are returned only where q does not rise above q(s_old) (the tiny
-    ridge and round-off could otherwise break the monotone guarantee) and where n > 0.
-    f: (..., 4), G: (..., 4, 4), n: (...,), s_old: (..., 4), inv: pattern_inverses(G) if at hand
-    -> s_new (..., 4).
-    """
-    if inv is None:
-        inv = pattern_inverses(G)
-    onehot = torch.eye(4, dtype=f.dtype, device=f.device)
-    Ei, Ej = onehot[[p[0] for p in PATTERNS]], onehot[[p[1] for p in PATTERNS]]   # (6, 4)
-    fi, fj = f @ Ei.T, f @ Ej.T                                                   # (..., 6)
-    rn = 1.0 / n.clamp_min(1e-30).unsqueeze(-1)
-    si = (inv[..., 0, :] * fi + inv[..., 1, :] * fj) * rn
-    sj = (inv[..., 1, :] * fi + inv[..., 2, :] * fj) * rn
-    best = (fi * si + fj * sj).argmax(-1, keepdim=True)
-    s_new = si.gather(-1, best) * Ei[best[..., 0]] + sj.gather(-1, best) * Ej[best[..., 0]]
-    ok = (group_objective(s_new, f, G, n) <= group_objective(s_old, f, G, n)) & (n > 0)
-    return torch.where(ok.unsqueeze(-1), s_new, s_old)
+from . import triton_switch
+from .group_solve import pattern_inverses, solve_group_reference
+from .triton_switch import jit, next_pow2, tl
 
 
 def sweep_tiles_reference(R, A, Bt, S, passes: int = 1):
@@ -82,7 +27,8 @@ def sweep_tiles_reference(R, A, Bt, S, passes: int = 1):
       Bt (T, bB, bB)  B_J D_J^½ of each tile
       S  (T, bA, bB)  the tile of the sparse core, updated in place
     Row k's groups share a = A_I[:, k], so v = Rᵀa is formed once per row and kept current by a
-    4-row update after each group; the residual takes one rank-one update per row (DESIGN §5).
+    4-row update after each group; the residual takes one rank-one update per row
+    (docs/DESIGN.md §4).
     """
     T, bA, bB = S.shape
     ng = bB // 4
@@ -109,10 +55,12 @@ def sweep_tiles_reference(R, A, Bt, S, passes: int = 1):
     return R, S
 
 
-def _load_cpu_module():
-    """armor_kernels._armor_cpu (csrc/cpu, built by setup.py), or None: the reference then serves."""
-    import os
-    if os.environ.get("ARMOR_KERNELS_NO_CPU_EXT", "") not in ("", "0"):
+def load_cpu_ext():
+    """armor_kernels._armor_cpu (csrc/cpu, built by setup.py), or None: the reference then serves.
+
+    ARMOR_CPU_EXT=0 in the environment skips it (unset or any other value: load it when built).
+    """
+    if os.environ.get("ARMOR_CPU_EXT", "").strip() == "0":
         return None
     try:
         from .. import _armor_cpu
@@ -121,7 +69,7 @@ def _load_cpu_module():
     return _armor_cpu
 
 
-_armor_cpu = _load_cpu_module()
+cpu_ext = load_cpu_ext()
 
 
 def sweep_tiles_cpu(R, A, Bt, S, passes: int = 1):
@@ -129,7 +77,7 @@ def sweep_tiles_cpu(R, A, Bt, S, passes: int = 1):
 
     float32 CPU tensors only; non-contiguous inputs are copied and R, S written back in place.
     """
-    if _armor_cpu is None:
+    if cpu_ext is None:
         raise RuntimeError("armor_kernels._armor_cpu is not built (pip install the package to build it)")
     T, bA, bB = S.shape
     if bB % 4 or R.shape != S.shape or A.shape != (T, bA, bA) or Bt.shape != (T, bB, bB):
@@ -139,8 +87,8 @@ def sweep_tiles_cpu(R, A, Bt, S, passes: int = 1):
     if Rc.data_ptr() == Sc.data_ptr() and Rc.numel():
         Sc = Sc.clone()
     Ac, Btc = A.contiguous(), Bt.contiguous()
-    _armor_cpu.sweep_tiles(Rc.data_ptr(), Ac.data_ptr(), Btc.data_ptr(), Sc.data_ptr(),
-                           T, bA, bB, int(passes), torch.get_num_threads())
+    cpu_ext.sweep_tiles(Rc.data_ptr(), Ac.data_ptr(), Btc.data_ptr(), Sc.data_ptr(),
+                        T, bA, bB, int(passes), torch.get_num_threads())
     if Rc is not R:
         R.copy_(Rc)
     if Sc is not S:
@@ -150,69 +98,36 @@ def sweep_tiles_cpu(R, A, Bt, S, passes: int = 1):
 
 def _cpu_sweep_applies(R, A, Bt, S) -> bool:
     ts = (R, A, Bt, S)
-    return (_armor_cpu is not None
+    return (cpu_ext is not None
             and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 3 for t in ts)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
 
 
 def sweep_tiles(R, A, Bt, S, passes: int = 1, *, use_triton: bool | None = None):
-    if (_use_triton(R, A, Bt, S, use_triton=use_triton)
+    """`passes` S-step sweeps over T independent tiles, in place on R and S (returned): see
+    `sweep_tiles_reference` for the shapes and the arithmetic.
+
+    Path: the Triton kernel where `triton_switch.use_triton` says so (float32; CUDA tensors, or CPU
+    tensors under Triton's interpreter with use_triton=True / ARMOR_TRITON=1); else the C++ kernel
+    (`sweep_tiles_cpu`) for float32 CPU tensors when it is built and no gradient is being recorded;
+    else the reference.
+    """
+    if (triton_switch.use_triton(R, A, Bt, S, use_triton=use_triton)
             and all(t.dtype == torch.float32 for t in (R, A, Bt, S))):
-        return _sweep_tiles_triton(R, A, Bt, S, passes)
+        return sweep_tiles_triton(R, A, Bt, S, passes)
     if _cpu_sweep_applies(R, A, Bt, S):
         return sweep_tiles_cpu(R, A, Bt, S, passes)
     return sweep_tiles_reference(R, A, Bt, S, passes)
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels (beside the references above, which are the spec). Dispatch goes through
-# `_use_triton` (block_lstsq.py): CUDA tensors -> Triton; CPU tensors -> Triton only under
-# Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported) with use_triton=True
-# or ARMOR_TRITON=1 (tests); otherwise the references (or the C++ CPU sweep above).
+# Triton kernel (beside the reference above, which is the spec). Dispatch goes through
+# `triton_switch.use_triton`: CUDA tensors -> Triton; CPU tensors -> Triton only under Triton's
+# interpreter (TRITON_INTERPRET=1 set before triton is imported) with use_triton=True or
+# ARMOR_TRITON=1 (tests); otherwise the C++ kernel above, or the reference.
 # ---------------------------------------------------------------------------------------------
 
-from .block_lstsq import _jit, _next_pow2, _use_triton, tl, triton  # noqa: E402
-
-
-@_jit
-def _top2_kernel(Sc, Out, n_groups, BLOCK: tl.constexpr):
-    """BLOCK groups of 4 per program, loaded as a coalesced [BLOCK, 4] tile.
-
-    Entry i is kept iff fewer than 2 entries j of its group beat it, where j beats i when
-    x_j > x_i, or x_j == x_i and j < i (ties to the lower column), and NaN ranks below every
-    number (NaNs among themselves by column): exactly `torch.sort(-x, stable=True)`'s order.
-    """
-    rg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    c4 = tl.arange(0, 4)
-    offs = rg[:, None] * 4 + c4[None, :]
-    m = rg[:, None] < n_groups
-    x = tl.load(Sc + offs, mask=m, other=0.0).to(tl.float32)
-    x_nan = x != x
-    cnt = tl.zeros([BLOCK, 4], dtype=tl.int32)
-    for j in tl.static_range(4):
-        xj = tl.sum(tl.where(c4[None, :] == j, x, 0.0), axis=1)[:, None]   # column j, [BLOCK, 1]
-        j_nan = xj != xj
-        lower = j < c4[None, :]
-        beats = (xj > x) | ((xj == x) & lower) | (x_nan & (j_nan == 0)) | (x_nan & j_nan & lower)
-        cnt += beats.to(tl.int32)
-    tl.store(Out + offs, cnt < 2, mask=m)
-
-
-def _top2_mask_triton(score: torch.Tensor) -> torch.Tensor:
-    *lead, d = score.shape
-    if d % 4:
-        raise ValueError(f"score: last dimension must be divisible by 4, got shape {tuple(score.shape)}")
-    x = score if score.dtype in (torch.float32, torch.float16, torch.bfloat16) else score.float()
-    x = x.contiguous()
-    out = torch.empty(score.shape, dtype=torch.bool, device=score.device)
-    n_groups = x.numel() // 4
-    if n_groups:
-        BLOCK = 256
-        _top2_kernel[(triton.cdiv(n_groups, BLOCK),)](x, out, n_groups, BLOCK=BLOCK, num_warps=4)
-    return out
-
-
-@_jit
+@jit
 def _sweep_kernel(R, A, Bt, S, GI, bA, bB, passes,
                   s_rt, s_ri, s_rj, s_at, s_ai, s_aj, s_bt, s_bi, s_bj, s_st, s_si, s_sj,
                   BA: tl.constexpr, BB: tl.constexpr, R_IN_REGS: tl.constexpr, RCH: tl.constexpr):
@@ -308,10 +223,10 @@ def _sweep_kernel(R, A, Bt, S, GI, bA, bB, passes,
                 n3 = 0.0
                 best = 0.0
                 for p in tl.static_range(6):
-                    I = 0 if p < 3 else (1 if p < 5 else 2)
-                    J = 1 if p == 0 else (2 if (p == 1 or p == 3) else 3)
-                    fi = f0 if I == 0 else (f1 if I == 1 else f2)
-                    fj = f1 if J == 1 else (f2 if J == 2 else f3)
+                    pos_i = 0 if p < 3 else (1 if p < 5 else 2)
+                    pos_j = 1 if p == 0 else (2 if (p == 1 or p == 3) else 3)
+                    fi = f0 if pos_i == 0 else (f1 if pos_i == 1 else f2)
+                    fj = f1 if pos_j == 1 else (f2 if pos_j == 2 else f3)
                     cii = tl.load(gi + 16 + p)
                     cij = tl.load(gi + 22 + p)
                     cjj = tl.load(gi + 28 + p)
@@ -327,10 +242,10 @@ def _sweep_kernel(R, A, Bt, S, GI, bA, bB, passes,
                     else:
                         up = gain > best
                         best = tl.where(up, gain, best)
-                        n0 = tl.where(up, si if I == 0 else 0.0, n0)
-                        n1 = tl.where(up, si if I == 1 else (sj if J == 1 else 0.0), n1)
-                        n2 = tl.where(up, si if I == 2 else (sj if J == 2 else 0.0), n2)
-                        n3 = tl.where(up, sj if J == 3 else 0.0, n3)
+                        n0 = tl.where(up, si if pos_i == 0 else 0.0, n0)
+                        n1 = tl.where(up, si if pos_i == 1 else (sj if pos_j == 1 else 0.0), n1)
+                        n2 = tl.where(up, si if pos_i == 2 else (sj if pos_j == 2 else 0.0), n2)
+                        n3 = tl.where(up, sj if pos_j == 3 else 0.0, n3)
                 # acceptance, as group_objective: q(s) = sᵀ(n G s − 2f) must not rise; and n > 0
                 Gn0 = g00 * n0 + g01 * n1 + g02 * n2 + g03 * n3
                 Gn1 = g10 * n0 + g11 * n1 + g12 * n2 + g13 * n3
@@ -368,8 +283,8 @@ def _sweep_kernel(R, A, Bt, S, GI, bA, bB, passes,
         tl.store(R_t + ri[:, None] * s_ri + cj[None, :] * s_rj, Rt, mask=im[:, None] & jm[None, :])
 
 
-def _sweep_tiles_triton(R, A, Bt, S, passes: int = 1, *, r_in_registers: bool = False,
-                        num_warps: int | None = None):
+def sweep_tiles_triton(R, A, Bt, S, passes: int = 1, *, r_in_registers: bool = False,
+                       num_warps: int | None = None):
     """Same contract as `sweep_tiles_reference` (float32; R and S updated in place and returned).
 
     The 4×4 Gram matrices and their 6 pattern inverses depend only on B̃, so they are formed once
@@ -393,7 +308,7 @@ def _sweep_tiles_triton(R, A, Bt, S, passes: int = 1, *, r_in_registers: bool = 
     Gram = Bg @ Bg.transpose(-1, -2)                                   # (T, ng, 4, 4), as the reference
     inv = pattern_inverses(Gram)                                       # (T, ng, 3, 6), same ridge
     GI = torch.cat((Gram.reshape(T, ng, 16), inv.reshape(T, ng, 18)), -1).contiguous()  # (T, ng, 34)
-    BA, BB = _next_pow2(bA), _next_pow2(bB)
+    BA, BB = next_pow2(bA), next_pow2(bB)
     if num_warps is None:
         num_warps = 8 if r_in_registers else 1
     RCH = max(1, min(BA, (256 * num_warps) // BB))                     # ≤ 8 fp32/thread per chunk
