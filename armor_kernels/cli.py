@@ -4,6 +4,9 @@
     python -m armor_kernels prune --method armor --out runs/armor
     python -m armor_kernels eval --checkpoint runs/armor
     python -m armor_kernels compare --out runs/compare  # every method: CSV + Markdown table
+    python -m armor_kernels export-dense runs/armor runs/armor-dense   # plain HF checkpoint
+    python -m armor_kernels convert OLD_V1_DIR NEW_DIR  # format v1 -> v2
+    python -m armor_kernels lm-eval --model hf --model_args pretrained=runs/armor ...   # lm-eval's CLI
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 from .atomic import save_json, write_text
 from .nn import prepare_fused
 from .optim import ArmorOptions
-from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes, load_pruned_model
+from .hf import load_pruned_model
+from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.evaluate import perplexity
 from .pipeline.model import load_model
@@ -97,7 +101,7 @@ def run_method(method: str, args, out: Path, dense: "Dense") -> dict:
         opts = _armor_options(args) if method == "armor" else None
         report = prune_model(copy.deepcopy(model), tok, splits.calibration, method, out, options=opts,
                              device=args.device, source=args.model)
-        pruned, _ = load_pruned_model(out)  # evaluate what was saved: proves the checkpoint
+        pruned, _ = load_pruned_model(out)  # evaluate what was saved, through from_pretrained
         prepare_fused(pruned.to(args.device))
     t0 = time.perf_counter()
     ppl = perplexity(pruned.to(args.device), splits.evaluation, seq_len=args.seq_len)
@@ -112,7 +116,6 @@ def run_method(method: str, args, out: Path, dense: "Dense") -> dict:
         "per_block_bytes": sizes.get("per_block", []),
     }
     save_json(done, result)
-    save_json(out / "layer_report.json", report["layers"])
     return result
 
 
@@ -156,9 +159,27 @@ def cmd_eval(args) -> None:
     print(json.dumps({"perplexity": round(ppl, 4), **sizes}, indent=2))
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="armor-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def cmd_export_dense(args) -> None:
+    from .hf import export_dense
+    export_dense(args.checkpoint, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"wrote {args.out}: a plain Hugging Face checkpoint (no plugin needed to load it)")
+
+
+def cmd_convert(args) -> None:
+    from .pipeline.checkpoint import convert_v1
+    convert_v1(args.src, args.dst)
+    print(f"wrote {args.dst} (format v2)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as for every other mistake
+        self.exit(2, f"armor-kernels: error: {message} (see `{self.prog} --help`)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="armor-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("main", help="ARMOR-prune the bundled model with defaults; perplexity beside dense")
     p.add_argument("--out", default="runs/main")
     _data_args(p), _prune_args(p)
@@ -173,16 +194,46 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     _data_args(p), _prune_args(p)
-    args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-    if args.cmd == "main":
-        cmd_compare(args, ["dense", "armor"])
-    elif args.cmd == "compare":
-        cmd_compare(args, args.methods)
-    elif args.cmd == "prune":
-        cmd_prune(args)
-    else:
-        cmd_eval(args)
+    p = sub.add_parser("export-dense", help="write a pruned checkpoint as a plain dense Hugging Face checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights' dtype (default: the pruning run's model dtype)")
+    p = sub.add_parser("convert", help="rewrite a format-v1 checkpoint directory as format v2")
+    p.add_argument("src")
+    p.add_argument("dst")
+    sub.add_parser("lm-eval", help="lm-eval's own CLI with the armor plugin registered: lm-eval ARGS...",
+                   add_help=False)
+    return ap
+
+
+COMMANDS = {"main": lambda a: cmd_compare(a, ["dense", "armor"]), "compare": lambda a: cmd_compare(a, a.methods),
+            "prune": cmd_prune, "eval": cmd_eval, "export-dense": cmd_export_dense, "convert": cmd_convert}
+# What a user's mistake raises (missing or corrupt files, bad options, too little text): one line, exit 2.
+USER_ERRORS = (OSError, ValueError)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1]
+    if debug:
+        argv = argv[1:]
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's
+        from .lm_eval import main as lm_eval_main
+        return lm_eval_main(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        torch.manual_seed(getattr(args, "seed", 0))
+        COMMANDS[args.cmd](args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"armor-kernels: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("armor-kernels: interrupted; finished blocks are saved, the same command resumes", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

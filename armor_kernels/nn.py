@@ -1,16 +1,29 @@
-"""ArmorLinear: a drop-in replacement for nn.Linear holding Ŵ = A' · S · B' (r, c folded in).
+"""The pruned linear layers: drop-in replacements for nn.Linear.
 
-forward: y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias. S is kept either dense (with its zeros) or packed in the
-portable 2:4 form of `sparse24` (kept values + 2-bit positions); `pack()` converts once.
+ArmorLinear      Ŵ = A' · S · B' (r, c folded in); y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias. S is kept either dense
+                 (with its zeros) or packed in the portable 2:4 form of `sparse24` (kept values + 2-bit
+                 positions); `pack()` converts once.
+Sparse24Linear   a baseline's 2:4 weight, packed the same way (9/16 of the dense bf16 bytes).
+
+Both store, besides their tensors, an empty uint8 `weight` (shape (0,)): a checkpoint of them has a tensor
+under every pruned linear's `.weight` name whose shape cannot match nn.Linear's, so a loader that does
+not know the format (transformers without this package's plugin) fails loudly instead of building
+random weights.
+
+Speed where the fused kernels do not run (CPU, other GPUs, fp32): `materialize()` keeps the dense
+product Ŵ (or the unpacked 2:4 weight) in the compute dtype beside the stored form and the forward is
+one F.linear: as fast as the dense model, at the dense model's memory (docs/DESIGN.md §5). The stored
+(saved) form stays packed; `prepare_fused()` drops the dense copy where the fused kernels take over.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 from .factors import ArmorFactors, block_right
-from .sparse24 import check_24, pack_24, unpack_24
+from .sparse24 import check_24, check_packed_24, pack_24, unpack_24
 
 
 class ArmorLinear(nn.Module):
@@ -33,7 +46,29 @@ class ArmorLinear(nn.Module):
         # S in the fused kernels' device-specific layout (prepare_fused); rebuilt at load, never saved.
         self.register_buffer("sm90_values", None, persistent=False)
         self.register_buffer("sm90_meta", None, persistent=False)
+        _add_marker_and_dense(self, A.device)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_packed(cls, A: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, B: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> "ArmorLinear":
+        """A packed layer from stored tensors (S in the portable form of `sparse24`)."""
+        check_packed_24(values, idx)
+        mod = cls(A, torch.zeros(values.shape[0], 2 * values.shape[1], dtype=values.dtype, device="meta"), B, bias)
+        mod.S, mod.S_values, mod.S_idx = None, values, idx
+        return mod
+
+    @classmethod
+    def empty(cls, d_out: int, d_in: int, block: tuple[int, int], bias: bool, dtype: torch.dtype,
+              device=None) -> "ArmorLinear":
+        """A packed layer of the right shapes with uninitialised tensors, for a loader to fill in."""
+        (bA, bB), kw = block, {"dtype": dtype, "device": device}
+        for name, d, b in (("d_out", d_out, bA), ("d_in", d_in, bB)):
+            if b < 1 or d % b:
+                raise ValueError(f"block: {name}={d} is not a multiple of its block size {b}")
+        return cls.from_packed(torch.empty(d_out // bA, bA, bA, **kw), torch.empty(d_out, d_in // 2, **kw),
+                               torch.empty(d_out, d_in // 8, dtype=torch.uint8, device=device),
+                               torch.empty(d_in // bB, bB, bB, **kw), torch.empty(d_out, **kw) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, factors: ArmorFactors, dtype: torch.dtype | None = None) -> "ArmorLinear":
@@ -63,16 +98,25 @@ class ArmorLinear(nn.Module):
     def sparse_core(self) -> torch.Tensor:
         return unpack_24(self.S_values, self.S_idx) if self.packed else self.S
 
-    def to_dense(self) -> torch.Tensor:
-        """The dense weight Ŵ = A' S B' (d_out, d_in), in the module's dtype."""
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight Ŵ = A' S B' (d_out, d_in), computed in float32, returned in `dtype`
+        (default: the module's)."""
         W = block_right(self.sparse_core().float(), self.B.float())
         nA, bA, _ = self.A.shape
         W = torch.bmm(self.A.float(), W.reshape(nA, bA, -1)).reshape(W.shape)
-        return W.to(self.A.dtype)
+        return W.to(dtype or self.A.dtype)
+
+    def materialize(self, dtype: torch.dtype | None = None) -> "ArmorLinear":
+        """Keep Ŵ in `dtype` (default: the module's) for a one-matmul forward on inputs of that dtype
+        (see the module docstring)."""
+        self.dense_weight = self.to_dense(dtype)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if self.dense_weight is not None and self.dense_weight.dtype == x.dtype:
+            return F.linear(x, self.dense_weight, None if self.bias is None else self.bias.to(x.dtype))
         # torch.ops.armor.linear: the fused Hopper kernels when prepare_fused() ran, the reference otherwise.
         S, S_idx = (self.S_values, self.S_idx) if self.packed else (self.S, None)
         fused = self.sm90_values is not None and self.sm90_values.dtype == x.dtype
@@ -88,11 +132,75 @@ class ArmorLinear(nn.Module):
             return False
         self.pack()
         self.sm90_values, self.sm90_meta = ops.pack_sm90(self.sparse_core().to(self.A.dtype))
+        self.dense_weight = None  # the fused kernels read the packed forms
         return True
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block=({self.A.shape[1]}, {self.B.shape[1]}), packed={self.packed}, bias={self.bias is not None}")
+
+
+class Sparse24Linear(nn.Module):
+    """A 2:4 weight in the portable packed form (kept values + 2-bit positions) and an optional bias."""
+
+    def __init__(self, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        d_out, d_in = values.shape[0], values.shape[1] * 2
+        check_packed_24(values, idx)
+        if bias is not None and bias.shape != (d_out,):
+            raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
+        self.in_features, self.out_features = d_in, d_out
+        self.register_buffer("S_values", values)
+        self.register_buffer("S_idx", idx)
+        _add_marker_and_dense(self, values.device)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Sparse24Linear":
+        """Pack a dense 2:4 weight (d_out, d_in); values keep the weight's dtype."""
+        return cls(*pack_24(weight.detach()), None if bias is None else bias.detach().to(weight.dtype))
+
+    @classmethod
+    def empty(cls, d_out: int, d_in: int, bias: bool, dtype: torch.dtype, device=None) -> "Sparse24Linear":
+        """A layer of the right shapes with uninitialised tensors, for a loader to fill in."""
+        kw = {"dtype": dtype, "device": device}
+        return cls(torch.empty(d_out, d_in // 2, **kw), torch.empty(d_out, d_in // 8, dtype=torch.uint8, device=device),
+                   torch.empty(d_out, **kw) if bias else None)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense 2:4 weight (d_out, d_in) in `dtype` (default: the stored values')."""
+        return unpack_24(self.S_values, self.S_idx).to(dtype or self.S_values.dtype)
+
+    def materialize(self, dtype: torch.dtype | None = None) -> "Sparse24Linear":
+        self.dense_weight = self.to_dense(dtype)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        W = self.dense_weight if self.dense_weight is not None and self.dense_weight.dtype == x.dtype \
+            else self.to_dense(x.dtype)
+        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+PRUNED_LINEARS = (ArmorLinear, Sparse24Linear)
+
+
+def _add_marker_and_dense(mod: nn.Module, device) -> None:
+    """The empty `weight` marker (saved; see the module docstring) and the dense copy (never saved)."""
+    mod.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
+    mod.register_buffer("dense_weight", None, persistent=False)
+
+
+def materialize(model: nn.Module) -> int:
+    """`materialize()` on every pruned linear of a model, each in its own dtype; returns how many."""
+    mods = [m for m in model.modules() if isinstance(m, PRUNED_LINEARS)]
+    for m in mods:
+        m.materialize()
+    return len(mods)
 
 
 def prepare_fused(model: nn.Module) -> int:

@@ -9,7 +9,8 @@ import armor_kernels
 from armor_kernels.nn import ArmorLinear
 from armor_kernels.optim import ArmorOptions, options as options_mod
 from armor_kernels.pipeline import prune as prune_mod
-from armor_kernels.pipeline.checkpoint import layer_path, load_pruned_model
+from armor_kernels.hf import load_pruned_model
+from armor_kernels.pipeline.checkpoint import block_shard
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
 from armor_kernels.pipeline.prune import METHODS, block_inputs, collect_stats, prune_block_linears, prune_model
@@ -44,7 +45,7 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
     if method == "dense":
         return
     for i in range(2):
-        tensors = load_file(layer_path(tmp_path, i))
+        tensors = load_file(block_shard(tmp_path, i))
         names = {k.rsplit(".", 1)[0] for k in tensors}
         assert len(names) == 7
         for name in names:
@@ -52,7 +53,7 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
             assert ((S != 0).reshape(S.shape[0], -1, 4).sum(-1) <= 2).all(), f"2:4 broken in {name}"
             assert S.dtype == torch.bfloat16  # stored like the dense bf16 model it is measured against
         if method != "armor":  # kept values + 2-bit positions: 9/16 of the dense bf16 bytes
-            dense_bytes = sum(2 * lin.weight.numel() for lin in block_linears(decoder_layers(model)[i]).values())
+            dense_bytes = sum(2 * lin.weight.numel() for lin in block_linears(decoder_layers(fresh())[i]).values())
             assert sum(t.numel() * t.element_size() for t in tensors.values()) == dense_bytes * 9 // 16
     q = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q, ArmorLinear) == (method == "armor")
@@ -95,12 +96,12 @@ def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypa
     monkeypatch.setattr(prune_mod, "save_block", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
-    assert calls == [0] and not layer_path(tmp_path / "resumed", 1).exists()
+    assert calls == [0] and not block_shard(tmp_path / "resumed", 1).exists()
     monkeypatch.setattr(prune_mod, "save_block", real_save)
     resumed = prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
     assert resumed["layers"] == straight["layers"]  # block 0's losses come back from its file
     for i in range(2):
-        a, b = load_file(layer_path(tmp_path / "straight", i)), load_file(layer_path(tmp_path / "resumed", i))
+        a, b = load_file(block_shard(tmp_path / "straight", i)), load_file(block_shard(tmp_path / "resumed", i))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -151,7 +152,7 @@ def test_run_config_records_every_option_with_its_default(tiny):
 def test_corrupt_or_incomplete_checkpoint_errors(tiny, tmp_path):
     _, tok, calib, fresh = tiny
     prune_model(fresh(), tok, calib, "magnitude", tmp_path)
-    path = layer_path(tmp_path, 1)
+    path = block_shard(tmp_path, 1)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_pruned_model(tmp_path)

@@ -1,162 +1,256 @@
-"""The packed checkpoint: a self-contained directory, safetensors only.
+"""The pruned checkpoint, format v2: a Hugging Face model directory, safetensors only.
 
-    config.json           run configuration (method, block size, options, format version, model config)
-    tokenizer files       so the checkpoint evaluates without its source model
-    rest.safetensors      everything that is not pruned (embeddings, norms, lm_head), dense
-    layers/block_NNN.safetensors   one file per decoder block, written atomically when the block is done
+    config.json                    the model's own config, plus quantization_config {"quant_method": "armor",
+                                   "format_version": 2, "method", "storage_dtype", "modules": {name: spec}}
+    generation_config.json, tokenizer files
+    armor_run.json                 run metadata: configuration and its hash, calibration hash, per-linear
+                                   reports, number of processes
+    model-rest.safetensors         every tensor outside the decoder blocks' pruned linears (embeddings, norms, …)
+    model-block-NNNNN.safetensors  decoder block NNNNN's pruned linears under their full state-dict keys,
+                                   written atomically when the block is done; the run's hash and the block's
+                                   report are in its metadata, so a resumed run loses nothing
+    model.safetensors.index.json   the weight map, written only when the last block is done: a partial run
+                                   never loads as a model, and resuming works from the block shards
 
-Per pruned linear `<name>` of a block: ARMOR stores `<name>.A`, `<name>.B` (block-diagonal blocks,
-r and c folded in), `<name>.S_values`, `<name>.S_idx` (2:4 kept values + 2-bit positions) and
-`<name>.bias` if any; a baseline stores `<name>.S_values`, `<name>.S_idx` (its pruned weight, packed
-the same way) and `<name>.bias`. Each layer file carries the run's config hash in its metadata, so a
-resumed run never mixes layers of different configurations.
+Per pruned linear `<name>` (e.g. model.layers.3.self_attn.q_proj), the tensors of its module (nn.py):
+ArmorLinear `A`, `B` (diagonal blocks, r and c folded in), `S_values`, `S_idx` (portable 2:4), `bias`;
+Sparse24Linear (the baselines) `S_values`, `S_idx`, `bias`; both `weight`, an empty uint8 tensor that makes
+stock transformers (without this package's plugin, `armor_kernels.hf`) refuse the directory instead of
+building random weights. Values are stored in bf16. A "dense" run is a plain `save_pretrained` directory.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_write, save_json
-from ..nn import ArmorLinear
-from ..sparse24 import pack_24, unpack_24
-from .model import adopt, block_linears, decoder_layers
+from ..atomic import atomic_write, save_json, write_text
+from ..factors import block_sizes
+from ..nn import PRUNED_LINEARS, ArmorLinear, Sparse24Linear
+from .model import block_linears, decoder_layers, layers_prefix
 
-FORMAT_VERSION = 1
-STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in memory uses the same values
+FORMAT_VERSION = 2
+QUANT_METHOD = "armor"
+STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in memory holds the same values
+RUN_FILE = "armor_run.json"
+INDEX_FILE = "model.safetensors.index.json"
+REST_SHARD = "model-rest.safetensors"
 
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def layer_path(out: Path, i: int) -> Path:
-    return Path(out) / "layers" / f"block_{i:03d}.safetensors"
+def block_shard(out: Path, i: int) -> Path:
+    return Path(out) / f"model-block-{i:05d}.safetensors"
 
 
-def linear_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    """The stored form of one pruned linear (ArmorLinear, or nn.Linear holding a 2:4 weight)."""
-    if isinstance(module, ArmorLinear):
-        out = {f"{name}.A": module.A, f"{name}.B": module.B}
-        values, idx = (module.S_values, module.S_idx) if module.packed else pack_24(module.S)
-    else:  # its weight holds STORAGE_DTYPE values in the model's dtype: the cast back is exact
-        out = {}
-        values, idx = pack_24(module.weight.detach().to(STORAGE_DTYPE))
-    out[f"{name}.S_values"], out[f"{name}.S_idx"] = values, idx
-    if module.bias is not None:
-        out[f"{name}.bias"] = module.bias.detach().to(out[f"{name}.S_values"].dtype)
-    return {k: v.contiguous().cpu() for k, v in out.items()}
+def module_specs(model: nn.Module, method: str, block_size: int | None) -> dict[str, dict]:
+    """quantization_config["modules"]: full name -> {"kind": "armor", "block": [bA, bB]} or {"kind": "sparse24"}."""
+    prefix, specs = layers_prefix(model), {}
+    for i, block in enumerate(decoder_layers(model)):
+        for name, lin in block_linears(block).items():
+            spec = {"kind": "sparse24"}
+            if method == "armor":
+                spec = {"kind": "armor", "block": list(block_sizes((lin.out_features, lin.in_features), block_size))}
+            specs[f"{prefix}.{i}.{name}"] = spec
+    return specs
 
 
-def save_block(out: Path, i: int, linears: dict[str, nn.Module], chash: str, report: dict) -> None:
-    """One block's pruned linears, with the run's config hash and the block's report (ARMOR's losses)
-    in the metadata, so a resumed run loses nothing."""
-    tensors = {}
-    for name, mod in linears.items():
-        tensors.update(linear_tensors(name, mod))
-    meta = {"config_hash": chash, "block": str(i), "report": json.dumps(report)}
-    atomic_write(layer_path(out, i), lambda tmp: save_file(tensors, tmp, metadata=meta))
+def quantization_config(method: str, modules: dict[str, dict]) -> dict:
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method,
+            "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."), "modules": modules}
 
 
-def load_block(out: Path, i: int, chash: str) -> tuple[dict[str, nn.Module], dict]:
-    """(name -> module (ArmorLinear, or nn.Linear with the unpacked 2:4 weight), report) of one saved block."""
-    path = layer_path(out, i)
+def read_run(out: Path) -> dict:
+    """The run metadata of a checkpoint directory (armor_run.json), with errors that name the file."""
+    path = Path(out) / RUN_FILE
     try:
-        tensors = load_file(path)
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint layer {str(path)!r} is corrupt or truncated: {e}") from e
-    meta = header.get("__metadata__", {})
-    if meta.get("config_hash") != chash:
-        raise ValueError(f"checkpoint layer {str(path)!r} was written by a different configuration "
-                         f"(hash {meta.get('config_hash')!r}, this run {chash!r}); use a new output directory")
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    modules = {}
-    for name in names:
-        get = lambda key: tensors.get(f"{name}.{key}")  # noqa: E731
-        S = unpack_24(get("S_values"), get("S_idx"))
-        if get("A") is not None:
-            modules[name] = ArmorLinear(get("A"), S, get("B"), get("bias")).pack()
-        else:
-            lin = nn.Linear(S.shape[1], S.shape[0], bias=get("bias") is not None, dtype=S.dtype)
-            lin.weight.data.copy_(S)
-            if lin.bias is not None:
-                lin.bias.data.copy_(get("bias"))
-            modules[name] = lin.requires_grad_(False)
-    return modules, json.loads(meta.get("report", "{}"))
+        meta = json.loads(path.read_text())
+        meta["run"], meta["config_hash"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {str(out)!r} has no {RUN_FILE} (not a pruning run's directory)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint file {str(path)!r} is unreadable: {e!r}") from e
+    return meta
 
 
-def pruned_names(model: nn.Module) -> set[str]:
-    """State-dict keys that live in the per-block layer files (the decoder blocks' linears)."""
-    layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    return {f"{prefix}.{i}.{name}.{p}" for i, block in enumerate(layers)
-            for name, lin in block_linears(block).items() for p, _ in lin.named_parameters()}
+def start_run(out: Path, model: nn.Module, tokenizer, run: dict, chash: str, block_size: int | None) -> None:
+    """Write everything but the block shards: tokenizer, config.json with the quantization_config, the
+    unpruned tensors and the run metadata. A dense run writes the whole model as it is."""
+    out = Path(out)
+    tokenizer.save_pretrained(out)
+    if run["method"] == "dense":
+        model.save_pretrained(out)
+    else:
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]  # as save_pretrained records it
+        config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], block_size))
+        write_text(out / "config.json", config.to_json_string())
+        if getattr(model, "generation_config", None) is not None:
+            write_text(out / "generation_config.json", model.generation_config.to_json_string())
+        save_rest(model, out)
+    save_json(out / RUN_FILE, {"run": run, "config_hash": chash})
 
 
-def save_rest(model: nn.Module, out: Path, dense: bool = False) -> None:
-    """Everything not pruned (embeddings, norms, lm_head; all of it for a dense checkpoint),
-    deduplicating tied weights."""
-    skip, seen, rest = (set() if dense else pruned_names(model)), set(), {}
+def pruned_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the decoder blocks' linears: they live in the block shards, not the rest."""
+    prefix = layers_prefix(model)
+    return {f"{prefix}.{i}.{name}.{p}" for i, block in enumerate(decoder_layers(model))
+            for name, lin in block_linears(block).items() for p in lin.state_dict()}
+
+
+def save_rest(model: nn.Module, out: Path) -> None:
+    """Everything not pruned (embeddings, norms, lm_head), tied weights once (transformers re-ties them)."""
+    skip, seen, rest = pruned_keys(model), set(), {}
     for k, v in model.state_dict().items():
         if k in skip or v.data_ptr() in seen:
             continue
         seen.add(v.data_ptr())
         rest[k] = v.detach().contiguous().cpu()
-    atomic_write(Path(out) / "rest.safetensors", lambda tmp: save_file(rest, tmp))
+    atomic_write(Path(out) / REST_SHARD, lambda tmp: save_file(rest, tmp, metadata={"format": "pt"}))
 
 
-def load_pruned_model(out: str | Path):
-    """(model, tokenizer) rebuilt from a checkpoint directory: ArmorLinear / pruned linears in place."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def stored_tensors(prefix: str, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The shard of a block: every pruned module's state dict under full keys, values in STORAGE_DTYPE
+    (exact: they were rounded to it when pruned)."""
+    out = {}
+    for name, mod in modules.items():
+        if not isinstance(mod, PRUNED_LINEARS):
+            raise TypeError(f"{name}: expected a pruned linear {PRUNED_LINEARS}, got {type(mod).__name__}")
+        for k, v in mod.pack().state_dict().items() if isinstance(mod, ArmorLinear) else mod.state_dict().items():
+            v = v.detach().to(STORAGE_DTYPE) if v.is_floating_point() else v.detach()
+            out[f"{prefix}.{name}.{k}"] = v.contiguous().cpu()
+    return out
 
+
+def save_block(out: Path, i: int, prefix: str, modules: dict[str, nn.Module], chash: str, report: dict) -> None:
+    """One block's pruned linears (keys `prefix.name.tensor`), with the run's hash and the block's report."""
+    tensors = stored_tensors(prefix, modules)
+    meta = {"format": "pt", "config_hash": chash, "block": str(i), "report": json.dumps(report)}
+    atomic_write(block_shard(out, i), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated: {e}") from e
+
+
+def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, nn.Module]:
+    """name -> ArmorLinear / Sparse24Linear rebuilt from `name.tensor` keys (`where` names the source)."""
+    modules = {}
+    for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        get = lambda key: tensors.get(f"{name}.{key}")  # noqa: E731
+        try:
+            if get("A") is not None:
+                modules[name] = ArmorLinear.from_packed(get("A"), get("S_values"), get("S_idx"), get("B"), get("bias"))
+            else:
+                modules[name] = Sparse24Linear(get("S_values"), get("S_idx"), get("bias"))
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ValueError(f"{where}: tensors of {name!r} are missing or malformed: {e}") from e
+    return modules
+
+
+def load_block(out: Path, i: int, prefix: str, chash: str) -> tuple[dict[str, nn.Module], dict]:
+    """(name within the block -> module, report) of a finished block shard (resume)."""
+    path = block_shard(out, i)
+    tensors, meta = _read_shard(path)
+    if meta.get("config_hash") != chash:
+        raise ValueError(f"checkpoint shard {str(path)!r} was written by a different configuration "
+                         f"(hash {meta.get('config_hash')!r}, this run {chash!r}); use a new output directory")
+    head = f"{prefix}.{i}."
+    local = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
+    if len(local) != len(tensors):
+        raise ValueError(f"checkpoint shard {str(path)!r} holds tensors outside block {i} (keys not under {head!r})")
+    return modules_from_tensors(local, str(path)), json.loads(meta.get("report", "{}"))
+
+
+def finish_run(out: Path, n_blocks: int, reports: dict, world_size: int = 1) -> None:
+    """The last block is done: record the reports, then write the index that makes the directory a model."""
     out = Path(out)
-    cfg_path = out / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(out)!r} has no config.json")
-    try:
-        meta = json.loads(cfg_path.read_text())
-        run, chash = meta["run"], meta["config_hash"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint config {str(cfg_path)!r} is unreadable: {e}") from e
-    if run.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {str(out)!r} has format version {run.get('format_version')!r}, "
-                         f"this package reads {FORMAT_VERSION}")
-    mc = dict(run["model_config"])
-    config = AutoConfig.for_model(mc.pop("model_type"), **mc)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, run["model_dtype"]))
-    try:
-        rest = load_file(out / "rest.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"checkpoint file {str(out / 'rest.safetensors')!r} is missing or corrupt: {e}") from e
-    missing, _ = model.load_state_dict(rest, strict=False)
-    missing = set(missing) - (pruned_names(model) if run["method"] != "dense" else set())
-    if model.config.tie_word_embeddings:
-        missing.discard("lm_head.weight")
-    if missing:
-        raise ValueError(f"checkpoint {str(out)!r} lacks tensors {sorted(missing)[:5]}")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    dtype = next(model.parameters()).dtype
-    if run["method"] != "dense":
-        for i, block in enumerate(decoder_layers(model)):
-            if not layer_path(out, i).exists():
-                raise ValueError(f"checkpoint {str(out)!r} is incomplete: block {i} was never written "
-                                 "(resume the prune run to finish it)")
-            adopt(block, load_block(out, i, chash)[0], dtype, "cpu")
-    return model.eval(), AutoTokenizer.from_pretrained(out)
+    meta = read_run(out)
+    save_json(out / RUN_FILE, {**meta, "reports": reports, "world_size": world_size})
+    weight_map, total = {}, 0
+    for shard in [out / REST_SHARD] + [block_shard(out, i) for i in range(n_blocks)]:
+        with safe_open(shard, "pt") as f:
+            for k in f.keys():
+                weight_map[k] = shard.name
+                sl = f.get_slice(k)
+                total += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
+    save_json(out / INDEX_FILE, {"metadata": {"total_size": total, "format_version": FORMAT_VERSION},
+                                 "weight_map": dict(sorted(weight_map.items()))})
 
+
+def _itemsize(dtype: str) -> int:
+    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}[dtype]
+
+
+def missing_blocks(out: Path) -> list[int]:
+    """Decoder blocks a pruning run in `out` has not written yet (from config.json's layer count)."""
+    config = json.loads((Path(out) / "config.json").read_text())
+    n = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
+    return [i for i in range(n or 0) if not block_shard(out, i).exists()]
+
+
+def check_complete(out: str | Path) -> None:
+    """Raise a clear error unless `out` is a finished checkpoint whose shards all open."""
+    out = Path(out)
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {str(out)!r} has no config.json") from None
+    except ValueError as e:
+        raise ValueError(f"checkpoint file {str(out / 'config.json')!r} is not valid JSON: {e}") from e
+    if "run" in config and "model_type" not in config:
+        raise ValueError(f"checkpoint {str(out)!r} is in format v1; convert it: "
+                         f"python -m armor_kernels convert {out} NEW_DIR")
+    index = out / INDEX_FILE
+    if (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+        missing = missing_blocks(out)
+        if missing or not index.is_file():
+            blocks = ", ".join(map(str, missing[:5])) + (", …" if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint {str(out)!r} is incomplete: block {blocks} never written "
+                             "(run the same prune command again to resume)")
+    if index.is_file():
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            check_shard(out / shard)
+
+
+def check_shard(path: Path) -> None:
+    """The header parses and every tensor's bytes lie inside the file; errors name the file (and the
+    tensor), where transformers would fail later with less to go on."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 28 else None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated (header unreadable: {e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated (no safetensors header)")
+    size = path.stat().st_size - 8 - n
+    for k, v in header.items():
+        if k != "__metadata__" and v["data_offsets"][1] > size:
+            raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated: tensor {k!r} ends past the file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
 
 def block_dense_bf16_bytes(block: nn.Module) -> int:
     """What the block's linears (pruned or not) take as dense bf16 weights and biases."""
     return sum(2 * m.out_features * (m.in_features + (m.bias is not None)) for m in block.modules()
-               if isinstance(m, (nn.Linear, ArmorLinear)))
+               if isinstance(m, (nn.Linear, *PRUNED_LINEARS)))
 
 
 def dense_bf16_linear_bytes(model: nn.Module) -> int:
@@ -164,9 +258,58 @@ def dense_bf16_linear_bytes(model: nn.Module) -> int:
 
 
 def checkpoint_sizes(out: Path, model: nn.Module) -> dict:
-    """Bytes on disk against the dense bf16 model: per block (its layer file), all pruned linears,
-    and the whole checkpoint directory."""
-    per_block = [{"block": i, "bytes": layer_path(out, i).stat().st_size, "dense_bf16_bytes": block_dense_bf16_bytes(b)}
+    """Bytes on disk against the dense bf16 model: per block (its shard), all pruned linears, and the
+    whole checkpoint directory."""
+    per_block = [{"block": i, "bytes": block_shard(out, i).stat().st_size, "dense_bf16_bytes": block_dense_bf16_bytes(b)}
                  for i, b in enumerate(decoder_layers(model))]
     total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     return {"linear_bytes": sum(b["bytes"] for b in per_block), "checkpoint_bytes": total, "per_block": per_block}
+
+
+# ---------------------------------------------------------------------------------------------
+# Format v1 (config.json {"run", "config_hash"}, rest.safetensors, layers/block_NNN.safetensors)
+# ---------------------------------------------------------------------------------------------
+
+def convert_v1(src: str | Path, dst: str | Path) -> None:
+    """Rewrite a v1 checkpoint directory as v2 (same tensors, same values; the v1 run's configuration
+    and hash kept in armor_run.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, dst = Path(src), Path(dst)
+    try:
+        meta = json.loads((src / "config.json").read_text())
+        run, chash = meta["run"], meta["config_hash"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{str(src)!r} is not a v1 checkpoint (config.json with 'run'): {e!r}") from e
+    if run.get("format_version") != 1:
+        raise ValueError(f"{str(src)!r} has format version {run.get('format_version')!r}, convert reads 1")
+    if dst.exists() and any(dst.iterdir()):
+        raise ValueError(f"output directory {str(dst)!r} is not empty")
+    mc = dict(run["model_config"])
+    mc.pop("quantization_config", None)
+    config = AutoConfig.for_model(mc.pop("model_type"), **mc)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, run["model_dtype"]))
+    rest, _ = _read_shard(src / "rest.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    run = {**run, "format_version": FORMAT_VERSION, "converted_from_v1": True}
+    block_size = run["options"].get("block_size", 128)
+    dst.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(dst)
+    if run["method"] == "dense":
+        raise ValueError("convert: a v1 'dense' run holds the unpruned model; prune again or use the source model")
+    config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], block_size))
+    write_text(dst / "config.json", config.to_json_string())
+    atomic_write(dst / REST_SHARD, lambda tmp: save_file(rest, tmp, metadata={"format": "pt"}))
+    save_json(dst / RUN_FILE, {"run": run, "config_hash": chash})
+    prefix, reports = layers_prefix(model), {}
+    for i in range(len(decoder_layers(model))):
+        path = src / "layers" / f"block_{i:03d}.safetensors"
+        if not path.exists():
+            raise ValueError(f"v1 checkpoint {str(src)!r} is incomplete: {str(path)!r} missing")
+        tensors, meta_i = _read_shard(path)
+        modules = modules_from_tensors(tensors, str(path))  # v1 keys are the block-local names
+        report = json.loads(meta_i.get("report", "{}"))
+        save_block(dst, i, f"{prefix}.{i}", modules, chash, report)
+        reports.update({f"{i}.{n}": r for n, r in report.items()})
+    finish_run(dst, len(decoder_layers(model)), reports)

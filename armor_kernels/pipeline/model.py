@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from ..nn import ArmorLinear
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -42,7 +41,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
             raise ValueError(f"model file {str(path)!r} is not a .gguf file; "
                              "pass a Hugging Face directory with safetensors weights instead")
         where, tokenizer_kwargs = path.parent, {"gguf_file": path.name}
-        model_kwargs = tokenizer_kwargs
+        # dequantize=True: always dense nn.Linear layers, even where an optional GGUF kernel package would
+        # keep the file's quantized layers (transformers ≥ 5.23), which the pruner could not see
+        model_kwargs = {**tokenizer_kwargs, "quantization_config": GgufConfig(dequantize=True)}
     else:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
@@ -67,6 +68,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(outer, key=len)
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the decoder blocks, e.g. "model.layers" in Llama."""
+    layers = decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers)
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Name -> ``nn.Linear`` of every linear layer in a decoder block, in registration order
     (for Llama: q, k, v, o, gate, up, down projections)."""
@@ -83,7 +90,7 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def adopt(block: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype, device) -> None:
-    """Put pruned modules into the block: ArmorLinear keeps its stored dtype (its forward casts),
-    a pruned nn.Linear takes the model's dtype (bf16 → fp32 is exact)."""
+    """Put pruned modules into the block in the model's dtype (their stored bf16 values cast exactly): the
+    same modules and values as `from_pretrained` builds."""
     for name, mod in modules.items():
-        replace_module(block, name, mod.to(device) if isinstance(mod, ArmorLinear) else mod.to(device, dtype))
+        replace_module(block, name, mod.to(device, dtype))

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..baselines import BASELINES, SPARSEGPT_BLOCK, SPARSEGPT_DAMP
 from ..factors import ActivationStats
-from ..nn import ArmorLinear
+from ..nn import ArmorLinear, Sparse24Linear, materialize
 from ..optim import ArmorOptions, armor
-from .checkpoint import FORMAT_VERSION, STORAGE_DTYPE, config_hash, layer_path, load_block, save_block, save_json, save_rest
-from .model import adopt, block_linears, decoder_layers
+from .checkpoint import (FORMAT_VERSION, RUN_FILE, STORAGE_DTYPE, block_shard, config_hash, finish_run, load_block, read_run,
+                         save_block, start_run)
+from .model import adopt, block_linears, decoder_layers, layers_prefix
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
 
@@ -83,15 +84,11 @@ def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: A
     W = lin.weight.detach()
     if method == "armor":
         res = armor(W, stats, options)
-        mod = ArmorLinear.from_linear(lin, res.factors, dtype=STORAGE_DTYPE)
+        mod = ArmorLinear.from_linear(lin, res.factors, dtype=STORAGE_DTYPE).pack()
         return mod, {"nowag_p_loss": res.history.loss[0], "loss": res.loss}
     pruned = BASELINES[method](W, stats)
-    new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                    device=W.device, dtype=W.dtype).requires_grad_(False)
-    new.weight.copy_(pruned.weight.to(STORAGE_DTYPE))
-    if lin.bias is not None:
-        new.bias.copy_(lin.bias.detach().to(STORAGE_DTYPE))
-    return new, {}
+    bias = None if lin.bias is None else lin.bias.detach().to(STORAGE_DTYPE)
+    return Sparse24Linear.from_weight(pruned.weight.to(STORAGE_DTYPE), bias), {}
 
 
 def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats], method: str,
@@ -146,11 +143,23 @@ def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, m
     return json.loads(json.dumps(config))  # the form it has when read back from config.json
 
 
+def _refuse_foreign_directory(out: Path) -> None:
+    """Never write a run over a directory holding something else (a model, say): only an empty one, or one
+    whose start was interrupted (config.json already ours), is (re)started."""
+    cfg = out / "config.json"
+    if cfg.exists():
+        quant = json.loads(cfg.read_text()).get("quantization_config") or {}
+        if quant.get("quant_method") != "armor":
+            raise ValueError(f"output directory {str(out)!r} holds a model that is not a pruning run "
+                             f"(no {RUN_FILE}); use a new directory")
+
+
 def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
                 options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None
                 ) -> dict:
-    """Prune every decoder block's linears in place and write each block to `out` as it finishes;
-    with the tokenizer and the unpruned tensors beside them, `out` is a self-contained checkpoint.
+    """Prune every decoder block's linears in place and write each block to `out` as it finishes; when
+    the last is done, `out` is a Hugging Face model directory (checkpoint.py) and the model in memory is
+    what `from_pretrained(out)` builds: same modules, same values, dense copies materialised.
 
     Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
     with the same configuration; refuses one with a different configuration.
@@ -159,38 +168,38 @@ def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, o
     config = run_config(method, options, calib, model, source, batch_size)
     options = options or ArmorOptions()
     chash = config_hash(config)
-    cfg_path = out / "config.json"
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if config_hash(old.get("run", {})) != chash:
-            raise ValueError(f"output directory {str(out)!r} holds a run with a different configuration "
-                             f"(method {old.get('run', {}).get('method')!r}); use a new directory")
+    if not (out / RUN_FILE).exists():
+        _refuse_foreign_directory(out)
+        start_run(out, model, tokenizer, config, chash, options.block_size if method == "armor" else None)
     else:
-        tokenizer.save_pretrained(out)
-        save_rest(model, out, dense=(method == "dense"))
-        save_json(cfg_path, {"run": config, "config_hash": chash})
+        old = read_run(out)
+        if config_hash(old["run"]) != chash:
+            raise ValueError(f"output directory {str(out)!r} holds a run with a different configuration "
+                             f"(method {old['run'].get('method')!r}); use a new directory")
     if method == "dense":
         return {"config": config, "layers": {}, "seconds": 0.0}
 
     t0 = time.perf_counter()
     dtype = next(model.parameters()).dtype
-    layers = decoder_layers(model)
+    layers, prefix = decoder_layers(model), layers_prefix(model)
     report = {}
     with torch.no_grad():
         inputs = block_inputs(model, calib, batch_size, device)
         bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block")
         for i in bar:
             block = layers[i].to(device)
-            if layer_path(out, i).exists():
-                pruned, block_report = load_block(out, i, chash)
+            if block_shard(out, i).exists():
+                pruned, block_report = load_block(out, i, prefix, chash)
                 bar.set_postfix_str("resumed")
             else:
                 stats = collect_stats(block, inputs, full=(method == "sparsegpt"))
                 pruned, block_report = prune_block_linears(block_linears(block), stats, method, options,
                                                            torch.device(device))
-                save_block(out, i, pruned, chash, block_report)
+                save_block(out, i, f"{prefix}.{i}", pruned, chash, block_report)
             adopt(block, pruned, dtype, device)
             report.update({f"{i}.{name}": r for name, r in block_report.items()})
             inputs = run_block(block, inputs)
             layers[i] = block
+    finish_run(out, len(layers), report)
+    materialize(model)
     return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,250 @@
+"""The Hugging Face-native checkpoint: from_pretrained, save_pretrained, generate, stock transformers,
+dense export and the v1 converter, on a tiny model built from the bundled model's real config."""
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from armor_kernels import hf  # noqa: E402
+from armor_kernels.cli import main as cli_main  # noqa: E402
+from armor_kernels.nn import ArmorLinear, Sparse24Linear, materialize  # noqa: E402
+from armor_kernels.optim import ArmorOptions  # noqa: E402
+from armor_kernels.pipeline import checkpoint as ckpt  # noqa: E402
+from armor_kernels.pipeline.model import decoder_layers  # noqa: E402
+from armor_kernels.pipeline.prune import METHODS, prune_model  # noqa: E402
+
+PRUNED = [m for m in METHODS if m != "dense"]
+
+
+@pytest.fixture(scope="module")
+def tiny(bundled, tiny_llama):
+    model, tok = bundled
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    return tok, calib, tokens, lambda: tiny_llama(model.config)
+
+
+@pytest.fixture(scope="module")
+def pruned_dirs(tiny, tmp_path_factory):
+    """method -> (directory, the pruned model in memory), every method pruned once."""
+    tok, calib, _, fresh = tiny
+    out = {}
+    for method in PRUNED:
+        d = tmp_path_factory.mktemp(method)
+        model = fresh()
+        opts = ArmorOptions(block_size=16, iters=2) if method == "armor" else None
+        prune_model(model, tok, calib, method, d, options=opts)
+        out[method] = d, model
+    return out
+
+
+def cast_like_from_pretrained(model, dtype):
+    """A copy in `dtype` as from_pretrained(dtype=...) builds it: parameters and saved buffers cast; the
+    buffers a module computes itself (rotary frequencies) as built, the dense copies recomputed."""
+    model = copy.deepcopy(model)
+    for mod in model.modules():
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None and t.is_floating_point() and name not in mod._non_persistent_buffers_set:
+                t.data = t.data.to(dtype)
+    materialize(model)
+    return model
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", PRUNED)
+def test_from_pretrained_gives_the_pruned_model_bit_identically(pruned_dirs, tiny, method, dtype):
+    _, _, tokens, _ = tiny
+    d, in_memory = pruned_dirs[method]
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+    kind = ArmorLinear if method == "armor" else Sparse24Linear
+    mods = [m for m in loaded.modules() if isinstance(m, kind)]
+    assert len(mods) == 14 and all(m.dense_weight is not None and m.dense_weight.dtype == dtype for m in mods)
+    assert not any(type(m) is torch.nn.Linear for b in decoder_layers(loaded) for m in b.modules())
+    assert torch.equal(logits(loaded, tokens), logits(cast_like_from_pretrained(in_memory, dtype), tokens))
+
+
+def test_quantization_config_and_run_metadata(pruned_dirs):
+    d, _ = pruned_dirs["armor"]
+    config = json.loads((d / "config.json").read_text())
+    q = config["quantization_config"]
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert q["quant_method"] == "armor" and q["format_version"] == 2 and q["method"] == "armor"
+    assert q["modules"]["model.layers.1.mlp.down_proj"] == {"kind": "armor", "block": [16, 16]}
+    assert len(q["modules"]) == 14
+    run = json.loads((d / ckpt.RUN_FILE).read_text())
+    assert run["world_size"] == 1 and run["config_hash"] == ckpt.config_hash(run["run"])
+    names = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert set(run["reports"]) == {f"{i}.{n}" for i in range(2) for n in names}
+    assert all(r["loss"] <= r["nowag_p_loss"] for r in run["reports"].values())
+    index = json.loads((d / ckpt.INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == {ckpt.REST_SHARD, "model-block-00000.safetensors",
+                                                  "model-block-00001.safetensors"}
+    assert index["weight_map"]["model.layers.0.self_attn.q_proj.A"] == "model-block-00000.safetensors"
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for f in set(index["weight_map"].values()) for t in load_file(d / f).values())
+
+
+def test_save_pretrained_round_trip_sharded(pruned_dirs, tiny, tmp_path):
+    _, _, tokens, _ = tiny
+    d, _ = pruned_dirs["armor"]
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(again, tokens), logits(model, tokens))
+
+
+def test_generate_gives_the_same_tokens(pruned_dirs, tiny):
+    _, _, tokens, _ = tiny
+    d, in_memory = pruned_dirs["sparsegpt"]
+    loaded = AutoModelForCausalLM.from_pretrained(d).eval()
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    a, b = in_memory.generate(tokens[:1, :8], **kw), loaded.generate(tokens[:1, :8], **kw)
+    assert a.shape == (1, 16) and torch.equal(a, b)
+
+
+def test_registering_twice_is_harmless():
+    hf.register()
+    hf.register()
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    assert AUTO_QUANTIZER_MAPPING["armor"] is hf.ArmorQuantizer
+
+
+def _stock(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter that never imports armor_kernels."""
+    guard = "import sys\nsys.modules['armor_kernels'] = None  # any import of the package would fail\n"
+    return subprocess.run([sys.executable, "-c", guard + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_stock_transformers_refuses_a_pruned_directory(pruned_dirs):
+    d, _ = pruned_dirs["armor"]
+    done = _stock(f"""
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained({str(d)!r})
+        print("LOADED")
+    """)
+    assert done.returncode != 0 and "LOADED" not in done.stdout
+    assert "mismatch" in done.stderr.lower() or "size" in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_partial_run_refuses_to_load_and_resumes(tiny, tmp_path, monkeypatch):
+    tok, calib, tokens, fresh = tiny
+    from armor_kernels.pipeline import prune as prune_mod
+    real = prune_mod.save_block
+
+    def die_after_first(out, i, *a):
+        real(out, i, *a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_mod, "save_block", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(fresh(), tok, calib, "wanda", tmp_path)
+    assert not (tmp_path / ckpt.INDEX_FILE).exists()
+    with pytest.raises(OSError):  # transformers finds no weight index: never a half-random model
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="incomplete: block 1"):
+        hf.load_pruned_model(tmp_path)
+    monkeypatch.setattr(prune_mod, "save_block", real)
+    model = fresh()
+    prune_model(model, tok, calib, "wanda", tmp_path)
+    assert torch.equal(logits(hf.load_pruned_model(tmp_path)[0], tokens), logits(model, tokens))
+
+
+def test_export_dense_loads_in_stock_transformers_to_the_same_logits(pruned_dirs, tiny, tmp_path):
+    _, _, tokens, _ = tiny
+    d, in_memory = pruned_dirs["armor"]
+    assert cli_main(["export-dense", str(d), str(tmp_path / "dense")]) == 0
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in config
+    save_file({"tokens": tokens}, tmp_path / "tokens.safetensors")
+    done = _stock(f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'dense')!r}).eval()
+        assert all(type(x).__name__ != "ArmorLinear" for x in m.modules())
+        with torch.no_grad():
+            y = m(load_file({str(tmp_path / 'tokens.safetensors')!r})["tokens"]).logits
+        save_file({{"logits": y}}, {str(tmp_path / 'logits.safetensors')!r})
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"], logits(in_memory, tokens))
+
+
+def test_errors_name_the_file_and_the_tensor(pruned_dirs, tmp_path):
+    import shutil
+    d, _ = pruned_dirs["magnitude"]
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    shard = bad / "model-block-00001.safetensors"
+    tensors = load_file(shard)
+    key = "model.layers.1.mlp.up_proj.S_values"
+    tensors[key] = tensors[key][:, :-4].contiguous()  # wrong shape
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model-block-00001.safetensors: tensor 'model.layers.1.mlp.up_proj.S_values'"):
+        hf.load_pruned_model(bad)
+    shard.write_bytes(shard.read_bytes()[:-64])  # truncated
+    with pytest.raises(ValueError, match=r"model-block-00001.safetensors.*corrupt or truncated.*tensor"):
+        hf.load_pruned_model(bad)
+
+
+def write_v1(model, tok, out, method, chash="0123456789abcdef"):
+    """A format-v1 directory as the package wrote it before v2 (config.json {"run", "config_hash"},
+    rest.safetensors, layers/block_NNN.safetensors with block-local keys)."""
+    out.mkdir(parents=True)
+    tok.save_pretrained(out)
+    run = {"format_version": 1, "method": method, "options": {"block_size": 16}, "model_dtype": "float32",
+           "model_config": model.config.to_dict()}
+    (out / "config.json").write_text(json.dumps({"run": run, "config_hash": chash}))
+    pruned = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (ArmorLinear, Sparse24Linear)))
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(pruned) and k != "lm_head.weight"}
+    save_file(rest, out / "rest.safetensors")
+    (out / "layers").mkdir()
+    for i, block in enumerate(decoder_layers(model)):
+        mods = {n: m for n, m in block.named_modules() if isinstance(m, (ArmorLinear, Sparse24Linear))}
+        tensors = {k: v for k, v in ckpt.stored_tensors("", mods).items() if not k.endswith(".weight")}
+        save_file({k.removeprefix("."): v for k, v in tensors.items()}, out / "layers" / f"block_{i:03d}.safetensors",
+                  metadata={"config_hash": chash, "block": str(i), "report": "{}"})
+
+
+@pytest.mark.parametrize("method", ["armor", "wanda"])
+def test_convert_v1_gives_the_same_model(pruned_dirs, tiny, tmp_path, method):
+    tok, _, tokens, _ = tiny
+    _, model = pruned_dirs[method]
+    write_v1(model, tok, tmp_path / "v1", method)
+    with pytest.raises(ValueError, match="format v1"):
+        hf.load_pruned_model(tmp_path / "v1")
+    assert cli_main(["convert", str(tmp_path / "v1"), str(tmp_path / "v2")]) == 0
+    loaded, _ = hf.load_pruned_model(tmp_path / "v2")
+    assert torch.equal(logits(loaded, tokens), logits(model, tokens))
+
+
+def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("armor-kernels: error:") and "nowhere" in err[0]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")
+    assert cli_main(["prune", "--method", "magnitude", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing pickled weights" in err[0]
+    with pytest.raises(SystemExit) as e:
+        cli_main(["prune", "--method", "magnitude", "--out", str(tmp_path / "o"), "--no-such-option"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("armor-kernels: error:") and "--no-such-option" in err[0]
