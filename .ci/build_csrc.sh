@@ -19,7 +19,7 @@ generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
 cmake -S . -B "$build_dir" "${generator[@]}" -DARMOR_BUILD_PYTHON=OFF \
   -DCMAKE_CUDA_COMPILER="$nvcc" -DPython_EXECUTABLE="$python" >/dev/null
 log="$build_dir/build.log"
-# Each kernel TU needs up to ~4 GB and ~2 min of nvcc: two at a time fit a 2-core, 24 GB machine.
+# Two kernel TUs at a time fit a 2-core, 24 GB machine (their cost: docs/DESIGN.md §9).
 if ! cmake --build "$build_dir" --parallel "${ARMOR_BUILD_JOBS:-2}" >"$log" 2>&1; then
   grep -E "error|Error" "$log" | head -40 >&2
   echo "build_csrc: FAILED, full log in $log" >&2

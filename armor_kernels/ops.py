@@ -4,19 +4,31 @@
     y = linear(x, A, values, B, bias, S_idx=idx)       # S in the portable packed form of sparse24
     sm90 = pack_sm90(S)                                # once, at load/export (CUDA, sm_90, extension)
     y = linear(x, A, S, B, bias, sm90=sm90)            # fused Hopper kernels where they apply
+    linear_path(x, A, S, B, sm90=sm90)                 # which implementation that call runs
 
 A: (d_out/bA, bA, bA) and B: (d_in/bB, bB, bB) hold the diagonal blocks. Every device runs the PyTorch
 reference (`reference`); on CUDA, where the kernels of csrc/ apply (sm_90, bf16/fp16, bA = bB = 128,
-d_out and d_in multiples of 128, built extension) they run instead:
-- up to 16 tokens with S packed (S_idx given): the decode kernels, which stream the portable packed S
-  once, split along K over all SMs, with B' before and A' + bias folded into the reduction;
-- otherwise, with the sm90 compressed form passed: B' as a block-diagonal GEMM, then the 2:4 sparse
-  tensor-core GEMM with A' and bias in its epilogue.
+d_out and d_in multiples of 128, built extension) they run instead. `linear_path` is the one rule:
+- "decode": up to DECODE_MAX_TOKENS (16) tokens with S packed (S_idx given): the decode kernels, which
+  stream the portable packed S once, split along K over the SMs, with B' before and A' + bias folded
+  into the reduction;
+- "sparse_gemm": otherwise, with the sm90 compressed form passed: B' as a block-diagonal GEMM, then the
+  2:4 sparse tensor-core GEMM with A' and bias in its epilogue;
+- "reference": everything else.
+`backend=` forces one of them (tests, benchmarks; FlashInfer's `backend="auto"` style) and raises
+ValueError saying why when it does not apply. `sm_count=` is how many CTAs the kernels' persistent and
+split-K grids plan for (0: the device's SM count); results of "sparse_gemm" do not depend on it.
+
+Why the fused kernels cannot run is `fused_unavailable_reason(device)`. An extension that is not built
+is normal (CPU machines); one that is built but fails to load warns at import (RuntimeWarning) and is
+kept in NATIVE_IMPORT_ERROR instead of being hidden.
 The op has a fake implementation, so torch.compile(fullgraph=True), CUDA graphs and export see it.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -24,20 +36,52 @@ import torch
 from .factors import block_right
 from .sparse24 import check_24, unpack_24
 
-try:  # the native extension is optional: built by setup.py only with nvcc and a CUDA build of torch
-    from . import _armor_cuda
-except ImportError:
-    _armor_cuda = None
-
-FUSED_BLOCK = 128
-_FUSED_DTYPES = {torch.bfloat16: 0, torch.float16: 1}  # codes of csrc/armor_cuda.h's ArmorDtype
+BACKENDS = ("auto", "decode", "sparse_gemm", "reference")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _load_native():
+    """(module, None) or (None, why it is not loaded)."""
+    name = f"{__package__}._armor_cuda"
+    try:  # built by setup.py only with nvcc and a CUDA build of torch
+        return importlib.import_module(name), None
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == name:
+            return None, (f"the native extension {name} is not built (pip install with nvcc and a CUDA build of "
+                          "torch, or ARMOR_BUILD_CUDA=1)")
+        why = f"the native extension {name} is built but failed to load: {type(e).__name__}: {e}"
+        warnings.warn(why, RuntimeWarning, stacklevel=2)
+        return None, why
+
+
+_native, NATIVE_IMPORT_ERROR = _load_native()
+if _native is not None:  # csrc/armor_cuda.h's constants, as the binding exports them
+    FUSED_BLOCK: Optional[int] = _native.BLOCK
+    DECODE_MAX_TOKENS: int = _native.DECODE_MAX_TOKENS
+    _FUSED_DTYPES = {torch.bfloat16: _native.BF16, torch.float16: _native.FP16}
+else:
+    FUSED_BLOCK, DECODE_MAX_TOKENS, _FUSED_DTYPES = None, 0, {}
 
 
 class Sm90Packed(NamedTuple):
     """S compressed for the sm90 sparse tensor cores (CUTLASS layout): opaque flat buffers."""
     values: torch.Tensor  # S's dtype
     meta: torch.Tensor    # uint8
+
+
+def _round_up(n, m):
+    return (n + m - 1) // m * m
+
+
+def sm90_compressed_sizes(d_out: int, d_in: int) -> tuple[int, int]:
+    """(values numel, meta bytes) of `pack_sm90`'s buffers for a bf16/fp16 S of shape (d_out, d_in).
+
+    The formula of CUTLASS 4.2's StructuredSparseCompressorUtility for the sm90 16-bit 2:4 layout with
+    K-major S (csrc/sm90_fused_linear.cuh's compressed_sizes), mirrored so that the op's checks run
+    without the extension (CPU, fake tensors): half the values along K padded to 16, and one metadata
+    byte per 8 elements of S padded to the metadata atom of 64 rows x 128 columns. tests/test_ops.py
+    checks it against the binding where that is built."""
+    return d_out * _round_up(d_in, 16) // 2, _round_up(d_out, 64) * _round_up(d_in, 128) // 8
 
 
 def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -56,7 +100,7 @@ def _fail(arg: str, expected: str, got) -> None:
     raise ValueError(f"armor.linear: {arg}: expected {expected}, got {got}")
 
 
-def _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta) -> tuple[int, int]:
+def _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0) -> tuple[int, int]:
     """Validate the arguments (also at trace time, from the fake kernel); returns (d_out, d_in)."""
     if x.dtype not in _DTYPES:
         _fail("x", f"dtype in {_DTYPES}", x.dtype)
@@ -87,16 +131,128 @@ def _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta) -> tuple[int, int]:
     for name, t in named + [("S_idx", S_idx), ("sm90.meta", sm90_meta)]:
         if t is not None and t.device != x.device:
             _fail(name, f"x's device {x.device}", t.device)
+    if sm90_values is not None:  # what the compressor wrote for this S: flat, contiguous, exactly sized
+        if sm90_meta.dtype != torch.uint8:
+            _fail("sm90.meta", "dtype torch.uint8", sm90_meta.dtype)
+        for name, t, numel in zip(("sm90.values", "sm90.meta"), (sm90_values, sm90_meta),
+                                  sm90_compressed_sizes(d_out, d_in)):
+            if t.dim() != 1 or t.numel() != numel or not t.is_contiguous():
+                _fail(name, f"a contiguous 1-D tensor of {numel} elements (pack_sm90 of a ({d_out}, {d_in}) S)",
+                      f"shape {tuple(t.shape)} with strides {t.stride()}")
+    if backend not in BACKENDS:
+        _fail("backend", f"one of {BACKENDS}", repr(backend))
+    if sm_count < 0:
+        _fail("sm_count", ">= 0 (0: the device's SM count)", sm_count)
     return d_out, d_in
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.major, p.minor
+
+
+def fused_unavailable_reason(device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None,
+                             d_out: Optional[int] = None, d_in: Optional[int] = None,
+                             block_A: Optional[int] = None, block_B: Optional[int] = None) -> Optional[str]:
+    """Why the fused kernels cannot run (None when they can): on `device` at all (the extension not built
+    or not loading, not a CUDA device, not an sm_90 one), and, given a layer's dtype and shape, for that
+    layer (blocks of A' and B': FUSED_BLOCK unless given)."""
+    if _native is None:
+        return NATIVE_IMPORT_ERROR
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device {device} is not a CUDA device"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device (torch.cuda.is_available() is False)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = _capability(index)
+    if (major, minor) != (9, 0):
+        return f"cuda:{index} is sm_{major}{minor}; the kernels are compiled for sm_90a only"
+    if dtype is None:
+        return None
+    block_A = FUSED_BLOCK if block_A is None else block_A
+    block_B = FUSED_BLOCK if block_B is None else block_B
+    if dtype not in _FUSED_DTYPES:
+        return f"dtype {dtype}: the kernels take torch.bfloat16 or torch.float16"
+    if (block_A, block_B) != (FUSED_BLOCK, FUSED_BLOCK):
+        return f"blocks of A' and B' ({block_A}, {block_B}): the kernels take {FUSED_BLOCK} x {FUSED_BLOCK} blocks"
+    if not _native.supported(_FUSED_DTYPES[dtype], d_out, d_in):
+        return f"shape ({d_out}, {d_in}): the kernels take multiples of {FUSED_BLOCK} below 2^31"
+    return None
+
+
+def fused_supported(device: torch.device | str, dtype: torch.dtype, d_out: int, d_in: int,
+                    block_A: Optional[int] = None, block_B: Optional[int] = None) -> bool:
+    """Whether the fused kernels can run this layer: decides whether `pack_sm90` is worth calling."""
+    return fused_unavailable_reason(device, dtype, d_out, d_in, block_A, block_B) is None
+
+
+def linear_path(x: torch.Tensor | int, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, *,
+                S_idx: Optional[torch.Tensor] = None, sm90: Optional[Sm90Packed] = None,
+                backend: str = "auto") -> str:
+    """Which implementation `linear` runs for these arguments: "decode", "sparse_gemm" or "reference".
+
+    x: the input, or its token count (the product of its leading dimensions); the other arguments as
+    for `linear`, whose device and dtype are S's. backend="auto" picks "decode" where it applies, else
+    "sparse_gemm" where it applies, else "reference" (see the module docstring); naming a backend
+    returns it, or raises ValueError saying why it does not apply."""
+    if backend not in BACKENDS:
+        raise ValueError(f"armor.linear: backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    d_out, d_in = A.shape[0] * A.shape[1], B.shape[0] * B.shape[1]
+    tokens = x if isinstance(x, int) else (x.numel() // d_in if d_in else 0)
+    fused = fused_unavailable_reason(S.device, S.dtype, d_out, d_in, A.shape[1], B.shape[1])
+    if fused is None and tokens < 1:
+        fused = "x has no tokens"
+    why_not = {
+        "decode": fused or ("S is not packed (pass S_idx)" if S_idx is None else
+                            f"{tokens} tokens, the decode kernels take at most {DECODE_MAX_TOKENS}"
+                            if tokens > DECODE_MAX_TOKENS else None),
+        "sparse_gemm": fused or ("no sm90 compressed S (pass sm90=pack_sm90(S))" if sm90 is None else None),
+    }
+    if backend == "auto":
+        return next((path for path, why in why_not.items() if why is None), "reference")
+    if why_not[backend] is not None:
+        raise ValueError(f"armor.linear: backend={backend!r} does not apply: {why_not[backend]}")
+    return backend
+
+
+def pack_sm90(S: torch.Tensor) -> Sm90Packed:
+    """One-time compression of dense 2:4 S (d_out, d_in) on an sm_90 GPU into the fused kernels' layout."""
+    if _native is None:
+        raise RuntimeError(f"pack_sm90: {NATIVE_IMPORT_ERROR}")
+    reason = fused_unavailable_reason(S.device, S.dtype, *S.shape) if S.dim() == 2 else "not 2-D"
+    if reason is not None:
+        raise ValueError(f"pack_sm90: S: expected a 2-D bf16/fp16 CUDA tensor on sm_90 with both dims multiples of "
+                         f"{FUSED_BLOCK}, got {S.dtype} {tuple(S.shape)} on {S.device} ({reason})")
+    check_24(S)
+    S = S.contiguous()
+    d_out, d_in = S.shape
+    dtype = _FUSED_DTYPES[S.dtype]
+    with torch.cuda.device(S.device):
+        n_values, n_meta = _native.compressed_sizes(dtype, d_out, d_in)
+        values = torch.empty(n_values, dtype=S.dtype, device=S.device)
+        meta = torch.empty(n_meta, dtype=torch.uint8, device=S.device)
+        stream = torch.cuda.current_stream(S.device).cuda_stream
+        _native.compress(dtype, S.data_ptr(), d_out, d_in, values.data_ptr(), meta.data_ptr(), stream)
+    return Sm90Packed(values, meta)
 
 
 @torch.library.custom_op("armor::linear", mutates_args=())
 def _linear(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor],
-            S_idx: Optional[torch.Tensor], sm90_values: Optional[torch.Tensor],
-            sm90_meta: Optional[torch.Tensor]) -> torch.Tensor:
+            S_idx: Optional[torch.Tensor], sm90_values: Optional[torch.Tensor], sm90_meta: Optional[torch.Tensor],
+            backend: str = "auto", sm_count: int = 0) -> torch.Tensor:
     """Reference kernel, registered for every device (the CUDA kernel below may take over)."""
-    _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta)
+    _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
+    _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend)  # a forced fused backend raises here
     return _reference_kernel(x, A, S, B, bias, S_idx)
+
+
+def _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend):
+    sm90 = None if sm90_values is None else Sm90Packed(sm90_values, sm90_meta)
+    return linear_path(x, A, S, B, S_idx=S_idx, sm90=sm90, backend=backend)
 
 
 def _reference_kernel(x, A, S, B, bias, S_idx):
@@ -104,44 +260,9 @@ def _reference_kernel(x, A, S, B, bias, S_idx):
 
 
 @_linear.register_fake
-def _linear_fake(x, A, S, B, bias, S_idx, sm90_values, sm90_meta):
-    d_out, _ = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta)
+def _linear_fake(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0):
+    d_out, _ = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
     return x.new_empty(*x.shape[:-1], d_out)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_info(index: int) -> tuple[tuple[int, int], int]:
-    p = torch.cuda.get_device_properties(index)
-    return (p.major, p.minor), p.multi_processor_count
-
-
-def fused_supported(device: torch.device | str, dtype: torch.dtype, d_out: int, d_in: int,
-                    block_A: int = FUSED_BLOCK, block_B: int = FUSED_BLOCK) -> bool:
-    """Whether the fused kernels can run this layer: decides whether `pack_sm90` is worth calling."""
-    device = torch.device(device)
-    return (_armor_cuda is not None and device.type == "cuda" and dtype in _FUSED_DTYPES
-            and block_A == FUSED_BLOCK and block_B == FUSED_BLOCK and d_out % FUSED_BLOCK == 0
-            and d_in % FUSED_BLOCK == 0 and _device_info(device.index or 0)[0] == (9, 0))
-
-
-def pack_sm90(S: torch.Tensor) -> Sm90Packed:
-    """One-time compression of dense 2:4 S (d_out, d_in) on an sm_90 GPU into the fused kernels' layout."""
-    if _armor_cuda is None:
-        raise RuntimeError("pack_sm90: the native extension armor_kernels._armor_cuda is not built "
-                           "(pip install with nvcc and a CUDA build of torch, or ARMOR_BUILD_CUDA=1)")
-    if S.dim() != 2 or not fused_supported(S.device, S.dtype, *S.shape):
-        raise ValueError(f"pack_sm90: S: expected a 2-D bf16/fp16 CUDA tensor on sm_90 with both dims multiples of "
-                         f"{FUSED_BLOCK}, got {S.dtype} {tuple(S.shape)} on {S.device}")
-    check_24(S)
-    S = S.contiguous()
-    d_out, d_in = S.shape
-    dtype = _FUSED_DTYPES[S.dtype]
-    n_values, n_meta = _armor_cuda.compressed_sizes(dtype, d_out, d_in)
-    values = torch.empty(n_values, dtype=S.dtype, device=S.device)
-    meta = torch.empty(n_meta, dtype=torch.uint8, device=S.device)
-    stream = torch.cuda.current_stream(S.device).cuda_stream
-    _armor_cuda.compress(dtype, S.data_ptr(), d_out, d_in, values.data_ptr(), meta.data_ptr(), stream)
-    return Sm90Packed(values, meta)
 
 
 def _aligned(*ts) -> bool:
@@ -149,39 +270,40 @@ def _aligned(*ts) -> bool:
 
 
 @_linear.register_kernel("cuda")
-def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta):
-    d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta)
-    tokens = x.numel() // d_in
-    decode = S_idx is not None and tokens <= getattr(_armor_cuda, "DECODE_MAX_TOKENS", 0)
-    if (tokens == 0 or not (decode or sm90_values is not None)
-            or not fused_supported(x.device, x.dtype, d_out, d_in, A.shape[1], B.shape[1])):
+def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0):
+    d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
+    path = _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend)
+    if path == "reference":
         return _reference_kernel(x, A, S, B, bias, S_idx)
+    tokens = x.numel() // d_in
     x2 = x.reshape(tokens, d_in).contiguous()
     A, B = A.contiguous(), B.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if not _aligned(x2, A, B):  # e.g. a view starting mid-allocation
         x2 = x2.clone()
         A, B = A.clone(), B.clone()
-    dtype, sm_count = _FUSED_DTYPES[x.dtype], _device_info(x.device.index)[1]
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    bias_ptr = 0 if bias is None else bias.data_ptr()
-    y = torch.empty(tokens, d_out, dtype=x.dtype, device=x.device)
-    if decode:
-        S, S_idx = (t if _aligned(t) else t.clone() for t in (S.contiguous(), S_idx.contiguous()))
-        workspace = torch.empty(_armor_cuda.decode_workspace_bytes(dtype, d_out, d_in, tokens, sm_count),
-                                dtype=torch.uint8, device=x.device)
-        _armor_cuda.decode_linear(dtype, x2.data_ptr(), B.data_ptr(), S.data_ptr(), S_idx.data_ptr(), A.data_ptr(),
-                                  bias_ptr, workspace.data_ptr(), y.data_ptr(), tokens, d_in, d_out, sm_count, stream)
+    if path == "decode":
+        S_values, S_meta = (t if _aligned(t) else t.clone() for t in (S.contiguous(), S_idx.contiguous()))
+        workspace_bytes, run = _native.decode_workspace_bytes, _native.decode_linear
     else:
-        xb = torch.empty(tokens, d_in, dtype=x.dtype, device=x.device)  # B'-transformed activations
-        _armor_cuda.linear(dtype, x2.data_ptr(), B.data_ptr(), sm90_values.data_ptr(), sm90_meta.data_ptr(),
-                           A.data_ptr(), bias_ptr, xb.data_ptr(), y.data_ptr(), tokens, d_in, d_out, sm_count, stream)
+        S_values, S_meta = sm90_values, sm90_meta
+        workspace_bytes, run = _native.linear_workspace_bytes, _native.linear
+    with torch.cuda.device(x.device):  # the kernels run on the current device: make it x's
+        y = torch.empty(tokens, d_out, dtype=x.dtype, device=x.device)
+        params = _native.Params(
+            dtype=_FUSED_DTYPES[x.dtype], tokens=tokens, d_in=d_in, d_out=d_out, x=x2.data_ptr(),
+            B_blocks=B.data_ptr(), A_blocks=A.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+            S_values=S_values.data_ptr(), S_meta=S_meta.data_ptr(), y=y.data_ptr(), sm_count=sm_count,
+            stream=torch.cuda.current_stream(x.device).cuda_stream)
+        workspace = torch.empty(workspace_bytes(params), dtype=torch.uint8, device=x.device)
+        params.workspace = workspace.data_ptr()
+        run(params)
     return y.reshape(*x.shape[:-1], d_out)
 
 
 def linear(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
            bias: Optional[torch.Tensor] = None, *, S_idx: Optional[torch.Tensor] = None,
-           sm90: Optional[Sm90Packed] = None) -> torch.Tensor:
+           sm90: Optional[Sm90Packed] = None, backend: str = "auto", sm_count: int = 0) -> torch.Tensor:
     """y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias through torch.ops.armor.linear (see the module docstring)."""
     values, meta = sm90 if sm90 is not None else (None, None)
-    return torch.ops.armor.linear(x, A, S, B, bias, S_idx, values, meta)
+    return torch.ops.armor.linear(x, A, S, B, bias, S_idx, values, meta, backend, sm_count)

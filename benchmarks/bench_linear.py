@@ -7,28 +7,24 @@ Methods, per (d_out x d_in, tokens):
   sparse24, sparse24_graph    torch 2:4 (to_sparse_semi_structured, cuSPARSELt) on S alone
   armor_unfused               B' by bmm, S by cuSPARSELt, A' by bmm: the official three-op path
   armor, armor_graph          torch.ops.armor.linear with the sm90 compressed S: the fused sparse
-                              tensor-core GEMM where it applies (column `path`; the PyTorch reference
-                              otherwise), eager and graphed
+                              tensor-core GEMM where it applies (the PyTorch reference otherwise),
+                              eager and graphed
   armor_decode, ..._graph     torch.ops.armor.linear with the portable packed S, up to 16 tokens: the
                               decode kernels (split-K stream over S). Both run at decode sizes so that
                               the op's choice per token count rests on these numbers
+Column `path`: the implementation the op ran, as ops.linear_path decides it for those arguments.
 Time: median of CUDA-event timings of single calls. TFLOP/s counts the dense-equivalent 2·T·d_out·d_in
 (so it compares speed, not work done). Bytes: the minimum a method must move through DRAM (weights
-once, activations in and out, its own intermediates). Results: benchmarks/results/bench_linear.csv
-(written atomically) and bench_linear.png.
+once, activations in and out, its own intermediates). Results: --out (default
+benchmarks/results/bench_linear.csv, written atomically) and the plot beside it (.png).
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import os
-import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import bench_args, cuda_time_us, graphed, plot_lines, write_csv
 
 from armor_kernels import ops
 from armor_kernels.factors import block_sizes
@@ -38,33 +34,6 @@ from armor_kernels.sparse24 import pack_24
 # (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536).
 SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096,28672x8192,576x576,192x576,1536x576,576x1536"
 TOKENS = "1,16,128,2048,8192"
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def time_us(fn, reps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(start, end):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3
-
-
-def graphed(fn):
-    """fn captured once in a CUDA graph; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up (lazy inits, plan creation) outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def layer(d_out: int, d_in: int, dtype: torch.dtype, block: int):
@@ -95,18 +64,20 @@ def bytes_moved(method: str, d_out: int, d_in: int, T: int, bA: int, bB: int, es
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_args(__doc__.split("\n")[0], "bench_linear")
     p.add_argument("--shapes", default=SHAPES, help="comma-separated d_outxd_in")
     p.add_argument("--tokens", default=TOKENS, help="comma-separated token counts")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--block", type=int, default=128, help="nominal ARMOR block size")
     p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--out", type=Path, default=RESULTS / "bench_linear.csv")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_linear: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
               file=sys.stderr)
         return 2
+    reason = ops.fused_unavailable_reason("cuda")
+    if reason is not None:
+        print(f"bench_linear: the armor rows run the PyTorch reference: {reason}", file=sys.stderr)
     from torch.sparse import to_sparse_semi_structured
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.cuda.get_device_name()
@@ -117,10 +88,8 @@ def main(argv=None) -> int:
         bA, bB = A.shape[1], B.shape[1]
         W = ops.block_diag_apply(ops.block_diag_apply(S.T.contiguous(), A).T.contiguous(), B.transpose(1, 2))
         S_sp = to_sparse_semi_structured(S)
-        fused = ops.fused_supported("cuda", dtype, d_out, d_in, bA, bB)
-        sm90 = ops.pack_sm90(S) if fused else None
+        sm90 = ops.pack_sm90(S) if ops.fused_supported("cuda", dtype, d_out, d_in, bA, bB) else None
         values, idx = pack_24(S)
-        decode_max = ops._armor_cuda.DECODE_MAX_TOKENS if fused else 0
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, d_in, device="cuda", dtype=dtype)
             # cuSPARSELt takes the sparse operand first: y = (S · xᵀ)ᵀ, with xᵀ padded by torch as needed.
@@ -131,74 +100,37 @@ def main(argv=None) -> int:
                     F.linear(ops.block_diag_apply(x, B), S_sp), A) + bias,
                 "armor": lambda: ops.linear(x, A, S, B, bias, sm90=sm90),
             }
-            if T <= decode_max:
+            # torch.ops.armor.linear's own choice for each method's arguments (ops.linear_path).
+            paths = {"armor": ops.linear_path(T, A, S, B, sm90=sm90)}
+            if ops.linear_path(T, A, values, B, S_idx=idx) == "decode":
                 fns["armor_decode"] = lambda: ops.linear(x, A, values, B, bias, S_idx=idx)
+                paths["armor_decode"] = "decode"
             for name in [n for n in fns if n != "armor_unfused"]:
                 fns[name + "_graph"] = lambda fn=fns[name]: graphed(fn)  # captured when first timed
             times = {}
             for name, fn in fns.items():
                 try:
-                    times[name] = time_us(fn() if name.endswith("_graph") else fn, args.reps)
+                    times[name] = cuda_time_us(fn() if name.endswith("_graph") else fn, args.reps)
                 except RuntimeError as e:  # e.g. a cuSPARSELt size limit: report, keep going
                     print(f"{name} {shape} T={T}: {e}", file=sys.stderr)
             for name, t in times.items():
                 rows.append(dict(
                     device=device, dtype=args.dtype, d_out=d_out, d_in=d_in, tokens=T, bA=bA, bB=bB,
-                    method=name, path=op_path(name, fused),
+                    method=name, path=paths.get(name.removesuffix("_graph"), ""),
                     time_us=round(t, 2), tflops=round(2 * T * d_out * d_in / t / 1e6, 2),
                     bytes=bytes_moved(name, d_out, d_in, T, bA, bB, S.element_size()),
                     speedup_vs_dense=round(times["dense"] / t, 3) if "dense" in times else ""))
             print(" ".join(f"{r['method']}={r['time_us']}us" for r in rows[-len(times):]), f"[{shape} T={T}]")
     write_csv(rows, args.out)
-    plot(rows, args.out.with_suffix(".png"))
-    return 0
-
-
-def op_path(method: str, fused: bool) -> str:
-    """Which implementation of torch.ops.armor.linear a method ran."""
-    if not method.startswith("armor") or method == "armor_unfused":
-        return ""
-    if not fused:
-        return "reference"
-    return "decode" if method.startswith("armor_decode") else "sparse_gemm"
-
-
-def write_csv(rows, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)  # readers never see a half-written file
-    print(f"wrote {path}")
-
-
-def plot(rows, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
     shapes = sorted({(r["d_out"], r["d_in"]) for r in rows}, key=lambda s: -s[0] * s[1])
-    fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3.2), sharey=True, squeeze=False)
-    for ax, (d_out, d_in) in zip(axes[0], shapes):
-        sel = [r for r in rows if (r["d_out"], r["d_in"]) == (d_out, d_in) and r["speedup_vs_dense"] != ""]
-        for method in dict.fromkeys(r["method"] for r in sel):
-            pts = sorted((r["tokens"], r["speedup_vs_dense"]) for r in sel if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xscale="log", title=f"{d_out}x{d_in}", xlabel="tokens")
-        ax.axhline(1.0, color="gray", lw=0.5)
-    axes[0][0].set_ylabel("speed-up vs dense cuBLAS (eager)")
-    axes[0][-1].legend(fontsize=6)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    panels = {f"{d_out}x{d_in}": {} for d_out, d_in in shapes}
+    for r in rows:
+        if r["speedup_vs_dense"] != "":
+            lines = panels[f"{r['d_out']}x{r['d_in']}"]
+            lines.setdefault(r["method"], []).append((r["tokens"], r["speedup_vs_dense"]))
+    plot_lines(panels, args.out.with_suffix(".png"), xlabel="tokens", ylabel="speed-up vs dense cuBLAS (eager)",
+               xscale="log", hline=1.0)
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 //
 // Conventions: all matrices row-major and contiguous, on the current CUDA device; block tensors are
 // (n_blocks, 128, 128); y is (tokens, d_out). Every function returns an ArmorStatus; nothing allocates,
-// nothing synchronises, every launch goes to `stream` (so calls can be captured in a CUDA graph).
+// nothing synchronises, every launch goes to the given stream (so calls can be captured in a CUDA graph).
 // C linkage so that the library can be used without the Python binding (ctypes, other runtimes).
 #pragma once
 
@@ -25,11 +25,12 @@ extern "C" {
 enum ArmorStatus {
   ARMOR_OK = 0,
   ARMOR_ERROR_DTYPE = 1,      // dtype code not one of ArmorDtype
-  ARMOR_ERROR_SHAPE = 2,      // sizes the kernels do not support (see armor_sm90_supported)
+  ARMOR_ERROR_SHAPE = 2,      // sizes the kernels do not support (see armor_sm90_supported), tokens < 1
   ARMOR_ERROR_ALIGNMENT = 3,  // a pointer is not 16-byte aligned
   ARMOR_ERROR_CUTLASS = 4,    // CUTLASS can_implement refused the problem
   ARMOR_ERROR_LAUNCH = 5,     // the CUDA launch failed (cudaGetLastError after the launch)
-  ARMOR_ERROR_ARGUMENT = 6,   // sm_count not positive, or tokens above ARMOR_DECODE_MAX_TOKENS (decode)
+  ARMOR_ERROR_ARGUMENT = 6,   // a required pointer is null, sm_count < 0, or decode tokens > ARMOR_DECODE_MAX_TOKENS
+  ARMOR_ERROR_DEVICE = 7,     // sm_count = 0 and the current device's SM count could not be queried
 };
 
 enum ArmorDtype { ARMOR_BF16 = 0, ARMOR_FP16 = 1 };
@@ -37,45 +38,53 @@ enum ArmorDtype { ARMOR_BF16 = 0, ARMOR_FP16 = 1 };
 // The only block size of A' and B' the fused kernels support; the most tokens of the decode kernels.
 enum { ARMOR_SM90_BLOCK = 128, ARMOR_DECODE_MAX_TOKENS = 16 };
 
+// One call of the op, as one struct (the model is FlashAttention-3's Flash_fwd_params): zero-initialise
+// it, fill what the function reads, pass its address. Pointers are device pointers.
+typedef struct ArmorLinearParams {
+  int dtype;  // ArmorDtype of x, A', B', S, bias and y
+  int64_t tokens, d_in, d_out;
+  void const* x;         // (tokens, d_in)
+  void const* B_blocks;  // B': (d_in / 128, 128, 128)
+  void const* A_blocks;  // A': (d_out / 128, 128, 128)
+  void const* bias;      // (d_out), or null for none
+  // S in the form the function reads:
+  //   armor_sm90_linear:        the values and metadata armor_sm90_compress wrote;
+  //   armor_sm90_decode_linear: the portable packed form of armor_kernels/sparse24.py, values (d_out, d_in / 2)
+  //                             in the dtype and 2-bit positions (d_out, d_in / 8) uint8.
+  void const* S_values;
+  void const* S_meta;
+  void* workspace;      // the function's *_workspace_bytes(...) bytes, uninitialised
+  void* y;              // (tokens, d_out)
+  int sm_count;         // CTAs the persistent and split-K grids plan for; 0: the device's SM count
+  cudaStream_t stream;  // every launch goes here
+} ArmorLinearParams;
+
 const char* armor_status_string(int status);
 
-// ARMOR_OK when d_out and d_in are positive multiples of 128 and fit the 32-bit GEMM extents.
-int armor_sm90_supported(int64_t d_out, int64_t d_in);
+// 1 when the kernels support this dtype and shape (d_out and d_in positive multiples of
+// ARMOR_SM90_BLOCK that fit the 32-bit GEMM extents), else 0.
+int armor_sm90_supported(int dtype, int64_t d_out, int64_t d_in);
 
 // Sizes of the CUTLASS sm90 compressed form of S: `values_numel` elements of S's dtype and
 // `meta_bytes` bytes of metadata. Both depend only on (d_out, d_in) and the dtype.
-int armor_sm90_compressed_sizes(int dtype, int64_t d_out, int64_t d_in, int64_t* values_numel,
-                                int64_t* meta_bytes);
+int armor_sm90_compressed_sizes(int dtype, int64_t d_out, int64_t d_in, int64_t* values_numel, int64_t* meta_bytes);
 
 // One-time compression of a dense 2:4 matrix S (d_out x d_in, at most 2 nonzeros in every group of
 // 4 along d_in) into the values + metadata layout the sparse mainloop reads.
 int armor_sm90_compress(int dtype, const void* S, int64_t d_out, int64_t d_in, void* values, void* meta,
                         cudaStream_t stream);
 
-// xb = x B'^T block by block: xb[:, J] = x[:, J] . B'_J^T for every 128-column block J. x, xb: (tokens, dim).
-int armor_sm90_block_diag(int dtype, const void* x, const void* B_blocks, void* xb, int64_t tokens,
-                          int64_t dim, int sm_count, cudaStream_t stream);
-
-// y = ((xb S^T) A'^T) + bias with A' applied in the epilogue of the sparse GEMM. bias may be null.
-int armor_sm90_sparse_linear_out(int dtype, const void* xb, const void* values, const void* meta,
-                                 const void* A_blocks, const void* bias, void* y, int64_t tokens,
-                                 int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream);
-
-// The whole op: block_diag into `workspace` (tokens x d_in elements), then sparse_linear_out.
-int armor_sm90_linear(int dtype, const void* x, const void* B_blocks, const void* values, const void* meta,
-                      const void* A_blocks, const void* bias, void* workspace, void* y, int64_t tokens,
-                      int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream);
+// The whole op for any token count: xb = x B'^T as a block-diagonal GEMM into the workspace, then the
+// 2:4 sparse GEMM y = xb S^T with A' and bias in its epilogue. Both GEMMs are persistent: sm_count CTAs
+// walk their output tiles. Workspace: armor_sm90_linear_workspace_bytes (tokens x d_in elements).
+int armor_sm90_linear_workspace_bytes(const ArmorLinearParams* params, int64_t* bytes);
+int armor_sm90_linear(const ArmorLinearParams* params);
 
 // Decode sizes (1 <= tokens <= ARMOR_DECODE_MAX_TOKENS): the whole op in two memory-bound launches that
-// read S in the portable packed 2:4 form of armor_kernels/sparse24.py (S_values (d_out, d_in / 2) in
-// the dtype, S_idx (d_out, d_in / 8) uint8), so no compressed copy is needed (csrc/sm90_decode.cuh).
-// `workspace` holds armor_sm90_decode_workspace_bytes(...) bytes, uninitialised, with the same tokens
-// and sm_count (the split of K depends on it; pass the device's SM count).
-int armor_sm90_decode_workspace_bytes(int dtype, int64_t d_out, int64_t d_in, int64_t tokens, int sm_count,
-                                      int64_t* bytes);
-int armor_sm90_decode_linear(int dtype, const void* x, const void* B_blocks, const void* S_values,
-                             const void* S_idx, const void* A_blocks, const void* bias, void* workspace, void* y,
-                             int64_t tokens, int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream);
+// stream S once in the portable packed form, split along K over sm_count SMs (csrc/sm90_decode.cuh), so
+// no compressed copy is needed. The workspace size depends on tokens and sm_count (the split of K).
+int armor_sm90_decode_workspace_bytes(const ArmorLinearParams* params, int64_t* bytes);
+int armor_sm90_decode_linear(const ArmorLinearParams* params);
 
 #ifdef __cplusplus
 }

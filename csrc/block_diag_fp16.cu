@@ -4,9 +4,6 @@
 
 namespace armor::sm90 {
 
-int block_diag_fp16(void const* x, void const* B_blocks, void* xb, int64_t tokens, int64_t dim, int sm_count,
-                cudaStream_t stream) {
-  return block_diag<cutlass::half_t>(x, B_blocks, xb, tokens, dim, sm_count, stream);
-}
+int block_diag_fp16(ArmorLinearParams const& p) { return block_diag<cutlass::half_t>(p); }
 
 }  // namespace armor::sm90

@@ -16,17 +16,12 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define ARMOR_HD __host__ __device__ __forceinline__
-#else
-#define ARMOR_HD inline
-#endif
+#include "split_k.h"  // kStep, ARMOR_HD
 
 namespace armor::decode {
 
-constexpr int kStep = 64;  // columns of K per step
-constexpr int kMmas = 4;   // m16n8k16 per step
-constexpr int kRun = 16;   // columns of a step owned by one lane
+constexpr int kMmas = 4;  // m16n8k16 per step
+constexpr int kRun = 16;  // columns of a step owned by one lane
 
 ARMOR_HD int lane_g(int lane) { return lane >> 2; }
 ARMOR_HD int lane_c(int lane) { return lane & 3; }
@@ -45,8 +40,8 @@ ARMOR_HD int64_t sparse_idx_run(int64_t row, int64_t d_in, int64_t k0, int c) {
 // One group of 4 columns from its two kept values (packed in a 32-bit word, first value low) and their
 // 4 bits of positions (first position low): the dense 4 values as (columns 0-1, columns 2-3).
 ARMOR_HD void densify_group(uint32_t values, uint32_t pos, uint32_t& lo, uint32_t& hi) {
-  uint64_t const dense = (uint64_t(values & 0xffffu) << (16 * (pos & 3u))) |
-                         (uint64_t(values >> 16) << (16 * ((pos >> 2) & 3u)));
+  uint64_t const dense =
+      (uint64_t(values & 0xffffu) << (16 * (pos & 3u))) | (uint64_t(values >> 16) << (16 * ((pos >> 2) & 3u)));
   lo = uint32_t(dense);
   hi = uint32_t(dense >> 32);
 }
@@ -82,36 +77,5 @@ ARMOR_HD void b_from_dense(uint32_t const (&w)[8], uint32_t (&b)[kMmas][2]) {
 // Coordinates of accumulator value i (0..3) of a lane inside the 16 x 8 C tile.
 ARMOR_HD int c_row(int lane, int i) { return lane_g(lane) + 8 * (i >> 1); }
 ARMOR_HD int c_col(int lane, int i) { return 2 * lane_c(lane) + (i & 1); }
-
-// Split of K for the sparse pass: enough CTAs for ~4 per SM when d_out alone gives fewer, each with at
-// least 4 steps of K so that a CTA streams enough bytes to hide its start and its partial-sum write.
-struct Split {
-  int splits;           // CTAs along K per 128-row block
-  int steps_per_split;  // steps of 64 columns per CTA (the last one may have fewer)
-};
-ARMOR_HD Split split_k(int64_t d_out, int64_t d_in, int sm_count) {
-  int const row_blocks = int(d_out / 128), steps = int(d_in / kStep);
-  int want = (4 * sm_count + row_blocks - 1) / row_blocks;
-  int const most = steps / 4 > 1 ? steps / 4 : 1;
-  want = want < 1 ? 1 : (want > most ? most : want);
-  int const per = (steps + want - 1) / want;
-  return {(steps + per - 1) / per, per};  // no empty split
-}
-
-// Token tile of the decode kernels: one or two n8 tiles of the mma.
-ARMOR_HD int token_tile(int64_t tokens) { return tokens <= 8 ? 8 : 16; }
-
-// The decode workspace, one buffer: xb = x B'^T (tokens x d_in, the input dtype), the fp32 partial sums
-// of S xb^T per K split (splits x d_out x token_tile), one arrival counter per 128-row block.
-struct Workspace {
-  int64_t partials, counters, bytes;  // byte offsets of the parts after xb, total size
-};
-ARMOR_HD Workspace workspace_layout(int64_t d_out, int64_t d_in, int64_t tokens, int element_bytes, int sm_count) {
-  auto align = [](int64_t n) { return (n + 255) / 256 * 256; };
-  int64_t const partials = align(tokens * d_in * element_bytes);
-  int64_t const counters = partials + align(int64_t(split_k(d_out, d_in, sm_count).splits) * d_out *
-                                            token_tile(tokens) * int64_t(sizeof(float)));
-  return {partials, counters, counters + align(d_out / 128 * int64_t(sizeof(int)))};
-}
 
 }  // namespace armor::decode

@@ -12,9 +12,6 @@ int compressed_sizes_fp16(int64_t d_out, int64_t d_in, int64_t* values_numel, in
 int compress_fp16(void const* S, int64_t d_out, int64_t d_in, void* values, void* meta, cudaStream_t stream) {
   return compress<Element>(S, d_out, d_in, values, meta, stream);
 }
-int sparse_linear_out_fp16(void const* xb, void const* values, void const* meta, void const* A_blocks, void const* bias,
-                       void* y, int64_t tokens, int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream) {
-  return sparse_linear_out<Element>(xb, values, meta, A_blocks, bias, y, tokens, d_in, d_out, sm_count, stream);
-}
+int sparse_linear_out_fp16(ArmorLinearParams const& p) { return sparse_linear_out<Element>(p); }
 
 }  // namespace armor::sm90

@@ -17,6 +17,7 @@ template <class Element>
 struct BlockDiag {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
   using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;  // N = one whole block
+  // clang-format off
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
@@ -31,29 +32,33 @@ struct BlockDiag {
       cutlass::gemm::collective::StageCountAutoCarveout<
           int(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue,
-                                                          Scheduler>;
+  // clang-format on
+  using GemmKernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue, Scheduler>;
 };
 
+// p.workspace = p.x B'^T (tokens x d_in).
 template <class Element>
-int block_diag(void const* x, void const* B_blocks, void* xb, int64_t tokens, int64_t dim, int sm_count,
-               cudaStream_t stream) {
+int block_diag(ArmorLinearParams const& p) {
   using Kernel = typename BlockDiag<Element>::GemmKernel;
   constexpr int64_t b = ARMOR_SM90_BLOCK;
   // (row, col, batch) strides; batch J starts b columns further along the same rows.
-  auto stride_x = cute::make_stride(int64_t(dim), cute::Int<1>{}, b);
+  auto stride_x = cute::make_stride(int64_t(p.d_in), cute::Int<1>{}, b);
   typename Kernel::StrideB stride_blocks = cute::make_stride(b, cute::Int<1>{}, b * b);
+  // clang-format off
   typename Kernel::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
-      ProblemShape{int(tokens), int(b), int(b), int(dim / b)},
-      {static_cast<Element const*>(x), typename Kernel::StrideA(stride_x), static_cast<Element const*>(B_blocks),
+      ProblemShape{int(p.tokens), int(b), int(b), int(p.d_in / b)},
+      {static_cast<Element const*>(p.x), typename Kernel::StrideA(stride_x), static_cast<Element const*>(p.B_blocks),
        stride_blocks},
-      {{}, nullptr, typename Kernel::StrideC(stride_x), static_cast<Element*>(xb), typename Kernel::StrideD(stride_x)},
-      hardware_info(sm_count),
+      {{}, nullptr, typename Kernel::StrideC(stride_x), static_cast<Element*>(p.workspace),
+       typename Kernel::StrideD(stride_x)},
+      hardware_info(p.sm_count),
       scheduler_arguments<Kernel>()};
+  // clang-format on
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
-  return launch<Kernel>(args, stream);
+  return launch<Kernel>(args, p.stream);
 }
 
 }  // namespace armor::sm90

@@ -4,7 +4,7 @@
 // At 1-16 tokens the op is a stream over the weights: the 128 x 128 token tile of the CUTLASS path
 // would do 8-128x the needed math and, with one CTA per 128 rows, leave most SMs idle (32 CTAs at
 // d_out = 4096 on 132 SMs). Here every byte of S is read once, in the portable packed form that
-// ArmorLinear already keeps (no second compressed copy), by a grid split along K over all SMs:
+// ArmorLinear already keeps (no second compressed copy), by a grid split along K over the SMs (split_k.h):
 //   1. input_transform: xb = x B'^T, one CTA per 128-column block of x; also zeroes the counters.
 //   2. sparse_splitk: CTA (i, s) multiplies rows [128 i, 128 i + 128) of S, K split s, by xb^T into fp32
 //      partial sums; the last CTA of row block i to arrive sums the splits in split order (the same
@@ -19,6 +19,7 @@
 #include "cute/arch/mma_sm80.hpp"
 #include "cutlass/numeric_types.h"
 #include "decode_fragments.h"
+#include "split_k.h"
 
 namespace armor::sm90 {
 
@@ -27,7 +28,7 @@ namespace decode_detail {
 using namespace armor::decode;
 
 constexpr int kThreads = 256;  // 8 warps x 16 rows = one 128-row block
-constexpr int kBlock = 128;
+constexpr int kBlock = 128;    // rows of S per CTA of kernel 2 = one block of A'
 constexpr int kZPad = 8;       // z rows padded by 16 bytes: the warp's 16-byte reads hit distinct banks
 
 template <class Element>
@@ -178,8 +179,8 @@ __global__ void __launch_bounds__(kThreads) sparse_splitk(Params<Element> p) {
     int const r = e / (kTok / 4), n = e % (kTok / 4) * 4;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int sp = 0; sp < int(gridDim.y); ++sp) {
-      float4 const v = __ldcg(reinterpret_cast<float4 const*>(
-          p.partials + (int64_t(sp) * p.d_out + int64_t(blk) * kBlock + r) * kTok + n));
+      float4 const v = __ldcg(
+          reinterpret_cast<float4 const*>(p.partials + (int64_t(sp) * p.d_out + int64_t(blk) * kBlock + r) * kTok + n));
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
     z[n][r] = Element(sum.x), z[n + 1][r] = Element(sum.y), z[n + 2][r] = Element(sum.z), z[n + 3][r] = Element(sum.w);
@@ -188,8 +189,8 @@ __global__ void __launch_bounds__(kThreads) sparse_splitk(Params<Element> p) {
 
   // y rows of this block = A'_blk z + bias.
   float out[NT][4] = {};
-  block_times_tokens<Element, NT>(p.A_blocks + int64_t(blk) * kBlock * kBlock, &z[0][0], kBlock + kZPad, kTok,
-                                  warp, lane, out);
+  block_times_tokens<Element, NT>(p.A_blocks + int64_t(blk) * kBlock * kBlock, &z[0][0], kBlock + kZPad, kTok, warp,
+                                  lane, out);
   for (int q = 0; q < NT; ++q)
     for (int i = 0; i < 4; ++i) {
       int const n = 8 * q + c_col(lane, i);
@@ -210,21 +211,28 @@ int launch(Params<Element> const& p, int splits, cudaStream_t stream) {
 }  // namespace decode_detail
 
 template <class Element>
-int decode_linear(void const* x, void const* B_blocks, void const* S_values, void const* S_idx, void const* A_blocks,
-                  void const* bias, void* workspace, void* y, int64_t tokens, int64_t d_in, int64_t d_out,
-                  int sm_count, cudaStream_t stream) {
+int decode_linear(ArmorLinearParams const& a) {
   using namespace decode_detail;
-  auto const ws = workspace_layout(d_out, d_in, tokens, int(sizeof(Element)), sm_count);
-  auto const split = split_k(d_out, d_in, sm_count);
-  char* base = static_cast<char*>(workspace);
-  Params<Element> p{static_cast<Element const*>(x),        static_cast<Element const*>(B_blocks),
-                    static_cast<Element const*>(S_values), static_cast<uint8_t const*>(S_idx),
-                    static_cast<Element const*>(A_blocks), static_cast<Element const*>(bias),
-                    reinterpret_cast<Element*>(base),      reinterpret_cast<float*>(base + ws.partials),
-                    reinterpret_cast<int*>(base + ws.counters), static_cast<Element*>(y),
-                    int(tokens), int(d_in), int(d_out), int(d_in / kStep), split.steps_per_split};
-  return token_tile(tokens) == 8 ? launch<Element, 1>(p, split.splits, stream)
-                                 : launch<Element, 2>(p, split.splits, stream);
+  auto const ws = workspace_layout(a.d_out, a.d_in, a.tokens, int(sizeof(Element)), a.sm_count);
+  auto const split = split_k(a.d_out, a.d_in, a.sm_count);
+  char* base = static_cast<char*>(a.workspace);
+  Params<Element> p{.x = static_cast<Element const*>(a.x),
+                    .B_blocks = static_cast<Element const*>(a.B_blocks),
+                    .S_values = static_cast<Element const*>(a.S_values),
+                    .S_idx = static_cast<uint8_t const*>(a.S_meta),
+                    .A_blocks = static_cast<Element const*>(a.A_blocks),
+                    .bias = static_cast<Element const*>(a.bias),
+                    .xb = reinterpret_cast<Element*>(base),
+                    .partials = reinterpret_cast<float*>(base + ws.partials),
+                    .counters = reinterpret_cast<int*>(base + ws.counters),
+                    .y = static_cast<Element*>(a.y),
+                    .tokens = int(a.tokens),
+                    .d_in = int(a.d_in),
+                    .d_out = int(a.d_out),
+                    .steps = int(a.d_in / kStep),
+                    .steps_per_split = split.steps_per_split};
+  return token_tile(a.tokens) == 8 ? launch<Element, 1>(p, split.splits, a.stream)
+                                   : launch<Element, 2>(p, split.splits, a.stream);
 }
 
 }  // namespace armor::sm90

@@ -48,9 +48,9 @@ class EpilogueBlockDiagLeft {
   using SmemLayoutT = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
                                                    cute::Shape<cute::Int<kTileN>, cute::Int<kBlock>>{}));
   // The same buffer seen as (m, n), the accumulator's coordinates: (m, n) -> SmemLayoutT(n, m).
-  using SmemLayoutMN = decltype(cute::composition(
-      SmemLayoutT{}, cute::make_layout(cute::Shape<cute::Int<kBlock>, cute::Int<kTileN>>{},
-                                       cute::Stride<cute::Int<kTileN>, cute::_1>{})));
+  using SmemLayoutMN =
+      decltype(cute::composition(SmemLayoutT{}, cute::make_layout(cute::Shape<cute::Int<kBlock>, cute::Int<kTileN>>{},
+                                                                  cute::Stride<cute::Int<kTileN>, cute::_1>{})));
 
   // Two warpgroups stacked along M, 64 x N_tile x 16 wgmma each.
   using TiledMma = decltype(cute::make_tiled_mma(
@@ -89,8 +89,8 @@ class EpilogueBlockDiagLeft {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
     auto aligned = [](void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    return cute::get<0>(problem_shape) % kBlock == 0 && args.ptr_A_blocks && args.ptr_D &&
-           aligned(args.ptr_A_blocks) && aligned(args.ptr_D);
+    return cute::get<0>(problem_shape) % kBlock == 0 && args.ptr_A_blocks && args.ptr_D && aligned(args.ptr_A_blocks) &&
+           aligned(args.ptr_D);
   }
 
   CUTLASS_HOST_DEVICE EpilogueBlockDiagLeft(Params const& params) : params_(params) {}

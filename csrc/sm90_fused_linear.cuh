@@ -22,8 +22,8 @@ struct FusedLinear {
   using CollectiveEpilogue = CollectiveEpilogueBlockDiagLeft<Element, TileShape>;
   using CollectiveMainloop =
       typename SparseMainloop<Element>::template Collective<int(sizeof(typename Epilogue::SharedStorage))>;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue,
-                                                          Scheduler>;
+  using GemmKernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue, Scheduler>;
   using SparseConfig = typename CollectiveMainloop::SparseConfig;
   using Compress = Compressor<CollectiveMainloop>;
 };
@@ -41,9 +41,8 @@ int compressed_sizes(int64_t d_out, int64_t d_in, int64_t* values_numel, int64_t
 template <class Element>
 int compress(void const* S, int64_t d_out, int64_t d_in, void* values, void* meta, cudaStream_t stream) {
   using C = typename FusedLinear<Element>::Compress;
-  typename C::Device::Arguments args{ProblemShape{int(d_out), 1, int(d_in), 1},
-                                     {S, C::stride(int(d_out), int(d_in)), values, meta},
-                                     hardware_info(0)};
+  typename C::Device::Arguments args{
+      ProblemShape{int(d_out), 1, int(d_in), 1}, {S, C::stride(int(d_out), int(d_in)), values, meta}, hardware_info(0)};
   typename C::Device op;
   // The compressor's "workspace" is only its shared-memory size, reported for backward compatibility.
   if (op.can_implement(args) != cutlass::Status::kSuccess ||
@@ -53,24 +52,24 @@ int compress(void const* S, int64_t d_out, int64_t d_in, void* values, void* met
   return op.run(stream) == cutlass::Status::kSuccess ? ARMOR_OK : ARMOR_ERROR_LAUNCH;
 }
 
+// y = (xb S^T) A'^T + bias with xb in p.workspace and S compressed (p.S_values, p.S_meta).
 template <class Element>
-int sparse_linear_out(void const* xb, void const* values, void const* meta, void const* A_blocks, void const* bias,
-                      void* y, int64_t tokens, int64_t d_in, int64_t d_out, int sm_count, cudaStream_t stream) {
+int sparse_linear_out(ArmorLinearParams const& p) {
   using F = FusedLinear<Element>;
   using Kernel = typename F::GemmKernel;
-  ProblemShape problem{int(d_out), int(tokens), int(d_in), 1};
+  ProblemShape problem{int(p.d_out), int(p.tokens), int(p.d_in), 1};
   using StrideB = typename Kernel::StrideB;
-  StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(int(tokens), int(d_in), 1));
+  StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(int(p.tokens), int(p.d_in), 1));
   typename Kernel::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       problem,
-      {static_cast<Element const*>(values), F::SparseConfig::fill_layoutA(problem), static_cast<Element const*>(xb),
-       stride_b, static_cast<typename F::CollectiveMainloop::ElementE const*>(meta),
-       F::SparseConfig::fill_layoutE(problem)},
-      {static_cast<Element const*>(A_blocks), static_cast<Element const*>(bias), static_cast<Element*>(y)},
-      hardware_info(sm_count),
+      {static_cast<Element const*>(p.S_values), F::SparseConfig::fill_layoutA(problem),
+       static_cast<Element const*>(p.workspace), stride_b,
+       static_cast<typename F::CollectiveMainloop::ElementE const*>(p.S_meta), F::SparseConfig::fill_layoutE(problem)},
+      {static_cast<Element const*>(p.A_blocks), static_cast<Element const*>(p.bias), static_cast<Element*>(p.y)},
+      hardware_info(p.sm_count),
       scheduler_arguments<Kernel>()};
-  return launch<Kernel>(args, stream);
+  return launch<Kernel>(args, p.stream);
 }
 
 }  // namespace armor::sm90

@@ -1,8 +1,8 @@
 // Tile scheduler of the ARMOR sm90 GEMMs and the one launch path they share.
 //
-// Persistent, data-parallel: one CTA per SM walks the (M, N) output tiles. No split-K / stream-K, so no
-// workspace and no reduction: every output tile, and therefore every A' block product in the fused
-// epilogue, is computed by exactly one CTA.
+// Persistent, data-parallel: sm_count CTAs (one per SM by default) walk the (M, N) output tiles. No
+// split-K / stream-K, so no workspace and no reduction: every output tile, and therefore every A' block
+// product in the fused epilogue, is computed by exactly one CTA, whatever sm_count is.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -27,10 +27,11 @@ typename GemmKernel::TileSchedulerArguments scheduler_arguments() {
   return args;
 }
 
+// sm_count: how many CTAs the persistent grid has (at most one per output tile). The GEMMs get it
+// resolved by api.cpp (ArmorLinearParams::sm_count, 0 = the device's); 0 here lets CUTLASS query it.
 inline cutlass::KernelHardwareInfo hardware_info(int sm_count) {
   cutlass::KernelHardwareInfo hw;
   cudaGetDevice(&hw.device_id);
-  // 0 lets CUTLASS query it (a driver attribute call); callers pass a cached count.
   hw.sm_count = sm_count;
   return hw;
 }
@@ -46,8 +47,7 @@ int launch(typename GemmKernel::Arguments const& args, cudaStream_t stream) {
   constexpr int smem_bytes = GemmKernel::SharedStorageSize;
   // The opt-in above 48 KB is a per-device function attribute, not a stream operation, so it is legal
   // during CUDA-graph capture; it is cheap enough to repeat instead of tracking devices.
-  cudaFuncSetAttribute(cutlass::device_kernel<GemmKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       smem_bytes);
+  cudaFuncSetAttribute(cutlass::device_kernel<GemmKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   // Cluster shape 1 x 1 x 1: a plain launch (no cluster launch attributes needed).
   cutlass::device_kernel<GemmKernel>
       <<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem_bytes, stream>>>(params);

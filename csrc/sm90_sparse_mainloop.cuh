@@ -10,8 +10,8 @@
 #include "cutlass/cutlass.h"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/dispatch_policy.hpp"
-#include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
 #include "cutlass/transform/device/transform_universal_adapter.hpp"
+#include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
 namespace armor::sm90 {
@@ -30,6 +30,7 @@ struct SparseMainloop {
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA rows
 
   // `epilogue_smem_bytes` is carved out of shared memory before the stage count is chosen.
+  // clang-format off
   template <int epilogue_smem_bytes>
   using Collective = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp,
@@ -38,6 +39,7 @@ struct SparseMainloop {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  // clang-format on
 };
 
 // One-time compressor, dense S -> (values, metadata) in the layout described by the mainloop's
@@ -48,15 +50,15 @@ struct Compressor {
   using Element = typename Collective::ElementA;
   using SparseConfig = typename Collective::SparseConfig;
   using StrideS = cutlass::gemm::TagToStrideA_t<cutlass::layout::RowMajor>;
+  // clang-format off
   using Utility = cutlass::transform::kernel::StructuredSparseCompressorUtility<
       ProblemShape, Element, cutlass::layout::RowMajor, SparseConfig>;
   using Kernel = cutlass::transform::kernel::StructuredSparseCompressor<
       ProblemShape, Element, cutlass::layout::RowMajor, SparseConfig, cutlass::arch::Sm90>;
+  // clang-format on
   using Device = cutlass::transform::device::TransformUniversalAdapter<Kernel>;
 
-  static StrideS stride(int M, int K) {
-    return cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(M, K, 1));
-  }
+  static StrideS stride(int M, int K) { return cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(M, K, 1)); }
   static Utility utility(int M, int K) { return Utility(ProblemShape{M, 1, K, 1}, stride(M, K)); }
 };
 

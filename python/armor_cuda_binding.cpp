@@ -1,8 +1,8 @@
 // armor_kernels._armor_cuda: the thin pybind11 layer over csrc/armor_cuda.h.
 //
 // Tensors cross as integers (data_ptr()), streams as integers (torch.cuda.current_stream().cuda_stream),
-// so this file needs neither torch nor CUDA headers (DESIGN 9): torch-side checks, allocation and the
-// op registration live in armor_kernels/ops.py. Every call only launches work on the given stream.
+// so this file needs neither torch nor CUDA headers (docs/DESIGN.md §9): torch-side checks, allocation
+// and the op registration live in armor_kernels/ops.py. Every call only launches work on the given stream.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -16,16 +16,30 @@ namespace py = pybind11;
 
 namespace {
 
-template <class T>
-T const* ptr(uintptr_t p) {
-  return reinterpret_cast<T const*>(p);
-}
-cudaStream_t stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
 void check(int status, char const* what) {
   if (status != ARMOR_OK) {
     throw std::runtime_error(std::string("armor_kernels._armor_cuda.") + what + ": " + armor_status_string(status));
   }
+}
+
+template <class T>
+T as_pointer(uintptr_t p) {
+  return reinterpret_cast<T>(p);
+}
+
+// A pointer field of ArmorLinearParams as an integer property.
+template <class T>
+void pointer_property(py::class_<ArmorLinearParams>& cls, char const* name, T ArmorLinearParams::* field) {
+  cls.def_property(
+      name, [field](ArmorLinearParams const& p) { return reinterpret_cast<uintptr_t>(p.*field); },
+      [field](ArmorLinearParams& p, uintptr_t v) { p.*field = as_pointer<T>(v); });
+}
+
+template <int (*fn)(ArmorLinearParams const*, int64_t*)>
+int64_t bytes_of(ArmorLinearParams const& p, char const* what) {
+  int64_t bytes = 0;
+  check(fn(&p, &bytes), what);
+  return bytes;
 }
 
 }  // namespace
@@ -37,8 +51,42 @@ PYBIND11_MODULE(_armor_cuda, m) {
   m.attr("BLOCK") = int(ARMOR_SM90_BLOCK);
   m.attr("DECODE_MAX_TOKENS") = int(ARMOR_DECODE_MAX_TOKENS);
 
-  m.def("supported", [](int64_t d_out, int64_t d_in) { return armor_sm90_supported(d_out, d_in) == ARMOR_OK; },
-        py::arg("d_out"), py::arg("d_in"));
+  py::class_<ArmorLinearParams> params(m, "Params", "csrc/armor_cuda.h's ArmorLinearParams; pointers as integers");
+  params.def(py::init([](int dtype, int64_t tokens, int64_t d_in, int64_t d_out, uintptr_t x, uintptr_t B_blocks,
+                         uintptr_t A_blocks, uintptr_t bias, uintptr_t S_values, uintptr_t S_meta, uintptr_t workspace,
+                         uintptr_t y, int sm_count, uintptr_t stream) {
+               ArmorLinearParams p{};
+               p.dtype = dtype, p.tokens = tokens, p.d_in = d_in, p.d_out = d_out, p.sm_count = sm_count;
+               p.x = as_pointer<void const*>(x), p.B_blocks = as_pointer<void const*>(B_blocks);
+               p.A_blocks = as_pointer<void const*>(A_blocks), p.bias = as_pointer<void const*>(bias);
+               p.S_values = as_pointer<void const*>(S_values), p.S_meta = as_pointer<void const*>(S_meta);
+               p.workspace = as_pointer<void*>(workspace), p.y = as_pointer<void*>(y);
+               p.stream = as_pointer<cudaStream_t>(stream);
+               return p;
+             }),
+             py::kw_only(), py::arg("dtype"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"), py::arg("x") = 0,
+             py::arg("B_blocks") = 0, py::arg("A_blocks") = 0, py::arg("bias") = 0, py::arg("S_values") = 0,
+             py::arg("S_meta") = 0, py::arg("workspace") = 0, py::arg("y") = 0, py::arg("sm_count") = 0,
+             py::arg("stream") = 0);
+  params.def_readwrite("dtype", &ArmorLinearParams::dtype)
+      .def_readwrite("tokens", &ArmorLinearParams::tokens)
+      .def_readwrite("d_in", &ArmorLinearParams::d_in)
+      .def_readwrite("d_out", &ArmorLinearParams::d_out)
+      .def_readwrite("sm_count", &ArmorLinearParams::sm_count);
+  pointer_property(params, "x", &ArmorLinearParams::x);
+  pointer_property(params, "B_blocks", &ArmorLinearParams::B_blocks);
+  pointer_property(params, "A_blocks", &ArmorLinearParams::A_blocks);
+  pointer_property(params, "bias", &ArmorLinearParams::bias);
+  pointer_property(params, "S_values", &ArmorLinearParams::S_values);
+  pointer_property(params, "S_meta", &ArmorLinearParams::S_meta);
+  pointer_property(params, "workspace", &ArmorLinearParams::workspace);
+  pointer_property(params, "y", &ArmorLinearParams::y);
+  pointer_property(params, "stream", &ArmorLinearParams::stream);
+
+  m.def(
+      "supported", [](int dtype, int64_t d_out, int64_t d_in) { return armor_sm90_supported(dtype, d_out, d_in) != 0; },
+      py::arg("dtype"), py::arg("d_out"), py::arg("d_in"),
+      "whether the kernels support this dtype code and d_out x d_in");
 
   m.def(
       "compressed_sizes",
@@ -52,59 +100,30 @@ PYBIND11_MODULE(_armor_cuda, m) {
 
   m.def(
       "compress",
-      [](int dtype, uintptr_t S, int64_t d_out, int64_t d_in, uintptr_t values, uintptr_t meta, uintptr_t s) {
-        check(armor_sm90_compress(dtype, ptr<void>(S), d_out, d_in, reinterpret_cast<void*>(values),
-                                  reinterpret_cast<void*>(meta), stream(s)),
+      [](int dtype, uintptr_t S, int64_t d_out, int64_t d_in, uintptr_t values, uintptr_t meta, uintptr_t stream) {
+        check(armor_sm90_compress(dtype, as_pointer<void const*>(S), d_out, d_in, as_pointer<void*>(values),
+                                  as_pointer<void*>(meta), as_pointer<cudaStream_t>(stream)),
               "compress");
       },
       py::arg("dtype"), py::arg("S"), py::arg("d_out"), py::arg("d_in"), py::arg("values"), py::arg("meta"),
       py::arg("stream"));
 
   m.def(
-      "block_diag",
-      [](int dtype, uintptr_t x, uintptr_t B, uintptr_t xb, int64_t tokens, int64_t dim, int sm_count, uintptr_t s) {
-        check(armor_sm90_block_diag(dtype, ptr<void>(x), ptr<void>(B), reinterpret_cast<void*>(xb), tokens, dim,
-                                    sm_count, stream(s)),
-              "block_diag");
+      "linear_workspace_bytes",
+      [](ArmorLinearParams const& p) {
+        return bytes_of<armor_sm90_linear_workspace_bytes>(p, "linear_workspace_bytes");
       },
-      py::arg("dtype"), py::arg("x"), py::arg("B"), py::arg("xb"), py::arg("tokens"), py::arg("dim"),
-      py::arg("sm_count"), py::arg("stream"));
-
+      py::arg("params"));
   m.def(
-      "linear",
-      [](int dtype, uintptr_t x, uintptr_t B, uintptr_t values, uintptr_t meta, uintptr_t A, uintptr_t bias,
-         uintptr_t workspace, uintptr_t y, int64_t tokens, int64_t d_in, int64_t d_out, int sm_count, uintptr_t s) {
-        check(armor_sm90_linear(dtype, ptr<void>(x), ptr<void>(B), ptr<void>(values), ptr<void>(meta), ptr<void>(A),
-                                ptr<void>(bias), reinterpret_cast<void*>(workspace), reinterpret_cast<void*>(y),
-                                tokens, d_in, d_out, sm_count, stream(s)),
-              "linear");
-      },
-      py::arg("dtype"), py::arg("x"), py::arg("B"), py::arg("values"), py::arg("meta"), py::arg("A"),
-      py::arg("bias"), py::arg("workspace"), py::arg("y"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"),
-      py::arg("sm_count"), py::arg("stream"),
-      "y = ((x B'^T) S^T) A'^T + bias; bias = 0 for none; workspace holds tokens x d_in elements");
-
+      "linear", [](ArmorLinearParams const& p) { check(armor_sm90_linear(&p), "linear"); }, py::arg("params"),
+      "y = ((x B'^T) S^T) A'^T + bias with S compressed (compress), any token count");
   m.def(
       "decode_workspace_bytes",
-      [](int dtype, int64_t d_out, int64_t d_in, int64_t tokens, int sm_count) {
-        int64_t bytes = 0;
-        check(armor_sm90_decode_workspace_bytes(dtype, d_out, d_in, tokens, sm_count, &bytes),
-              "decode_workspace_bytes");
-        return bytes;
+      [](ArmorLinearParams const& p) {
+        return bytes_of<armor_sm90_decode_workspace_bytes>(p, "decode_workspace_bytes");
       },
-      py::arg("dtype"), py::arg("d_out"), py::arg("d_in"), py::arg("tokens"), py::arg("sm_count"));
-
+      py::arg("params"));
   m.def(
-      "decode_linear",
-      [](int dtype, uintptr_t x, uintptr_t B, uintptr_t S_values, uintptr_t S_idx, uintptr_t A, uintptr_t bias,
-         uintptr_t workspace, uintptr_t y, int64_t tokens, int64_t d_in, int64_t d_out, int sm_count, uintptr_t s) {
-        check(armor_sm90_decode_linear(dtype, ptr<void>(x), ptr<void>(B), ptr<void>(S_values), ptr<void>(S_idx),
-                                       ptr<void>(A), ptr<void>(bias), reinterpret_cast<void*>(workspace),
-                                       reinterpret_cast<void*>(y), tokens, d_in, d_out, sm_count, stream(s)),
-              "decode_linear");
-      },
-      py::arg("dtype"), py::arg("x"), py::arg("B"), py::arg("S_values"), py::arg("S_idx"), py::arg("A"),
-      py::arg("bias"), py::arg("workspace"), py::arg("y"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"),
-      py::arg("sm_count"), py::arg("stream"),
-      "decode-sized y = ((x B'^T) S^T) A'^T + bias from the portable packed S; bias = 0 for none");
+      "decode_linear", [](ArmorLinearParams const& p) { check(armor_sm90_decode_linear(&p), "decode_linear"); },
+      py::arg("params"), "decode-sized y = ((x B'^T) S^T) A'^T + bias from the portable packed S");
 }

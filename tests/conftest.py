@@ -3,8 +3,17 @@
 Only torch and pytest are needed to collect the tests (the GPU image has neither transformers nor
 rdata): the fixtures import the model and data modules when a test asks for them, and skip that
 test when they are missing.
+
+Markers (registered in pyproject.toml):
+- `gpu`: needs the fused kernels (an sm_90 GPU and the built armor_kernels._armor_cuda). Such a test
+  is skipped, with ops.fused_unavailable_reason(), where they cannot run. With ARMOR_REQUIRE_FUSED=1
+  (.ci/gpu_check.sh sets it) nothing passes by skipping: a `gpu` test that skips, for that or any other
+  reason, fails instead, and a session in which no `gpu` test passed fails.
+- `sanitize(*tools)`: a case .ci/gpu_check.sh runs under compute-sanitizer; `--sanitizer TOOL` keeps
+  only the cases marked for TOOL (memcheck, racecheck) and deselects everything else.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -35,9 +44,75 @@ def tiny_llama():
 
     def make(config):
         config = copy.deepcopy(config)
-        del config.quantization_config  # describes the GGUF file, not this model
         config.update(dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=16, initializer_range=0.1))
         torch.manual_seed(0)
         return transformers.LlamaForCausalLM(config).eval()
     return make
+
+
+# --- The `gpu` and `sanitize` markers (see the module docstring) ---------------------------------
+
+REQUIRE_FUSED = os.environ.get("ARMOR_REQUIRE_FUSED", "") not in ("", "0")
+SANITIZERS = ("memcheck", "racecheck")
+_GPU_PASSED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sanitizer", choices=SANITIZERS, default=None,
+                     help="run only the tests marked sanitize(...) for this compute-sanitizer tool")
+
+
+def pytest_configure(config):
+    config.stash[_GPU_PASSED] = 0
+
+
+def pytest_report_header(config):
+    if REQUIRE_FUSED:
+        return "ARMOR_REQUIRE_FUSED=1: every gpu-marked test must run; a skip is a failure"
+
+
+def pytest_collection_modifyitems(config, items):
+    tool = config.getoption("--sanitizer")
+    if tool is None:
+        return
+    marked = [(item, item.get_closest_marker("sanitize")) for item in items]
+    keep = [item for item, m in marked if m is not None and (not m.args or tool in m.args)]
+    drop = [item for item, m in marked if item not in keep]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None:
+        from armor_kernels import ops
+        reason = ops.fused_unavailable_reason("cuda")
+        if reason is not None:
+            pytest.skip(f"needs the fused kernels: {reason}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if item.get_closest_marker("gpu") is None:
+        return report
+    if REQUIRE_FUSED and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"ARMOR_REQUIRE_FUSED=1: a gpu-marked test may not skip ({reason})"
+    elif report.when == "call" and report.passed:
+        item.config.stash[_GPU_PASSED] += 1
+    return report
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REQUIRE_FUSED and session.config.stash[_GPU_PASSED] == 0 and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if REQUIRE_FUSED:
+        passed = config.stash[_GPU_PASSED]
+        terminalreporter.write_line(f"ARMOR_REQUIRE_FUSED=1: {passed} gpu-marked tests passed"
+                                    + ("" if passed else ": none, so the session fails"), red=not passed)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from armor_kernels import ActivationStats, ArmorLinear, armor, ops
+from armor_kernels import ActivationStats, ArmorLinear, armor
 
 
 def _layer(d_out, d_in, bias, seed=0):
@@ -64,8 +64,7 @@ def test_errors_name_the_argument():
         ArmorLinear(f.A[:1], f.S, f.B)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and ops.fused_supported("cuda", torch.bfloat16, 256, 256)),
-                    reason="needs an sm_90 GPU and the built armor_kernels._armor_cuda extension")
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])  # the decode kernels, then the sparse GEMM
 def test_prepare_fused_runs_the_kernels_and_keeps_the_checkpoint(tokens):
     torch.manual_seed(0)

@@ -1,27 +1,29 @@
 """torch.ops.armor.linear: the reference against plain dense math, the op contract (opcheck, compile,
-errors), and on an sm_90 GPU with the built extension the fused kernels against the reference."""
+errors, the checks of the sm90 buffers, the dispatch rule), the binding's own checks where it is built,
+what the `gpu` marker guarantees, and on an sm_90 GPU (tests marked `gpu`) the fused kernels against
+the reference."""
 import ctypes
+import importlib
+import importlib.util
+import os
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_24
 
 from armor_kernels import ops
 from armor_kernels.sparse24 import pack_24
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Relative tolerances of a few roundings of intermediates in the dtype (8 bits of mantissa for bf16,
 # 11 for fp16) accumulated over reductions of a few hundred terms.
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def rand_24(d_out, d_in, dtype=torch.float32, generator=None):
-    """Random S with exactly 2 non-zeros in every group of 4 along d_in."""
-    S = torch.randn(d_out, d_in, generator=generator)
-    keep = torch.rand(d_out, d_in // 4, 4, generator=generator).argsort(-1)[..., :2]
-    mask = torch.zeros(d_out, d_in // 4, 4).scatter_(-1, keep, 1.0).reshape(d_out, d_in)
-    return (S * mask).to(dtype)
 
 
 def factors(d_out, d_in, bA, bB, dtype, bias=True, seed=0):
@@ -29,7 +31,7 @@ def factors(d_out, d_in, bA, bB, dtype, bias=True, seed=0):
     # Blocks near the identity, as ARMOR's are (it starts from A = B = I), keep outputs O(1).
     A = torch.eye(bA) + 0.1 * torch.randn(d_out // bA, bA, bA, generator=g)
     B = torch.eye(bB) + 0.1 * torch.randn(d_in // bB, bB, bB, generator=g)
-    S = rand_24(d_out, d_in, generator=g) / d_in ** 0.5
+    S = random_24(d_out, d_in, generator=g) / d_in ** 0.5
     b = torch.randn(d_out, generator=g) if bias else None
     return [t if t is None else t.to(dtype) for t in (A, S, B, b)]
 
@@ -129,45 +131,323 @@ def test_errors_name_argument_expected_and_got(change, arg, expected, got):
 
 def test_fused_not_supported_without_gpu_kernels():
     assert not ops.fused_supported("cpu", torch.bfloat16, 4096, 4096)
-    if ops._armor_cuda is None:
-        with pytest.raises(RuntimeError, match="not built"):
-            ops.pack_sm90(rand_24(128, 128, torch.bfloat16))
+    if ops.NATIVE_IMPORT_ERROR is not None:
+        match = "not built" if importlib.util.find_spec("armor_kernels._armor_cuda") is None else "failed to load"
+        with pytest.raises(RuntimeError, match=match):
+            ops.pack_sm90(random_24(128, 128, dtype=torch.bfloat16))
 
 
-# --- GPU: the fused kernels (sm_90 + built extension) ---------------------------------------------
+def sm90_buffers(d_out, d_in, dtype=torch.bfloat16, device="cpu"):
+    """Buffers of the sizes pack_sm90 gives a (d_out, d_in) S (contents irrelevant to the checks)."""
+    n_values, n_meta = ops.sm90_compressed_sizes(d_out, d_in)
+    return ops.Sm90Packed(torch.zeros(n_values, dtype=dtype, device=device),
+                          torch.zeros(n_meta, dtype=torch.uint8, device=device))
 
-fused = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ops.fused_supported("cuda", torch.bfloat16, 128, 128)),
-    reason="needs an sm_90 GPU and the built armor_kernels._armor_cuda extension")
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: the fake kernel, what torch.compile traces
+@pytest.mark.parametrize("change,arg,expected", [
+    (lambda v, m: (v[:-8], m), "sm90.values", "contiguous 1-D tensor of 32768 elements"),
+    (lambda v, m: (v.reshape(256, 128), m), "sm90.values", "contiguous 1-D tensor of 32768 elements"),
+    (lambda v, m: (torch.zeros(2 * v.numel(), dtype=v.dtype, device=v.device)[::2], m), "sm90.values",
+     "contiguous 1-D"),
+    (lambda v, m: (v, m.view(torch.int8)), "sm90.meta", "dtype torch.uint8"),
+    (lambda v, m: (v, sm90_buffers(512, 256, device=m.device).meta), "sm90.meta", "8192 elements"),
+    (lambda v, m: (v.float(), m), "sm90.values", "x's dtype torch.bfloat16"),
+])
+def test_sm90_buffers_are_checked(device, change, arg, expected):
+    """sm90 buffers are validated against the layer (sizes of sm90_compressed_sizes, flat, contiguous,
+    dtypes) wherever the op runs: on CPU, where the reference ignores them, and at trace time."""
+    x, A, S, B, b = (t.to(device) for t in op_args(torch.bfloat16)[:5])
+    good = sm90_buffers(256, 256, device=device)
+    y = ops.linear(x, A, S, B, b, sm90=good)
+    assert y.shape == (2, 3, 256)
+    with pytest.raises(ValueError, match=f"armor.linear: {arg}: expected .*{expected}"):
+        ops.linear(x, A, S, B, b, sm90=ops.Sm90Packed(*change(*good)))
+
+
+def test_sm90_buffer_checks_at_a_real_size_on_meta():
+    d = 4096
+    x = torch.empty(8, d, dtype=torch.bfloat16, device="meta")
+    A = B = torch.empty(d // 128, 128, 128, dtype=torch.bfloat16, device="meta")
+    S = torch.empty(d, d, dtype=torch.bfloat16, device="meta")
+    sm90 = sm90_buffers(d, d, device="meta")
+    assert ops.linear(x, A, S, B, sm90=sm90).shape == (8, d)
+    with pytest.raises(ValueError, match="sm90.meta: expected a contiguous 1-D tensor of 2097152 elements"):
+        ops.linear(x, A, S, B, sm90=ops.Sm90Packed(sm90.values, sm90.meta[1:]))
+
+
+def python_env(**extra):
+    """The environment of a child interpreter that imports this checkout's armor_kernels."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def native_module():
+    """armor_kernels._armor_cuda, imported directly (its own checks), or a skip saying why it is absent."""
+    if ops.NATIVE_IMPORT_ERROR is not None:
+        pytest.skip(ops.NATIVE_IMPORT_ERROR)
+    return importlib.import_module("armor_kernels._armor_cuda")
+
+
+@pytest.mark.parametrize("d_out,d_in", [(128, 128), (256, 384), (384, 128), (4096, 11008), (11008, 4096)])
+def test_sm90_compressed_sizes_mirror_the_binding(d_out, d_in):
+    native = native_module()  # a pure host computation: runs wherever the binding is built
+    for dtype in (native.BF16, native.FP16):
+        assert native.compressed_sizes(dtype, d_out, d_in) == ops.sm90_compressed_sizes(d_out, d_in)
+
+
+def test_binding_checks_its_arguments():
+    """The C API's checks, reached through the binding without touching a device."""
+    native = native_module()
+    assert native.supported(native.BF16, 256, 384) and not native.supported(native.BF16, 256, 100)
+    assert not native.supported(7, 256, 256)
+    ok = dict(dtype=native.BF16, tokens=5, d_in=256, d_out=384, sm_count=4)
+    assert native.linear_workspace_bytes(native.Params(**ok)) == 5 * 256 * 2
+    assert native.decode_workspace_bytes(native.Params(**ok)) > 5 * 256 * 2
+    bad = [(dict(dtype=7), "unsupported dtype"), (dict(d_in=100), "unsupported shape"),
+           (dict(tokens=0), "unsupported shape"), (dict(sm_count=-1), "invalid argument")]
+    for change, message in bad:
+        for fn in (native.linear_workspace_bytes, native.decode_workspace_bytes, native.linear, native.decode_linear):
+            with pytest.raises(RuntimeError, match=message):
+                fn(native.Params(**{**ok, **change}))
+    with pytest.raises(RuntimeError, match="decode_workspace_bytes: invalid argument"):
+        native.decode_workspace_bytes(native.Params(**{**ok, "tokens": native.DECODE_MAX_TOKENS + 1}))
+    with pytest.raises(RuntimeError, match="linear: invalid argument"):  # null pointers, before any launch
+        native.linear(native.Params(**ok))
+    pointers = dict(x=1 << 20, B_blocks=2 << 20, A_blocks=3 << 20, S_values=4 << 20, S_meta=5 << 20,
+                    workspace=6 << 20, y=(7 << 20) + 8)
+    with pytest.raises(RuntimeError, match="not 16-byte aligned"):
+        native.decode_linear(native.Params(**ok, **pointers))
+    params = native.Params(**ok, **pointers)
+    params.workspace = 64
+    assert (params.workspace, params.sm_count, params.y) == (64, 4, (7 << 20) + 8)
+    if not torch.cuda.is_available():  # sm_count = 0 asks the current device
+        with pytest.raises(RuntimeError, match="SM count could not be queried"):
+            native.linear_workspace_bytes(native.Params(**{**ok, "sm_count": 0}))
+
+
+def test_linear_path_rule(monkeypatch):
+    """The one dispatch rule, first where only the reference runs, then as on an sm_90 device."""
+    A, S, B, b = factors(256, 256, 128, 128, torch.bfloat16)
+    values, idx = pack_24(S)
+    sm90 = sm90_buffers(256, 256)
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == "reference"
+    assert ops.linear_path(5, A, S, B, backend="reference") == "reference"
+    for backend in ("decode", "sparse_gemm"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' does not apply: .*(not built|not a CUDA device)"):
+            ops.linear(x, A, values, B, b, S_idx=idx, sm90=sm90, backend=backend)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ops.linear(x, A, S, B, b, backend="cutlass")
+    with pytest.raises(ValueError, match="sm_count: expected >= 0"):
+        ops.linear(x, A, S, B, b, sm_count=-1)
+    torch.testing.assert_close(ops.linear(x, A, S, B, b, backend="reference"), ops.linear(x, A, S, B, b))
+
+    monkeypatch.setattr(ops, "fused_unavailable_reason", lambda *args: None)
+    monkeypatch.setattr(ops, "DECODE_MAX_TOKENS", 16)
+    path = ops.linear_path
+    assert path(16, A, values, B, S_idx=idx, sm90=sm90) == "decode"
+    assert path(17, A, values, B, S_idx=idx, sm90=sm90) == "sparse_gemm"
+    assert path(17, A, values, B, S_idx=idx) == "reference"
+    assert path(1, A, S, B, sm90=sm90) == "sparse_gemm"
+    assert path(0, A, values, B, S_idx=idx, sm90=sm90) == "reference"
+    assert path(torch.empty(2, 8, 256), A, values, B, S_idx=idx) == "decode"  # tokens: the leading dims
+    assert path(torch.empty(3, 6, 256), A, values, B, S_idx=idx) == "reference"
+    assert path(3, A, values, B, S_idx=idx, sm90=sm90, backend="sparse_gemm") == "sparse_gemm"
+    for tokens, kwargs, backend, why in [
+        (17, dict(S_idx=idx), "decode", "17 tokens, the decode kernels take at most 16"),
+        (4, dict(sm90=sm90), "decode", "S is not packed"),
+        (4, dict(S_idx=idx), "sparse_gemm", "no sm90 compressed S"),
+        (0, dict(S_idx=idx, sm90=sm90), "sparse_gemm", "x has no tokens"),
+    ]:
+        with pytest.raises(ValueError, match=f"backend='{backend}' does not apply: {why}"):
+            path(tokens, A, values if "S_idx" in kwargs else S, B, backend=backend, **kwargs)
+
+
+def test_native_load_failure_is_reported_not_hidden():
+    """A built extension that fails to load (here: a simulated missing libarmor_cuda.so) warns at import
+    and is the reason the fused path is unusable; before, ops set it to None silently."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+        class Broken(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "armor_kernels._armor_cuda":
+                    raise ImportError("libarmor_cuda.so: cannot open shared object file")
+        sys.meta_path.insert(0, Broken())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from armor_kernels import ops
+        print([str(w.message) for w in caught if w.category is RuntimeWarning])
+        print(ops.fused_unavailable_reason("cuda"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=python_env(), capture_output=True, text=True,
+                         check=True).stdout
+    warned, reason = out.splitlines()[-2:]
+    assert "failed to load" in warned and "libarmor_cuda.so: cannot open shared object file" in warned
+    assert reason.startswith("the native extension armor_kernels._armor_cuda is built but failed to load")
+
+
+SIMULATED_GPU_TESTS = """
+import pytest
+from armor_kernels import ops
+
+ops.fused_unavailable_reason = lambda *args: {reason!r}  # the machine this run simulates
+
+@pytest.mark.gpu
+@pytest.mark.sanitize("memcheck")
+def test_fused():
+    pass
+
+@pytest.mark.gpu
+def test_fused_that_skips_itself():
+    pytest.skip("some other reason")
+
+def test_cpu():
+    pass
+"""
+UNUSABLE = "simulated: the native library failed to load"
+
+
+@pytest.mark.parametrize("reason,require,args,rc,summary,shown", [
+    (UNUSABLE, False, [], 0, "1 passed, 2 skipped", UNUSABLE),
+    (UNUSABLE, True, [], 1, "1 passed, 2 errors", UNUSABLE),  # before the fix: 1 passed, 2 skipped, rc 0
+    (None, True, [], 1, "1 failed, 2 passed", "some other reason"),
+    (UNUSABLE, True, ["-k", "test_cpu"], 1, "1 passed, 2 deselected", "0 gpu-marked tests passed"),
+    (None, False, ["--sanitizer", "memcheck"], 0, "1 passed, 2 deselected", ""),
+    (None, False, ["--sanitizer", "racecheck"], 5, "3 deselected", ""),
+])
+def test_gpu_marker_cannot_pass_by_skipping(tmp_path, reason, require, args, rc, summary, shown):
+    """tests/conftest.py's hooks on a simulated machine: where the fused path is unusable (reason given)
+    or usable (None), with and without ARMOR_REQUIRE_FUSED=1, and the --sanitizer selection."""
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    (tmp_path / "test_simulated.py").write_text(SIMULATED_GPU_TESTS.format(reason=reason))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        "-W", "ignore::pytest.PytestUnknownMarkWarning", *args, str(tmp_path)], cwd=tmp_path,
+                       env=python_env(ARMOR_REQUIRE_FUSED="1" if require else "0"), capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == rc and summary in out and shown in out, out
+
+
+# --- GPU: the fused kernels (sm_90 + built extension), marked `gpu` -------------------------------
+# tests/conftest.py skips them where the kernels cannot run, and fails them instead under
+# ARMOR_REQUIRE_FUSED=1. `sanitize` marks the cases .ci/gpu_check.sh runs under compute-sanitizer.
+
+gpu = pytest.mark.gpu
+memcheck = pytest.mark.sanitize("memcheck")
+racecheck = pytest.mark.sanitize("racecheck")  # the decode kernels' shared memory
 
 FUSED_SHAPES = [(256, 256), (384, 512), (512, 128), (4096, 4096)]
+SANITIZED = {  # (d_out, d_in, dtype, tokens, bias, packed) -> marks
+    (384, 512, torch.bfloat16, 1, True, True): [memcheck],
+    (384, 512, torch.bfloat16, 16, True, True): [memcheck],
+    (384, 512, torch.bfloat16, 300, True, False): [memcheck],
+    (256, 256, torch.bfloat16, 1, True, True): [racecheck],
+    (256, 256, torch.bfloat16, 16, True, True): [racecheck],
+}
 
 
-@fused
-@pytest.mark.parametrize("d_out,d_in", FUSED_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("tokens", [1, 5, 9, 16, 17, 100, 129, 300])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("packed", [False, True])  # packed: the decode kernels up to 16 tokens
+def fused_cases():
+    """Every combination, with the IDs that stacked parametrize decorators gave them before the marks:
+    packed-bias-tokens-dtype-d_out-d_in."""
+    for d_out, d_in in FUSED_SHAPES:
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            for tokens in (1, 5, 9, 16, 17, 100, 129, 300):
+                for bias in (True, False):
+                    for packed in (False, True):  # packed: the decode kernels up to 16 tokens
+                        yield pytest.param(d_out, d_in, dtype, tokens, bias, packed,
+                                           marks=SANITIZED.get((d_out, d_in, dtype, tokens, bias, packed), []),
+                                           id=f"{packed}-{bias}-{tokens}-{name}-{d_out}-{d_in}")
+
+
+def cuda_factors(d_out, d_in, dtype=torch.bfloat16, bias=True):
+    return [t if t is None else t.cuda() for t in factors(d_out, d_in, 128, 128, dtype, bias)]
+
+
+@gpu
+@pytest.mark.parametrize("d_out,d_in,dtype,tokens,bias,packed", list(fused_cases()))
 def test_fused_matches_reference(d_out, d_in, dtype, tokens, bias, packed):
-    A, S, B, b = (t if t is None else t.cuda() for t in factors(d_out, d_in, 128, 128, dtype, bias))
+    A, S, B, b = cuda_factors(d_out, d_in, dtype, bias)
     x = torch.randn(tokens, d_in, device="cuda").to(dtype)
     values, idx = pack_24(S) if packed else (S, None)
-    y = ops.linear(x, A, values, B, b, S_idx=idx, sm90=ops.pack_sm90(S))
+    sm90 = ops.pack_sm90(S)
+    y = ops.linear(x, A, values, B, b, S_idx=idx, sm90=sm90)
+    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == (
+        "decode" if packed and tokens <= ops.DECODE_MAX_TOKENS else "sparse_gemm")
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), dtype)
     # The same roundings of intermediates as the reference, so closer to it than to exact math.
     assert_close(y, ops.reference(x, A, S, B, b).double(), dtype)
 
 
-@fused
-@pytest.mark.parametrize("tokens", [1, 16])
+@gpu
+@pytest.mark.parametrize("sm_count", [1, pytest.param(2, marks=memcheck), 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sparse_gemm_persistent_loop(sm_count, dtype):
+    """Fewer CTAs than tiles: 3 x 3 = 9 output tiles (the last token tile ragged) and 3 x 2 tiles of the B'
+    GEMM on 1, 2, 3 CTAs, so each CTA runs several tiles (epilogue buffers reused, A' loaded per tile).
+    Every tile is computed by exactly one CTA: the result is bit-identical to the full grid's."""
+    d_out, d_in, tokens = 384, 256, 300
+    A, S, B, b = cuda_factors(d_out, d_in, dtype)
+    x = torch.randn(tokens, d_in, device="cuda").to(dtype)
+    sm90 = ops.pack_sm90(S)
+    y = ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm", sm_count=sm_count)
+    torch.cuda.synchronize()
+    assert_close(y, ops.reference(x, A, S, B, b).double(), dtype)
+    torch.testing.assert_close(y, ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm"), rtol=0, atol=0)
+
+
+@gpu
+def test_sparse_gemm_many_tiles_per_sm():
+    """T = 1000 on 4096 x 4096: 32 x 8 = 256 output tiles on the device's SMs (132 on an H100 / H200),
+    the default grid's persistent loop."""
+    A, S, B, b = cuda_factors(4096, 4096)
+    x = torch.randn(1000, 4096, device="cuda").to(torch.bfloat16)
+    sm90 = ops.pack_sm90(S)
+    assert ops.linear_path(x, A, S, B, sm90=sm90) == "sparse_gemm"
+    y = ops.linear(x, A, S, B, b, sm90=sm90)
+    torch.cuda.synchronize()
+    assert_close(y, dense_math(x, A, S, B, b), torch.bfloat16)
+    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("sm_count", [1, 2, 7])  # 2, 4 and 8 splits of K at this shape (split_k.h)
+@pytest.mark.parametrize("tokens", [5, 16])
+def test_decode_sm_count(sm_count, tokens):
+    A, S, B, b = cuda_factors(256, 2048)
+    values, idx = pack_24(S)
+    x = torch.randn(tokens, 2048, device="cuda").to(torch.bfloat16)
+    y = ops.linear(x, A, values, B, b, S_idx=idx, backend="decode", sm_count=sm_count)
+    torch.cuda.synchronize()
+    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
+
+
+@gpu
+def test_forced_backends_on_gpu():
+    A, S, B, b = cuda_factors(256, 256)
+    values, idx = pack_24(S)
+    sm90 = ops.pack_sm90(S)
+    x = torch.randn(17, 256, device="cuda").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='decode' does not apply: 17 tokens"):
+        ops.linear(x, A, values, B, b, S_idx=idx, sm90=sm90, backend="decode")
+    with pytest.raises(ValueError, match="backend='sparse_gemm' does not apply: no sm90"):
+        ops.linear(x, A, values, B, b, S_idx=idx, backend="sparse_gemm")
+    x1 = x[:1]  # the sparse GEMM at a decode size, where "auto" would decode
+    y = ops.linear(x1, A, values, B, b, S_idx=idx, sm90=sm90, backend="sparse_gemm")
+    assert_close(y, ops.reference(x1, A, S, B, b).double(), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [pytest.param(1, marks=memcheck), pytest.param(16, marks=memcheck)])
 def test_decode_is_deterministic_and_graphable(tokens):
     """The split-K reduction sums in a fixed order: replays and graph replays are bit-identical."""
-    A, S, B, b = (t.cuda() for t in factors(4096, 4096, 128, 128, torch.bfloat16))
+    A, S, B, b = cuda_factors(4096, 4096)
     values, idx = pack_24(S)
     x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
-    run = lambda: ops.linear(x, A, values, B, b, S_idx=idx)
+
+    def run():
+        return ops.linear(x, A, values, B, b, S_idx=idx)
+
     want = run()
     assert all(torch.equal(run(), want) for _ in range(5))
     graph = torch.cuda.CUDAGraph()
@@ -178,21 +458,25 @@ def test_decode_is_deterministic_and_graphable(tokens):
     torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
-@fused
+@gpu
+@memcheck
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_compressor_round_trip_exact(dtype):
     """With A' = B' = I and x = I every output is one product s * 1: y must be Sᵀ bit for bit."""
     d_out, d_in = 384, 256
-    S = rand_24(d_out, d_in, dtype).cuda()
-    eye = lambda n: torch.eye(128, dtype=dtype, device="cuda").expand(n // 128, 128, 128).contiguous()
+    S = random_24(d_out, d_in, dtype=dtype).cuda()
+
+    def eye(n):
+        return torch.eye(128, dtype=dtype, device="cuda").expand(n // 128, 128, 128).contiguous()
+
     x = torch.eye(d_in, dtype=dtype, device="cuda")
     y = ops.linear(x, eye(d_out), S, eye(d_in), sm90=ops.pack_sm90(S))
     torch.testing.assert_close(y, S.T, rtol=0, atol=0)
 
 
-@fused
+@gpu
 def test_fused_cuda_graph_and_compile():
-    A, S, B, b = (t.cuda() for t in factors(512, 256, 128, 128, torch.bfloat16))
+    A, S, B, b = cuda_factors(512, 256)
     sm90 = ops.pack_sm90(S)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     want = ops.linear(x, A, S, B, b, sm90=sm90)
@@ -212,6 +496,24 @@ def test_fused_cuda_graph_and_compile():
     torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)
 
 
+# Not marked `gpu`: it needs two devices, which the GPU check's machine need not have.
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_tensors_device():
+    """Inputs on cuda:1 while cuda:0 is current: the op guards the device the kernels run on."""
+    dev = torch.device("cuda", 1)
+    if ops.fused_unavailable_reason(dev) is not None:
+        pytest.skip(ops.fused_unavailable_reason(dev))
+    A, S, B, b = (t.to(dev) for t in factors(256, 256, 128, 128, torch.bfloat16))
+    x = torch.randn(33, 256, device=dev).to(torch.bfloat16)
+    values, idx = pack_24(S)
+    with torch.cuda.device(0):
+        sm90 = ops.pack_sm90(S)
+        y = ops.linear(x, A, S, B, b, sm90=sm90)
+        y1 = ops.linear(x[:3], A, values, B, b, S_idx=idx)
+    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
+    assert_close(y1, ops.reference(x[:3], A, S, B, b).double(), torch.bfloat16)
+
+
 # --- The decode kernels' lane logic, emulated on the host (runs everywhere) -------------------------
 
 @pytest.fixture(scope="module")
@@ -221,10 +523,9 @@ def decode_emulator(tmp_path_factory):
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("needs a C++ compiler")
-    root = Path(__file__).resolve().parents[1]
     lib = tmp_path_factory.mktemp("decode") / "decode_emulation.so"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{root / 'csrc'}",
-                    str(root / "tests/csrc/decode_emulation.cpp"), "-o", str(lib)], check=True)
+    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{ROOT / 'csrc'}",
+                    str(ROOT / "tests/csrc/decode_emulation.cpp"), "-o", str(lib)], check=True)
     fn = ctypes.CDLL(str(lib)).armor_emulate_decode_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
@@ -262,7 +563,7 @@ def test_decode_lane_logic_matches_reference(decode_emulator, d_out, d_in, token
 
 def test_decode_lane_logic_reads_positions(decode_emulator):
     """Moving one kept value to another position of its group must change exactly that output row."""
-    A, S, B, _ = factors(128, 256, 128, 128, torch.bfloat16, bias=False)
+    _, S, _, _ = factors(128, 256, 128, 128, torch.bfloat16, bias=False)
     eye = torch.eye(128, dtype=torch.bfloat16).expand(2, 128, 128).contiguous()
     S[5, 4:8] = torch.tensor([0, 1.5, 0, -2.0])
     values, idx = pack_24(S)

@@ -1,7 +1,7 @@
 // ARMOR S-step on the CPU: exact 6-pattern group solves swept over every group of every tile.
 //
 // Torch-free, Python-free C++17. Same semantics as
-// armor_kernels.kernels.mask_select.sweep_tiles_reference (DESIGN §4-5):
+// armor_kernels.kernels.tile_sweep.sweep_tiles_reference (docs/DESIGN.md §4):
 //   R  (T, bA, bB)  weighted residual of each tile, updated in place
 //   A  (T, bA, bA)  A_I of each tile (row k of the core sees a = A[:, k])
 //   Bt (T, bB, bB)  B_J D_J^1/2 of each tile (group g = rows 4g..4g+3)

@@ -1,7 +1,7 @@
-// Host emulation of the decode kernels of csrc/sm90_decode.cuh, for tests/test_decode_emulation.py.
+// Host emulation of the decode kernels of csrc/sm90_decode.cuh, for tests/test_ops.py (decode_emulator).
 //
 // Runs the kernels' per-lane code (csrc/decode_fragments.h: which bytes each lane loads, how they become
-// mma fragments, where each accumulator lands, the K split and the workspace layout) for every lane of
+// mma fragments, where each accumulator lands; csrc/split_k.h: the K split and the workspace) for every lane of
 // every warp of every CTA, with warp-wide mma.m16n8k16 emulated from its documented thread-value layout
 // (PTX ISA, CuTe's SM80_16x8x16 MMA_Traits). What it cannot check is the device itself: loads, the
 // instruction, memory ordering of the split-K reduction. bf16 data as raw 16-bit patterns.
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "decode_fragments.h"
+#include "split_k.h"
 
 using namespace armor::decode;
 
