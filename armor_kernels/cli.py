@@ -6,6 +6,7 @@
     python -m armor_kernels compare --out runs/compare  # every method: CSV + Markdown table
     python -m armor_kernels export-dense runs/armor runs/armor-dense   # plain HF checkpoint
     python -m armor_kernels convert OLD_V1_DIR NEW_DIR  # format v1 -> v2
+    python -m armor_kernels lm-eval-task runs/task      # eval's windows as an offline lm-eval task
     python -m armor_kernels lm-eval --model hf --model_args pretrained=runs/armor ...   # lm-eval's CLI
 """
 from __future__ import annotations
@@ -204,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     sub.add_parser("lm-eval", help="lm-eval's own CLI with the armor plugin registered: lm-eval ARGS...",
                    add_help=False)
+    sub.add_parser("lm-eval-task", help="write the offline lm-eval task of eval's windows: lm-eval-task DIR [--model M]",
+                   add_help=False)
     return ap
 
 
@@ -218,9 +221,9 @@ def main(argv=None) -> int:
     debug = "--debug" in argv[:1]
     if debug:
         argv = argv[1:]
-    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's
-        from .lm_eval import main as lm_eval_main
-        return lm_eval_main(argv[1:])
+    if argv[:1] in (["lm-eval"], ["lm-eval-task"]):  # everything after it is lm-eval's / the task writer's
+        from . import lm_eval
+        return (lm_eval.main if argv[0] == "lm-eval" else lm_eval.write_task_main)(argv[1:])
     args = parser().parse_args(argv)
     try:
         torch.manual_seed(getattr(args, "seed", 0))
