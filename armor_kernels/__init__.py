@@ -9,8 +9,17 @@ fused Hopper inference op.
 __version__ = "0.1.0"  # recorded in every pruning run's configuration; setup.py reads it from here
 
 from .baselines import BASELINES, Pruned, magnitude, nowag_p, sparsegpt, wanda
-from .factors import (ActivationStats, ArmorFactors, block_size_for, block_sizes, denormalize, normalize,
-                      output_error, proxy_loss, tile_losses)
+from .factors import (
+                      ActivationStats,
+                      ArmorFactors,
+                      block_size_for,
+                      block_sizes,
+                      denormalize,
+                      normalize,
+                      output_error,
+                      proxy_loss,
+                      tile_losses,
+)
 from .nn import ArmorLinear, prepare_fused
 from .optim import ArmorOptions, ArmorResult, armor
 from .sparse24 import check_24, pack_24, unpack_24

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from .atomic import save_json, write_text
+from .hf import load_pruned_model
 from .nn import prepare_fused
 from .optim import ArmorOptions
-from .hf import load_pruned_model
 from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.evaluate import perplexity
@@ -38,7 +38,8 @@ COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "d
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF directory (safetensors) or .gguf; default: bundled SmolLM2-135M")
+    p.add_argument("--model", default=None,
+                   help="local HF directory (safetensors) or .gguf; default: bundled SmolLM2-135M")
     p.add_argument("--text", default=None, help=".txt file or directory of .txt; default: Jane Austen's novels")
     p.add_argument("--n-samples", type=int, default=N_SAMPLES, help=f"calibration windows (default {N_SAMPLES})")
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help=f"tokens per window (default {SEQ_LEN})")
@@ -89,7 +90,7 @@ class Dense:
         return self._loaded
 
 
-def run_method(method: str, args, out: Path, dense: "Dense") -> dict:
+def run_method(method: str, args, out: Path, dense: Dense) -> dict:
     """Prune (or resume) one method into `out`, reload the checkpoint, evaluate it."""
     done = out / "result.json"
     if done.exists():
@@ -205,8 +206,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     sub.add_parser("lm-eval", help="lm-eval's own CLI with the armor plugin registered: lm-eval ARGS...",
                    add_help=False)
-    sub.add_parser("lm-eval-task", help="write the offline lm-eval task of eval's windows: lm-eval-task DIR [--model M]",
-                   add_help=False)
+    sub.add_parser("lm-eval-task", add_help=False,
+                   help="write the offline lm-eval task of eval's windows: lm-eval-task DIR [--model M]")
     return ap
 
 

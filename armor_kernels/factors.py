@@ -168,7 +168,7 @@ class ArmorFactors:
         return A, self.S, B
 
     @classmethod
-    def identity(cls, Wbar, r, c, S, block: tuple[int, int]) -> "ArmorFactors":
+    def identity(cls, Wbar, r, c, S, block: tuple[int, int]) -> ArmorFactors:
         bA, bB = block
         d_out, d_in = S.shape
         eye = lambda n, b: torch.eye(b, device=S.device).expand(n // b, b, b).clone()  # noqa: E731

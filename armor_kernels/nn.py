@@ -51,7 +51,7 @@ class ArmorLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, A: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, B: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> "ArmorLinear":
+                    bias: torch.Tensor | None = None) -> ArmorLinear:
         """A packed layer from stored tensors (S in the portable form of `sparse24`)."""
         check_packed_24(values, idx)
         mod = cls(A, torch.zeros(values.shape[0], 2 * values.shape[1], dtype=values.dtype, device="meta"), B, bias)
@@ -60,7 +60,7 @@ class ArmorLinear(nn.Module):
 
     @classmethod
     def empty(cls, d_out: int, d_in: int, block: tuple[int, int], bias: bool, dtype: torch.dtype,
-              device=None) -> "ArmorLinear":
+              device=None) -> ArmorLinear:
         """A packed layer of the right shapes with uninitialised tensors, for a loader to fill in."""
         (bA, bB), kw = block, {"dtype": dtype, "device": device}
         for name, d, b in (("d_out", d_out, bA), ("d_in", d_in, bB)):
@@ -71,7 +71,7 @@ class ArmorLinear(nn.Module):
                                torch.empty(d_in // bB, bB, bB, **kw), torch.empty(d_out, **kw) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, factors: ArmorFactors, dtype: torch.dtype | None = None) -> "ArmorLinear":
+    def from_linear(cls, linear: nn.Linear, factors: ArmorFactors, dtype: torch.dtype | None = None) -> ArmorLinear:
         """Build from the layer's factors; r and c are folded into A and B. dtype: the linear's by default."""
         if (linear.out_features, linear.in_features) != tuple(factors.S.shape):
             raise ValueError(
@@ -88,7 +88,7 @@ class ArmorLinear(nn.Module):
     def packed(self) -> bool:
         return self.S is None
 
-    def pack(self) -> "ArmorLinear":
+    def pack(self) -> ArmorLinear:
         """Replace dense S by its packed 2:4 form (once, at load or export time)."""
         if not self.packed:
             self.S_values, self.S_idx = pack_24(self.S)
@@ -106,7 +106,7 @@ class ArmorLinear(nn.Module):
         W = torch.bmm(self.A.float(), W.reshape(nA, bA, -1)).reshape(W.shape)
         return W.to(dtype or self.A.dtype)
 
-    def materialize(self, dtype: torch.dtype | None = None) -> "ArmorLinear":
+    def materialize(self, dtype: torch.dtype | None = None) -> ArmorLinear:
         """Keep Ŵ in `dtype` (default: the module's) for a one-matmul forward on inputs of that dtype
         (see the module docstring)."""
         self.dense_weight = self.to_dense(dtype)
@@ -156,12 +156,12 @@ class Sparse24Linear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Sparse24Linear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Sparse24Linear:
         """Pack a dense 2:4 weight (d_out, d_in); values keep the weight's dtype."""
         return cls(*pack_24(weight.detach()), None if bias is None else bias.detach().to(weight.dtype))
 
     @classmethod
-    def empty(cls, d_out: int, d_in: int, bias: bool, dtype: torch.dtype, device=None) -> "Sparse24Linear":
+    def empty(cls, d_out: int, d_in: int, bias: bool, dtype: torch.dtype, device=None) -> Sparse24Linear:
         """A layer of the right shapes with uninitialised tensors, for a loader to fill in."""
         kw = {"dtype": dtype, "device": device}
         return cls(torch.empty(d_out, d_in // 2, **kw), torch.empty(d_out, d_in // 8, dtype=torch.uint8, device=device),
@@ -171,7 +171,7 @@ class Sparse24Linear(nn.Module):
         """The dense 2:4 weight (d_out, d_in) in `dtype` (default: the stored values')."""
         return unpack_24(self.S_values, self.S_idx).to(dtype or self.S_values.dtype)
 
-    def materialize(self, dtype: torch.dtype | None = None) -> "Sparse24Linear":
+    def materialize(self, dtype: torch.dtype | None = None) -> Sparse24Linear:
         self.dense_weight = self.to_dense(dtype)
         return self
 

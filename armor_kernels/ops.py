@@ -146,7 +146,7 @@ def _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_c
     return d_out, d_in
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: int) -> tuple[int, int]:
     p = torch.cuda.get_device_properties(index)
     return p.major, p.minor

@@ -49,7 +49,8 @@ def check_packed_24(values: torch.Tensor, idx: torch.Tensor) -> None:
         )
     rows, half = values.shape
     if idx.shape != (rows, half // 4) or half % 4:
-        raise ValueError(f"idx: expected shape {(rows, half // 4)} for values {tuple(values.shape)}, got {tuple(idx.shape)}")
+        raise ValueError(f"idx: expected shape {(rows, half // 4)} for values {tuple(values.shape)}, "
+                         f"got {tuple(idx.shape)}")
 
 
 def unpack_24(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

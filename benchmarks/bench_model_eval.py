@@ -38,10 +38,10 @@ def main(argv=None) -> int:
             ppl = perplexity(model, tokens, seq_len=SEQ_LEN)
             times.append(time.perf_counter() - t0)
         seconds = sorted(times)[len(times) // 2]
-        rows.append({"model": name, "checkpoint": args.checkpoint if name == "pruned" else "",
-                     "device": "cpu", "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype),
-                     "tokens": len(tokens), "eval_s": round(seconds, 2), "tokens_per_s": round(len(tokens) / seconds, 1),
-                     "perplexity": round(ppl, 4)})
+        rows.append({"model": name, "checkpoint": args.checkpoint if name == "pruned" else "", "device": "cpu",
+                     "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype),
+                     "tokens": len(tokens), "eval_s": round(seconds, 2),
+                     "tokens_per_s": round(len(tokens) / seconds, 1), "perplexity": round(ppl, 4)})
     for r in rows:
         r["time_vs_dense"] = round(r["eval_s"] / rows[0]["eval_s"], 3)
         print(r)

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from armor_kernels.factors import (ActivationStats, ArmorFactors, block_size_for, block_sizes, normalize,
-                                   output_error, proxy_loss, tile_losses)
+from armor_kernels.factors import (
+    ActivationStats,
+    ArmorFactors,
+    block_size_for,
+    block_sizes,
+    normalize,
+    output_error,
+    proxy_loss,
+    tile_losses,
+)
 
 
 def test_normalize_round_trip_and_unit_rows():

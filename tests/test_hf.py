@@ -195,7 +195,7 @@ def test_errors_name_the_file_and_the_tensor(pruned_dirs, tmp_path):
     key = "model.layers.1.mlp.up_proj.S_values"
     tensors[key] = tensors[key][:, :-4].contiguous()  # wrong shape
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model-block-00001.safetensors: tensor 'model.layers.1.mlp.up_proj.S_values'"):
+    with pytest.raises(ValueError, match=r"model-block-00001.safetensors: tensor 'model.layers.1.mlp.up_proj.S_values"):
         hf.load_pruned_model(bad)
     shard.write_bytes(shard.read_bytes()[:-64])  # truncated
     with pytest.raises(ValueError, match=r"model-block-00001.safetensors.*corrupt or truncated.*tensor"):
@@ -240,7 +240,8 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")
-    assert cli_main(["prune", "--method", "magnitude", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
+    argv = ["prune", "--method", "magnitude", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]
+    assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refusing pickled weights" in err[0]
     with pytest.raises(SystemExit) as e:

@@ -56,10 +56,10 @@ def test_a_step_equals_weighted_lstsq():
     A = a_step(p, f)[0].A
     P = (f.S @ torch.block_diag(*f.B)).double()
     sq = h.double().sqrt()
-    for I in range(p.nA):
-        rows = slice(I * p.bA, (I + 1) * p.bA)
+    for i in range(p.nA):
+        rows = slice(i * p.bA, (i + 1) * p.bA)
         ref = torch.linalg.lstsq((P[rows] * sq).T, (p.Wbar[rows].double() * sq).T).solution.T
-        assert torch.allclose(A[I].double(), ref, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(A[i].double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_b_step_equals_lstsq():

@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 import armor_kernels
-from armor_kernels.nn import ArmorLinear
-from armor_kernels.optim import ArmorOptions, options as options_mod
-from armor_kernels.pipeline import prune as prune_mod
 from armor_kernels.hf import load_pruned_model
+from armor_kernels.nn import ArmorLinear
+from armor_kernels.optim import ArmorOptions
+from armor_kernels.optim import options as options_mod
+from armor_kernels.pipeline import prune as prune_mod
 from armor_kernels.pipeline.checkpoint import block_shard
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
@@ -185,11 +186,13 @@ def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
             "--eval-tokens", "96", "--block-size", "16", "--iters", "1"]
     main(argv)
     rows = (tmp_path / "cmp" / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("method,perplexity") and [r.split(",")[0] for r in rows[1:]] == ["dense", "magnitude", "armor"]
+    assert rows[0].startswith("method,perplexity")
+    assert [r.split(",")[0] for r in rows[1:]] == ["dense", "magnitude", "armor"]
     assert "| armor |" in (tmp_path / "cmp" / "results.md").read_text()
     first = (tmp_path / "cmp" / "armor" / "result.json").read_text()
     blocks = json.loads(first)["per_block_bytes"]
     assert [b["block"] for b in blocks] == [0, 1] and all(b["bytes"] > 0 for b in blocks)
-    assert blocks[0]["dense_bf16_bytes"] == sum(2 * lin.weight.numel() for lin in block_linears(decoder_layers(fresh())[0]).values())
+    dense_block = block_linears(decoder_layers(fresh())[0]).values()
+    assert blocks[0]["dense_bf16_bytes"] == sum(2 * lin.weight.numel() for lin in dense_block)
     main(argv)  # everything finished: the re-run only reads the results back
     assert (tmp_path / "cmp" / "armor" / "result.json").read_text() == first

@@ -66,5 +66,6 @@ def test_extrapolation_speeds_up_the_fast_optimizer(real_layer):
     """The same 10 outer iterations end clearly lower with the extrapolation step than without."""
     lin, stats = real_layer
     p = Problem.from_weight(lin.weight.detach(), stats.h(), 128, "cpu")
-    off, on = (optimize_fast(p, p.nowag_p(), iters=10, passes=1, tol=0.0, extrapolation=e)[1].loss[-1] for e in (False, True))
+    off, on = (optimize_fast(p, p.nowag_p(), iters=10, passes=1, tol=0.0, extrapolation=e)[1].loss[-1]
+               for e in (False, True))
     assert on < 0.9 * off, (on, off)

@@ -25,7 +25,7 @@ class Problem:
         self.norm = (self.Wbar * self.Wbar * self.h).sum(dtype=torch.float64)  # Σ h W̄²: the loss's scale
 
     @classmethod
-    def from_weight(cls, W, h, block_size: int, device) -> "Problem":
+    def from_weight(cls, W, h, block_size: int, device) -> Problem:
         check_weight(W)
         check_h(h, W.shape[1])
         if not isinstance(block_size, int) or block_size < 4:

@@ -61,7 +61,7 @@ class ArmorOptions:
                 raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "ArmorOptions":
+    def from_kwargs(cls, **kwargs) -> ArmorOptions:
         """ArmorOptions(**kwargs) with an error that names an unknown option and lists the known ones."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_write, save_json, write_text
@@ -260,8 +260,8 @@ def dense_bf16_linear_bytes(model: nn.Module) -> int:
 def checkpoint_sizes(out: Path, model: nn.Module) -> dict:
     """Bytes on disk against the dense bf16 model: per block (its shard), all pruned linears, and the
     whole checkpoint directory."""
-    per_block = [{"block": i, "bytes": block_shard(out, i).stat().st_size, "dense_bf16_bytes": block_dense_bf16_bytes(b)}
-                 for i, b in enumerate(decoder_layers(model))]
+    per_block = [{"block": i, "bytes": block_shard(out, i).stat().st_size,
+                  "dense_bf16_bytes": block_dense_bf16_bytes(b)} for i, b in enumerate(decoder_layers(model))]
     total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     return {"linear_bytes": sum(b["bytes"] for b in per_block), "checkpoint_bytes": total, "per_block": per_block}
 

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -23,8 +23,18 @@ from ..baselines import BASELINES, SPARSEGPT_BLOCK, SPARSEGPT_DAMP
 from ..factors import ActivationStats
 from ..nn import ArmorLinear, Sparse24Linear, materialize
 from ..optim import ArmorOptions, armor
-from .checkpoint import (FORMAT_VERSION, RUN_FILE, STORAGE_DTYPE, block_shard, config_hash, finish_run, load_block, read_run,
-                         save_block, start_run)
+from .checkpoint import (
+    FORMAT_VERSION,
+    RUN_FILE,
+    STORAGE_DTYPE,
+    block_shard,
+    config_hash,
+    finish_run,
+    load_block,
+    read_run,
+    save_block,
+    start_run,
+)
 from .model import adopt, block_linears, decoder_layers, layers_prefix
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
