@@ -12,7 +12,7 @@ that they agree. Default output: results/block_lstsq_<cpu|cuda>.csv.
 from __future__ import annotations
 
 import torch
-from harness import bench_args, cpu_time_s, cuda_time_us, write_csv
+from harness import bench_args, cpu_time_s, cuda_vs_reference, write_csv
 
 from armor_kernels.kernels import block_lstsq as bl
 from armor_kernels.kernels import triton_switch
@@ -45,11 +45,8 @@ def time_case(label, n, b, K, weighted, reps):
         Xg, Yg, wg = X.cuda(), Y.cuda(), (w.cuda() if w is not None else None)
         for got, want in zip(bl.normal_equations_triton(Xg, Yg, wg), bl.normal_equations_reference(Xg, Yg, wg)):
             torch.testing.assert_close(got, want, atol=2e-6 * K, rtol=1e-5)
-        r = cuda_time_us(lambda: bl.normal_equations_reference(Xg, Yg, wg), reps=reps * 10)
-        k = cuda_time_us(lambda: bl.normal_equations_triton(Xg, Yg, wg), reps=reps * 10)
-        print(f"cuda {label:18s}: reference {r:9.1f} us, Triton {k:9.1f} us, speed-up {r / k:6.1f}x")
-        rows.append(dict(device="cuda", **case, reference_us=round(r, 2), triton_us=round(k, 2),
-                         speedup=round(r / k, 2)))
+        rows.append(cuda_vs_reference(f"{label:18s}", case, lambda: bl.normal_equations_reference(Xg, Yg, wg),
+                                      lambda: bl.normal_equations_triton(Xg, Yg, wg), reps * 10))
     return rows
 
 

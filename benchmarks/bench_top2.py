@@ -10,7 +10,7 @@ give the same mask. Default output: results/top2_<cpu|cuda>.csv.
 from __future__ import annotations
 
 import torch
-from harness import bench_args, cpu_time_s, cuda_time_us, write_csv
+from harness import bench_args, cpu_time_s, cuda_vs_reference, write_csv
 
 from armor_kernels.kernels import top2, triton_switch
 
@@ -30,11 +30,8 @@ def time_shape(shape, reps):
     if CUDA:
         sg = score.cuda()
         assert torch.equal(top2.top2_mask_triton(sg), top2.top2_mask_reference(sg))
-        r = cuda_time_us(lambda: top2.top2_mask_reference(sg), reps=reps * 10)
-        k = cuda_time_us(lambda: top2.top2_mask_triton(sg), reps=reps * 10)
-        print(f"cuda {name}: reference {r:9.1f} us, Triton {k:9.1f} us, speed-up {r / k:6.1f}x")
-        rows.append(dict(device="cuda", shape=name, reference_us=round(r, 2), triton_us=round(k, 2),
-                         speedup=round(r / k, 2)))
+        rows.append(cuda_vs_reference(name, dict(shape=name), lambda: top2.top2_mask_reference(sg),
+                                      lambda: top2.top2_mask_triton(sg), reps * 10))
     return rows
 
 

@@ -69,6 +69,13 @@ def graphed(fn):
     return g.replay
 
 
+def cuda_vs_reference(label: str, case: dict, reference, kernel, reps: int) -> dict:
+    """The CUDA row of a kernel benchmark: `reference()` and `kernel()` timed by CUDA events, printed."""
+    r, k = cuda_time_us(reference, reps=reps), cuda_time_us(kernel, reps=reps)
+    print(f"cuda {label}: reference {r:9.1f} us, Triton {k:9.1f} us, speed-up {r / k:6.1f}x")
+    return dict(device="cuda", **case, reference_us=round(r, 2), triton_us=round(k, 2), speedup=round(r / k, 2))
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     """All rows (the union of their keys, in first-seen order) to `path`, atomically."""
     if not rows:

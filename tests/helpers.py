@@ -16,3 +16,25 @@ def random_24(*shape: int, dtype: torch.dtype = torch.float32, generator: torch.
     """Standard-normal values on a random 2:4 mask (exactly 2 non-zeros per group of 4)."""
     values = torch.randn(*shape, generator=generator)
     return (values * mask_24(*shape, generator=generator)).to(dtype)
+
+
+def prune_interrupted(*args, **kwargs) -> list[int]:
+    """prune_model(*args, **kwargs), interrupted (KeyboardInterrupt) right after its first block is
+    written; returns the blocks written. The pipeline is left as it was."""
+    import pytest
+
+    from armor_kernels.pipeline import prune
+    real, written = prune.save_block, []
+
+    def save_then_die(out, i, *a):
+        real(out, i, *a)
+        written.append(i)
+        raise KeyboardInterrupt
+
+    prune.save_block = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prune.prune_model(*args, **kwargs)
+    finally:
+        prune.save_block = real
+    return written

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import prune_interrupted
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -141,24 +142,14 @@ def test_stock_transformers_refuses_a_pruned_directory(pruned_dirs):
     assert "mismatch" in done.stderr.lower() or "size" in done.stderr.lower(), done.stderr[-2000:]
 
 
-def test_partial_run_refuses_to_load_and_resumes(tiny, tmp_path, monkeypatch):
+def test_partial_run_refuses_to_load_and_resumes(tiny, tmp_path):
     tok, calib, tokens, fresh = tiny
-    from armor_kernels.pipeline import prune as prune_mod
-    real = prune_mod.save_block
-
-    def die_after_first(out, i, *a):
-        real(out, i, *a)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(prune_mod, "save_block", die_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        prune_model(fresh(), tok, calib, "wanda", tmp_path)
+    assert prune_interrupted(fresh(), tok, calib, "wanda", tmp_path) == [0]
     assert not (tmp_path / ckpt.INDEX_FILE).exists()
     with pytest.raises(OSError):  # transformers finds no weight index: never a half-random model
         AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="incomplete: block 1"):
         hf.load_pruned_model(tmp_path)
-    monkeypatch.setattr(prune_mod, "save_block", real)
     model = fresh()
     prune_model(model, tok, calib, "wanda", tmp_path)
     assert torch.equal(logits(hf.load_pruned_model(tmp_path)[0], tokens), logits(model, tokens))

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from helpers import prune_interrupted
 from safetensors.torch import load_file
 
 import armor_kernels
@@ -87,18 +88,8 @@ def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypa
     _, tok, calib, fresh = tiny
     straight = prune_model(fresh(), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
 
-    real_save, calls = prune_mod.save_block, []
-
-    def save_then_die(out, i, *a):
-        real_save(out, i, *a)
-        calls.append(i)
-        raise KeyboardInterrupt  # interrupted right after block 0 was written
-
-    monkeypatch.setattr(prune_mod, "save_block", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    calls = prune_interrupted(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
     assert calls == [0] and not block_shard(tmp_path / "resumed", 1).exists()
-    monkeypatch.setattr(prune_mod, "save_block", real_save)
     resumed = prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
     assert resumed["layers"] == straight["layers"]  # block 0's losses come back from its file
     for i in range(2):
@@ -119,16 +110,7 @@ def test_refuses_to_resume_after_a_default_changed(tiny, tmp_path, monkeypatch, 
     run's hash: a resumed run after it changed must not append blocks computed differently."""
     _, tok, calib, fresh = tiny
     method, opts = ("sparsegpt", None) if change == "sparsegpt damping" else ("armor", ArmorOptions(block_size=16))
-    real_save = prune_mod.save_block
-
-    def save_then_die(out, i, *a):
-        real_save(out, i, *a)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(prune_mod, "save_block", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prune_model(fresh(), tok, calib, method, tmp_path, options=opts)
-    monkeypatch.setattr(prune_mod, "save_block", real_save)
+    prune_interrupted(fresh(), tok, calib, method, tmp_path, options=opts)
     if change == "optimizer default":
         monkeypatch.setitem(options_mod.OPTIMIZER_DEFAULTS, "fast", {"iters": 81, "tol": 1e-4})
     elif change == "package version":
