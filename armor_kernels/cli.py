@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import dataclasses
+import functools
 import io
 import json
 import sys
@@ -29,9 +29,11 @@ from .nn import prepare_fused
 from .optim import ArmorOptions
 from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
+from .pipeline.distributed import Dist, PeerStopped
 from .pipeline.evaluate import perplexity
 from .pipeline.model import load_model
-from .pipeline.prune import METHODS, prune_model
+from .pipeline.prune import METHODS, PROTOCOLS, prune_model
+from .pipeline.source import ModelSource, model_source
 
 COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
            "linear_bytes_ratio", "checkpoint_bytes", "mean_proxy_loss", "mean_nowag_p_proxy_loss"]
@@ -46,6 +48,17 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help=f"evaluation tokens (default {EVAL_TOKENS})")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and ARMOR's seed (default 0)")
     p.add_argument("--device", default="cpu")
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=PROTOCOLS, default="sequential",
+                   help="sequential: each block calibrated on the pruned blocks before it; dense: on the dense "
+                        "model's outputs (the paper's). Default sequential")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the blocks run in while pruning (bf16 for big models; the optimizer keeps its own "
+                        "precision). Default float32")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations in host memory, one batch on the device at a time")
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -75,19 +88,28 @@ def _mean(layers: dict, key: str):
 
 
 class Dense:
-    """The dense model, its tokenizer and the token splits, loaded once and only when needed."""
+    """The source model (streamed: nothing read until asked), its tokenizer and the token splits, each
+    made once and only when needed; the whole dense model only when it is evaluated itself."""
 
     def __init__(self, args):
-        self.args, self._loaded = args, None
+        self.args = args
 
-    def get(self):
-        if self._loaded is None:
-            a = self.args
-            model, tok = load_model(a.model, device=a.device)
-            splits = token_splits(tok, a.text, n_samples=a.n_samples, seq_len=a.seq_len,
-                                  eval_tokens=a.eval_tokens, seed=a.seed)
-            self._loaded = model, tok, splits
-        return self._loaded
+    @functools.cached_property
+    def source(self) -> ModelSource:
+        return model_source(self.args.model)
+
+    @functools.cached_property
+    def tokenizer(self):
+        return self.source.tokenizer()
+
+    @functools.cached_property
+    def splits(self):
+        a = self.args
+        return token_splits(self.tokenizer, a.text, n_samples=a.n_samples, seq_len=a.seq_len,
+                            eval_tokens=a.eval_tokens, seed=a.seed)
+
+    def model(self):
+        return load_model(self.source.path, device=self.args.device)[0]
 
 
 def run_method(method: str, args, out: Path, dense: Dense) -> dict:
@@ -95,14 +117,19 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
     done = out / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    model, tok, splits = dense.get()
-    dense_bytes = dense_bf16_linear_bytes(model)
+    dist = Dist.from_env(args.device)  # under torchrun: every rank prunes, rank 0 evaluates and reports
+    splits = dense.splits
+    dense_bytes = dense_bf16_linear_bytes(dense.source.skeleton())
     if method == "dense":  # nothing to prune or reload: evaluate the model as loaded
-        report, pruned = {"layers": {}, "seconds": 0.0}, model
+        report, pruned = {"layers": {}, "seconds": 0.0}, dense.model()
     else:
         opts = _armor_options(args) if method == "armor" else None
-        report = prune_model(copy.deepcopy(model), tok, splits.calibration, method, out, options=opts,
-                             device=args.device, source=args.model)
+        report = prune_model(dense.source, dense.tokenizer, splits.calibration, method, out, options=opts,
+                             device=args.device, source=args.model or "bundled SmolLM2-135M-Instruct",
+                             protocol=args.protocol, dtype=getattr(torch, args.dtype),
+                             offload=args.offload_activations, dist=dist)
+        if not dist.is_writer:
+            return None
         pruned, _ = load_pruned_model(out)  # evaluate what was saved, through from_pretrained
         prepare_fused(pruned.to(args.device))
     t0 = time.perf_counter()
@@ -140,12 +167,13 @@ def cmd_compare(args, methods) -> None:
     t0 = time.perf_counter()
     dense = Dense(args)
     rows = [run_method(m, args, out / m, dense) for m in methods]
-    print(write_table(rows, out, time.perf_counter() - t0))
+    if None not in rows:  # rank 0 of a torchrun, or the only process
+        print(write_table(rows, out, time.perf_counter() - t0))
 
 
 def cmd_prune(args) -> None:
-    run_method(args.method, args, Path(args.out), Dense(args))
-    print(json.dumps(json.loads((Path(args.out) / "result.json").read_text()), indent=2))
+    if run_method(args.method, args, Path(args.out), Dense(args)) is not None:
+        print(json.dumps(json.loads((Path(args.out) / "result.json").read_text()), indent=2))
 
 
 def cmd_eval(args) -> None:
@@ -184,18 +212,18 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("main", help="ARMOR-prune the bundled model with defaults; perplexity beside dense")
     p.add_argument("--out", default="runs/main")
-    _data_args(p), _prune_args(p)
+    _data_args(p), _pipeline_args(p), _prune_args(p)
     p = sub.add_parser("prune", help="prune a model with one method into a checkpoint directory")
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--out", required=True)
-    _data_args(p), _prune_args(p)
+    _data_args(p), _pipeline_args(p), _prune_args(p)
     p = sub.add_parser("eval", help="perplexity and size of a checkpoint (or of a dense model)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory; without it the dense --model")
     _data_args(p)
     p = sub.add_parser("compare", help="every method on one model: results.csv + results.md")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    _data_args(p), _prune_args(p)
+    _data_args(p), _pipeline_args(p), _prune_args(p)
     p = sub.add_parser("export-dense", help="write a pruned checkpoint as a plain dense Hugging Face checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out")
@@ -234,6 +262,9 @@ def main(argv=None) -> int:
             raise
         print(f"armor-kernels: error: {e}", file=sys.stderr)
         return 2
+    except PeerStopped as e:  # one line, and a non-zero exit torchrun reports
+        print(e, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("armor-kernels: interrupted; finished blocks are saved, the same command resumes", file=sys.stderr)
         return 130

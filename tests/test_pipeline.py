@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from helpers import prune_interrupted
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import armor_kernels
 from armor_kernels.hf import load_pruned_model
@@ -15,7 +15,8 @@ from armor_kernels.pipeline import prune as prune_mod
 from armor_kernels.pipeline.checkpoint import block_shard
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
-from armor_kernels.pipeline.prune import METHODS, block_inputs, collect_stats, prune_block_linears, prune_model
+from armor_kernels.pipeline.prune import METHODS, calibration_inputs, collect_stats, prune_block_linears, prune_model
+from armor_kernels.pipeline.source import ModelSource
 from armor_kernels.sparse24 import unpack_24
 
 ARMOR_OPTS = ArmorOptions(block_size=16, iters=2)
@@ -68,7 +69,8 @@ def test_layers_pruned_in_parallel_equal_layers_pruned_one_by_one(tiny):
     model = fresh()
     block = decoder_layers(model)[0]
     with torch.no_grad():
-        stats = collect_stats(block, block_inputs(model, calib, 8, "cpu"), full=False)
+        hidden, extra = calibration_inputs(model, calib, 8, "cpu")
+        stats = collect_stats(block, hidden, extra[0], full=False)
     linears = block_linears(block)
     threads = torch.get_num_threads()
     try:
@@ -178,3 +180,84 @@ def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
     assert blocks[0]["dense_bf16_bytes"] == sum(2 * lin.weight.numel() for lin in dense_block)
     main(argv)  # everything finished: the re-run only reads the results back
     assert (tmp_path / "cmp" / "armor" / "result.json").read_text() == first
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    """The tiny model saved as a sharded safetensors directory (what users point --model at)."""
+    _, tok, _, fresh = tiny
+    d = tmp_path_factory.mktemp("tiny_model")
+    fresh().save_pretrained(d, max_shard_size="2MB")
+    tok.save_pretrained(d)
+    assert len(list(d.glob("*.safetensors"))) >= 2
+    return d
+
+
+def _shards(d):
+    return {f.name: load_file(f) for f in sorted(d.glob("model-*.safetensors"))}
+
+
+@pytest.mark.parametrize("method", ["armor", "sparsegpt"])
+def test_streaming_and_in_memory_runs_give_identical_checkpoints(tiny, tiny_dir, tmp_path, method):
+    _, tok, calib, fresh = tiny
+    opts = ARMOR_OPTS if method == "armor" else None
+    prune_model(fresh(), tok, calib, method, tmp_path / "memory", options=opts, source="tiny")
+    prune_model(ModelSource(tiny_dir), tok, calib, method, tmp_path / "stream", options=opts, source="tiny")
+    a, b = _shards(tmp_path / "memory"), _shards(tmp_path / "stream")
+    assert a.keys() == b.keys() and len(a) == 3
+    for name in a:
+        assert a[name].keys() == b[name].keys() and all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    assert json.loads((tmp_path / "memory" / "armor_run.json").read_text()) == \
+        json.loads((tmp_path / "stream" / "armor_run.json").read_text())
+
+
+def test_dense_protocol_calibrates_every_block_on_the_dense_model(tiny, tiny_dir, tmp_path, monkeypatch):
+    """protocol="dense": block i's statistics are those of the dense model's block-i inputs, whatever was
+    pruned before it; "sequential" sees the pruned prefix. Both are recorded in the run configuration."""
+    _, tok, calib, fresh = tiny
+    seen = {}
+    real = prune_mod.collect_stats
+
+    def spy(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        seen.setdefault(protocol, []).append(stats["self_attn.q_proj"].sq.clone())
+        return stats
+
+    monkeypatch.setattr(prune_mod, "collect_stats", spy)
+    for protocol in ("sequential", "dense"):
+        prune_model(ModelSource(tiny_dir), tok, calib, "magnitude", tmp_path / protocol, protocol=protocol)
+        assert json.loads((tmp_path / protocol / "armor_run.json").read_text())["run"]["protocol"] == protocol
+    model = fresh()
+    with torch.no_grad():
+        states = model(calib, output_hidden_states=True).hidden_states
+    for i in range(2):  # the dense model's input to block i, through block i's first norm
+        x = decoder_layers(model)[i].input_layernorm(states[i]).double()
+        assert torch.allclose(seen["dense"][i], (x * x).sum((0, 1)), rtol=1e-5)
+    assert torch.equal(seen["dense"][0], seen["sequential"][0])
+    assert not torch.allclose(seen["dense"][1], seen["sequential"][1], rtol=1e-3)
+
+
+def test_model_source_errors_name_the_tensor_and_the_shards(tiny_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    shard = sorted(bad.glob("model-*.safetensors"))[-1]
+    tensors = load_file(shard)
+    key = sorted(k for k in tensors if ".layers." in k and k.endswith("proj.weight"))[0]
+    del tensors[key]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    src = ModelSource(bad)
+    model = src.skeleton()
+    src.load_rest(model, "cpu", torch.float32)
+    block = int(key.split(".")[2])
+    with pytest.raises(ValueError, match=rf"tensor '{key}'.*in none of its shards"):
+        src.load_block(model, block, "cpu", torch.float32)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (bad / "config.json").write_text(json.dumps(config))
+    src = ModelSource(bad)
+    with pytest.raises(ValueError, match=r"has shape .* its config.json implies"):
+        m = src.skeleton()
+        src.load_rest(m, "cpu", torch.float32)
+        for i in range(2):
+            src.load_block(m, i, "cpu", torch.float32)

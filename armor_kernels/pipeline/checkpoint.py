@@ -34,7 +34,7 @@ from torch import nn
 from ..atomic import atomic_write, save_json, write_text
 from ..factors import block_sizes
 from ..nn import PRUNED_LINEARS, ArmorLinear, Sparse24Linear
-from .model import block_linears, decoder_layers, layers_prefix
+from .model import block_linear_keys, block_linears, decoder_layers, layers_prefix
 
 FORMAT_VERSION = 2
 QUANT_METHOD = "armor"
@@ -100,16 +100,9 @@ def start_run(out: Path, model: nn.Module, tokenizer, run: dict, chash: str, blo
     save_json(out / RUN_FILE, {"run": run, "config_hash": chash})
 
 
-def pruned_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the decoder blocks' linears: they live in the block shards, not the rest."""
-    prefix = layers_prefix(model)
-    return {f"{prefix}.{i}.{name}.{p}" for i, block in enumerate(decoder_layers(model))
-            for name, lin in block_linears(block).items() for p in lin.state_dict()}
-
-
 def save_rest(model: nn.Module, out: Path) -> None:
     """Everything not pruned (embeddings, norms, lm_head), tied weights once (transformers re-ties them)."""
-    skip, seen, rest = pruned_keys(model), set(), {}
+    skip, seen, rest = block_linear_keys(model), set(), {}
     for k, v in model.state_dict().items():
         if k in skip or v.data_ptr() in seen:
             continue

@@ -44,16 +44,24 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         # keep the file's quantized layers (transformers ≥ 5.23), which the pruner could not see
         model_kwargs = {**tokenizer_kwargs, "quantization_config": GgufConfig(dequantize=True)}
     else:
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
-        if not any(path.glob("*.safetensors")):
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-            refusal = f"; refusing pickled weights {pickles}: convert them to safetensors" if pickles else ""
-            raise FileNotFoundError(f"model directory {str(path)!r} has no .safetensors weights{refusal}")
+        check_model_dir(path)
         where, tokenizer_kwargs, model_kwargs = path, {}, {"use_safetensors": True}
     tokenizer = AutoTokenizer.from_pretrained(where, **tokenizer_kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **model_kwargs)
     return model.to(device).eval(), tokenizer
+
+
+def check_model_dir(path: Path) -> None:
+    """A Hugging Face model directory with safetensors weights; pickled weights (.bin, .pt) are refused:
+    loading them can run arbitrary code."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        refusal = f"; refusing pickled weights {pickles}: convert them to safetensors" if pickles else ""
+        raise FileNotFoundError(f"model directory {str(path)!r} has no .safetensors weights{refusal}")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -80,6 +88,29 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     if not linears:
         raise ValueError(f"decoder block {type(block).__name__} has no nn.Linear layers to prune")
     return linears
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, before anything is read or written, decoder blocks holding matrices outside nn.Linear:
+    transformers' mixture-of-experts blocks keep the experts as fused 3-D parameters and the router as a
+    bare weight, which this pipeline neither prunes nor calibrates per expert."""
+    prefix, bad = layers_prefix(model), []
+    for i, block in enumerate(decoder_layers(model)):
+        for name, mod in block.named_modules():
+            if not isinstance(mod, nn.Linear) and any(p.dim() >= 2 for p in mod.parameters(recurse=False)):
+                bad.append(f"{prefix}.{i}.{name} ({type(mod).__name__})")
+    if bad:
+        raise ValueError(f"{type(model).__name__}: weights outside nn.Linear in {', '.join(bad[:4])}"
+                         f"{', …' if len(bad) > 4 else ''} are not supported (a mixture-of-experts block, say: "
+                         "experts need per-expert statistics from the tokens routed to each)")
+
+
+def block_linear_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the decoder blocks' linears, the tensors pruning replaces (a checkpoint keeps
+    them in its block shards; everything else is "the rest")."""
+    prefix = layers_prefix(model)
+    return {f"{prefix}.{i}.{name}.{p}" for i, block in enumerate(decoder_layers(model))
+            for name, lin in block_linears(block).items() for p in lin.state_dict()}
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

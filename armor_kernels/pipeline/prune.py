@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,25 +36,54 @@ from .checkpoint import (
     save_block,
     start_run,
 )
-from .model import adopt, block_linears, decoder_layers, layers_prefix
+from .distributed import Dist, StatsRecorder, assign, combine_stats, share_modules
+from .model import adopt, block_linears, check_supported, decoder_layers, layers_prefix
+from .source import ModelSource
+
+log = logging.getLogger("armor_kernels")
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
+
+
+PROTOCOLS = ("sequential", "dense")
 
 
 class _Captured(Exception):
     pass
 
 
-def block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, device) -> list[tuple]:
-    """(args, kwargs) of the first decoder block for each calibration batch (mask, positions, …)."""
-    first = decoder_layers(model)[0]
-    seen = []
+class _Recorder(nn.Module):
+    """Stands in for decoder block i during one forward of the model: records the arguments the model
+    passes it (masks, positions: they can differ per block, e.g. Gemma's sliding and full attention),
+    passes the hidden states through, and stops the forward after the last block. Attributes the
+    model reads off a block (its attention type, say) come from the block it stands in for."""
 
-    def grab(_, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Captured
+    def __init__(self, block: nn.Module, i: int, last: bool, seen: list):
+        super().__init__()
+        self.__dict__.update(_block=block, _i=i, _last=last, _seen=seen)
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self._seen[self._i].append((hidden_states, args, kwargs))
+        if self._last:
+            raise _Captured
+        return hidden_states
+
+
+def calibration_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
+    """(hidden, extra): per calibration batch, the first block's input hidden states, and per block, per
+    batch, the (args, kwargs) the model passes that block besides them. One forward per batch through
+    the model with every block stood in for by a _Recorder: no block's weights are needed."""
+    layers = decoder_layers(model)
+    seen = [[] for _ in layers]
+    blocks = list(layers)
+    for i, block in enumerate(blocks):
+        layers[i] = _Recorder(block, i, i == len(blocks) - 1, seen)
     try:
         for batch in calib.split(batch_size):
             try:
@@ -61,32 +91,47 @@ def block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, device)
             except _Captured:
                 pass
     finally:
-        handle.remove()
-    return seen
+        for i, block in enumerate(blocks):
+            layers[i] = block
+    hidden = [h for h, _, _ in seen[0]]
+    return hidden, [[(args, kwargs) for _, args, kwargs in per_block] for per_block in seen]
 
 
-def run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
-    """The block's outputs, packaged as the next block's inputs (same keyword arguments)."""
+def run_block(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple]) -> list[torch.Tensor]:
+    """The block's output hidden states for every batch (each batch moved to the block's device and
+    back to where it was: activations may be kept off the device)."""
+    device = next(block.parameters()).device
     outs = []
-    for args, kwargs in inputs:
-        y = block(*args, **kwargs)
-        y = y[0] if isinstance(y, tuple) else y
-        outs.append(((y,) + tuple(args[1:]), kwargs))
+    for h, (args, kwargs) in zip(hidden, extra):
+        y = block(h.to(device), *args, **kwargs)
+        outs.append((y[0] if isinstance(y, tuple) else y).to(h.device))
     return outs
 
 
-def collect_stats(block: nn.Module, inputs: list[tuple], full: bool) -> dict[str, ActivationStats]:
-    linears = block_linears(block)
-    stats = {name: ActivationStats(lin.in_features, full=full, device=lin.weight.device)
-             for name, lin in linears.items()}
-    hooks = [lin.register_forward_pre_hook(lambda m, a, s=stats[name]: s.update(a[0]))
-             for name, lin in linears.items()]
-    try:
-        run_block(block, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+def collect_stats(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple], full: bool, *,
+                  dist: Dist | None = None, batch_ids: list[int] | None = None, n_batches: int | None = None,
+                  owners: dict[str, int] | None = None) -> dict[str, ActivationStats]:
+    """Statistics of the block's linears' inputs over the calibration batches: this process's batches
+    (`batch_ids` of `n_batches`, default all), combined over the processes in batch order (distributed.py),
+    for the linears `owners` gives this rank (default all)."""
+    dist = dist or Dist()
+    batch_ids = list(range(len(hidden))) if batch_ids is None else batch_ids
+    with StatsRecorder(block_linears(block), full, dist) as rec:
+        for b, h, e in zip(batch_ids, hidden, extra):
+            with rec.batch(b):
+                run_block(block, [h], [e])
+    stats = combine_stats(dist, rec, len(hidden) if n_batches is None else n_batches, owners=owners)
+    check_tokens(block, stats)
     return stats
+
+
+def check_tokens(block: nn.Module, stats: dict[str, ActivationStats]) -> None:
+    """Refuse to prune a linear from empty statistics (a mixture-of-experts expert no calibration token
+    was routed to, say)."""
+    empty = [name for name, st in stats.items() if st.n_tokens == 0]
+    if empty:
+        raise ValueError(f"{type(block).__name__}: linear(s) {empty} saw no calibration tokens (a "
+                         "mixture-of-experts expert, say); pruning them from empty statistics is refused")
 
 
 def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: ArmorOptions) -> tuple[nn.Module, dict]:
@@ -137,18 +182,22 @@ def method_options(method: str, options: ArmorOptions | None) -> dict:
 
 
 def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, model: nn.Module,
-               source: str | None, batch_size: int) -> dict:
+               source: str | None, batch_size: int, protocol: str = "sequential") -> dict:
     """Everything that decides a run's output, defaults included: a resumed run must match it exactly."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     config = {
         "package_version": __version__, "format_version": FORMAT_VERSION, "method": method,
-        "options": method_options(method, options), "batch_size": batch_size,
+        "options": method_options(method, options), "batch_size": batch_size, "protocol": protocol,
         "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "calibration": {"n_samples": calib.shape[0], "seq_len": calib.shape[1],
                         "tokens_sha256": hashlib.sha256(calib.cpu().numpy().tobytes()).hexdigest()},
-        "model_source": source or "bundled SmolLM2-135M-Instruct", "model_config": model.config.to_dict(),
+        "model_source": source or "bundled SmolLM2-135M-Instruct",
+        # where it was read from is model_source's business; the architecture is the model's class
+        "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
     }
     return json.loads(json.dumps(config))  # the form it has when read back from config.json
 
@@ -164,23 +213,47 @@ def _refuse_foreign_directory(out: Path) -> None:
                              f"(no {RUN_FILE}); use a new directory")
 
 
-def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
-                options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None
-                ) -> dict:
-    """Prune every decoder block's linears in place and write each block to `out` as it finishes; when
-    the last is done, `out` is a Hugging Face model directory (checkpoint.py) and the model in memory is
-    what `from_pretrained(out)` builds: same modules, same values, dense copies materialised.
+def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
+                options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None,
+                protocol: str = "sequential", dtype: torch.dtype | None = None, offload: bool = False,
+                dist: Dist | None = None) -> dict:
+    """Prune every decoder block's linears and write each block to `out` as it finishes; when the last is
+    done, `out` is a Hugging Face model directory (checkpoint.py).
 
+    model: a model in memory (pruned in place: afterwards it is what `from_pretrained(out)` builds, same
+           modules, same values, dense copies materialised), or a ModelSource, streamed: one decoder
+           block is read, pruned, written and freed at a time, the blocks run in `dtype` (default float32).
+    protocol: "sequential" calibrates each block on the outputs of the already-pruned blocks before it;
+           "dense" (the paper's) on the dense model's, so every linear sees the dense model's statistics.
+    offload: keep the calibration activations in host memory, moving each batch to `device` in turn.
+    dist: the processes sharing the run (distributed.py; default: from torchrun's environment, else one).
+           Each holds a share of the calibration batches; the statistics are combined in batch order, so
+           every rank sees exactly the one-process statistics; a block's linears are spread over the
+           ranks by size and their results shared; rank 0 writes. The checkpoint is bit-identical to a
+           one-process run's.
     Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
     with the same configuration; refuses one with a different configuration.
     """
     out = Path(out)
-    config = run_config(method, options, calib, model, source, batch_size)
+    dist = dist or Dist.from_env(device)
+    streamed = isinstance(model, ModelSource)
+    if streamed:
+        src, model = model, model.skeleton(dtype or torch.float32)
+        check_supported(model)
+        src.load_rest(model, device, dtype or torch.float32)
+        source = source or str(src.path)
+    else:
+        check_supported(model)
+    dtype = next(model.parameters()).dtype if not streamed else (dtype or torch.float32)
+    config = run_config(method, options, calib, model, source, batch_size, protocol)
     options = options or ArmorOptions()
     chash = config_hash(config)
-    if not (out / RUN_FILE).exists():
-        _refuse_foreign_directory(out)
-        start_run(out, model, tokenizer, config, chash, options.block_size if method == "armor" else None)
+    layers, prefix = decoder_layers(model), layers_prefix(model)
+    if streamed and method == "dense":  # the unpruned model as it is: read every block
+        for i in range(len(layers)):
+            src.load_block(model, i, device, dtype)
+    if dist.agree(not (out / RUN_FILE).exists()):
+        dist.write(_start, out, model, tokenizer, config, chash, options.block_size if method == "armor" else None)
     else:
         old = read_run(out)
         if config_hash(old["run"]) != chash:
@@ -190,26 +263,49 @@ def prune_model(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, o
         return {"config": config, "layers": {}, "seconds": 0.0}
 
     t0 = time.perf_counter()
-    dtype = next(model.parameters()).dtype
-    layers, prefix = decoder_layers(model), layers_prefix(model)
     report = {}
+    batches = calib.split(batch_size)
+    mine = dist.my_batches(len(batches))
     with torch.no_grad():
-        inputs = block_inputs(model, calib, batch_size, device)
-        bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block")
+        hidden, extra = calibration_inputs(model, torch.cat([batches[b] for b in mine]), batch_size, device)
+        if offload:
+            hidden = [h.cpu() for h in hidden]
+        act = sum(h.numel() * h.element_size() for h in hidden)
+        log.info("calibration activations: %d of %d batches on this process, %.1f MB held %s (twice while a "
+                 "block runs)", len(hidden), len(batches), act / 2**20, "in host memory" if offload else f"on {device}")
+        bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block", disable=not dist.is_writer)
         for i in bar:
-            block = layers[i].to(device)
-            if block_shard(out, i).exists():
+            block = src.load_block(model, i, device, dtype) if streamed else layers[i].to(device)
+            dense_out = None
+            if dist.agree(block_shard(out, i).exists()):
                 pruned, block_report = load_block(out, i, prefix, chash)
                 bar.set_postfix_str("resumed")
+                if protocol == "dense":
+                    dense_out = run_block(block, hidden, extra[i])
             else:
-                stats = collect_stats(block, inputs, full=(method == "sparsegpt"))
-                pruned, block_report = prune_block_linears(block_linears(block), stats, method, options,
-                                                           torch.device(device))
-                save_block(out, i, f"{prefix}.{i}", pruned, chash, block_report)
+                linears = block_linears(block)
+                owners = assign({n: lin.weight.numel() for n, lin in linears.items()}, dist.world_size)
+                stats = collect_stats(block, hidden, extra[i], method == "sparsegpt", dist=dist, batch_ids=mine,
+                                      n_batches=len(batches), owners=owners)
+                if protocol == "dense":
+                    dense_out = run_block(block, hidden, extra[i])
+                own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method, options,
+                                                      torch.device(device))
+                pruned, block_report = share_modules(dist, own, owners, own_report)
+                pruned = {n: pruned[n] for n in linears}  # the block's own order, whoever pruned what
+                block_report = {n: block_report[n] for n in linears}
+                dist.write(save_block, out, i, f"{prefix}.{i}", pruned, chash, block_report)
             adopt(block, pruned, dtype, device)
             report.update({f"{i}.{name}": r for name, r in block_report.items()})
-            inputs = run_block(block, inputs)
-            layers[i] = block
-    finish_run(out, len(layers), report)
-    materialize(model)
+            hidden = dense_out if protocol == "dense" else run_block(block, hidden, extra[i])
+            if streamed:
+                src.free_block(model, i)
+    dist.write(finish_run, out, len(layers), report, dist.world_size)
+    if not streamed:
+        materialize(model)
     return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}
+
+
+def _start(out, model, tokenizer, config, chash, block_size) -> None:
+    _refuse_foreign_directory(out)
+    start_run(out, model, tokenizer, config, chash, block_size)

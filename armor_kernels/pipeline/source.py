@@ -1,0 +1,127 @@
+"""A model read tensor by tensor, so that pruning holds one decoder block at a time, never the model.
+
+`ModelSource(dir)` indexes a Hugging Face directory's safetensors shards; `skeleton()` builds the model
+with every parameter on the meta device (buffers a module computes itself, such as rotary frequencies,
+are real); `load_rest` fills in what lies outside the decoder blocks (embeddings, final norm, head) and
+`load_block(i)` one block, each tensor read on its own with `safe_open`. Peak host memory is then the
+non-block tensors + one block + the calibration activations, whatever the depth. The bundled GGUF model
+(or any .gguf) is converted once into a cached safetensors directory (`model_source`), so every run streams.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .data import cache_dir
+from .model import (
+    block_linear_keys,
+    block_linears,
+    bundled_model_path,
+    check_model_dir,
+    decoder_layers,
+    layers_prefix,
+    load_model,
+)
+
+
+class ModelSource:
+    """A local Hugging Face model directory with safetensors weights, read tensor by tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        check_model_dir(self.path)
+        self.config = AutoConfig.from_pretrained(self.path)
+        self.files: dict[str, Path] = {}
+        for shard in sorted(self.path.glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                for k in f.keys():
+                    self.files[k] = shard
+
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model with meta parameters (nothing read yet) and real self-computed buffers, in eval mode."""
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        return model.eval().requires_grad_(False)
+
+    def _read(self, keys: list[str], prefix: str, want: dict[str, torch.Tensor], device, dtype) -> dict:
+        out = {}
+        for k in keys:
+            full = f"{prefix}{k}"
+            shard = self.files.get(full)
+            if shard is None:
+                raise ValueError(f"model {str(self.path)!r}: tensor {full!r}, which its config.json implies, is in "
+                                 f"none of its shards ({sorted({p.name for p in self.files.values()})})")
+            with safe_open(shard, "pt") as f:
+                t = f.get_tensor(full)
+            if tuple(t.shape) != tuple(want[k].shape):
+                raise ValueError(f"model {str(self.path)!r}: tensor {full!r} in {shard.name} has shape "
+                                 f"{tuple(t.shape)}, its config.json implies {tuple(want[k].shape)}")
+            out[k] = t.to(device, dtype if t.is_floating_point() else t.dtype)
+        return out
+
+    def load_block(self, model: nn.Module, i: int, device, dtype: torch.dtype) -> nn.Module:
+        """Decoder block i's linears read in (in place; the block is returned)."""
+        block, head = decoder_layers(model)[i], f"{layers_prefix(model)}.{i}."
+        keys = {f"{name}.{p}" for name, lin in block_linears(block).items() for p in lin.state_dict()}
+        want = {k: v for k, v in block.state_dict().items() if k in keys}
+        block.load_state_dict(self._read(list(want), head, want, device, dtype), assign=True, strict=False)
+        return block
+
+    def load_rest(self, model: nn.Module, device, dtype: torch.dtype) -> None:
+        """Every tensor but the decoder blocks' linears (embeddings, norms, head: small beside them); tied
+        weights are tied again."""
+        skip = block_linear_keys(model)
+        want = {k: v for k, v in model.state_dict().items() if k not in skip}
+        tied = getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False)
+        keys = [k for k in want if not (tied and k == "lm_head.weight" and k not in self.files)]
+        model.load_state_dict(self._read(keys, "", want, device, dtype), assign=True, strict=False)
+        if tied:
+            model.tie_weights()
+
+    def free_block(self, model: nn.Module, i: int) -> None:
+        """Drop block i's tensors (back to meta), once it has been pruned and written and has run."""
+        decoder_layers(model)[i].to("meta")
+
+
+def model_source(path: str | Path | None) -> ModelSource:
+    """The ModelSource of a model argument: a Hugging Face directory as it is; a .gguf file (None: the
+    bundled SmolLM2-135M-Instruct) converted once into a cached safetensors directory."""
+    if path is not None and Path(path).is_dir():
+        return ModelSource(path)
+    return gguf_source(Path(path) if path is not None else bundled_model_path())
+
+
+def gguf_source(gguf: Path) -> ModelSource:
+    """A .gguf model as a safetensors directory, converted once (dequantised to float32) and cached under
+    cache_dir()/models; the conversion is atomic."""
+    if not gguf.is_file() or gguf.suffix != ".gguf":
+        raise FileNotFoundError(f"model {str(gguf)!r}: expected a Hugging Face directory or a .gguf file")
+    folder = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    stamp = {"gguf": str(gguf), "bytes": gguf.stat().st_size}
+    done = folder / "armor_source.json"
+    if not (done.is_file() and json.loads(done.read_text()) == stamp):
+        model, tok = load_model(gguf)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / done.name).write_text(json.dumps(stamp))
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return ModelSource(folder)
