@@ -360,3 +360,88 @@ def test_stopped_peer_gives_clear_error_in_bounded_time(tmp_path, scenario, time
 
 if __name__ == "__main__":
     worker(sys.argv[1], Path(sys.argv[2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline under torchrun, as users run it: `torchrun --nproc_per_node 2 -m armor_kernels prune …`
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run_args(bundled, tiny_llama, austen, tmp_path_factory):
+    """A 4-block tiny model from the bundled model's config saved as a directory, a text, and the prune
+    arguments every run below shares (ARMOR, 3 calibration batches of 8 windows: 2 + 1 over 2 ranks)."""
+    model, tok = bundled
+    d = tmp_path_factory.mktemp("torchrun_model")
+    tiny = tiny_llama(model.config)
+    tiny.config.num_hidden_layers = 4
+    tiny = type(tiny)(tiny.config).eval()
+    tiny.save_pretrained(d)
+    tok.save_pretrained(d)
+    text = d / "emma.txt"
+    text.write_text(austen["Emma"][:30_000])
+    return ["prune", "--method", "armor", "--model", str(d), "--text", str(text), "--n-samples", "24",
+            "--seq-len", "32", "--eval-tokens", "96", "--block-size", "16", "--iters", "3"]
+
+
+def _cli(args, nproc: int, tag: str = ""):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", ARMOR_DIST_TIMEOUT="30", HF_HUB_OFFLINE="1", ARMOR_TEST_TAG=tag)
+    launch = [sys.executable, "-m", "armor_kernels"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+        "127.0.0.1", "--master_port", str(free_port()), "-m", "armor_kernels"]
+    return subprocess.Popen(launch + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _process_with(*env_items: str) -> int:
+    """The pid of the process whose environment holds all of `env_items` ("KEY=value")."""
+    for p in Path("/proc").iterdir():
+        try:
+            env = set((p / "environ").read_bytes().decode(errors="replace").split("\0"))
+        except (OSError, ValueError):
+            continue
+        if set(env_items) <= env:
+            return int(p.name)
+    raise LookupError(f"no process with {env_items}")
+
+
+def _block_tensors(d: Path) -> dict:
+    from safetensors.torch import load_file
+    return {f.name: load_file(f) for f in sorted(d.glob("model-block-*.safetensors"))}
+
+
+def test_torchrun_two_processes_give_the_one_process_checkpoint(tiny_run_args, tmp_path):
+    one = _cli(tiny_run_args + ["--out", str(tmp_path / "one")], 1)
+    out1, err1 = one.communicate(timeout=300)
+    assert one.returncode == 0, err1[-3000:]
+    two = _cli(tiny_run_args + ["--out", str(tmp_path / "two")], 2)
+    out2, err2 = two.communicate(timeout=300)
+    assert two.returncode == 0, err2[-3000:]
+    a, b = _block_tensors(tmp_path / "one"), _block_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 4
+    assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    run1, run2 = (json.loads((tmp_path / n / "armor_run.json").read_text()) for n in ("one", "two"))
+    assert run2["world_size"] == 2 and run1["world_size"] == 1
+    assert run1["config_hash"] == run2["config_hash"] and run1["reports"] == run2["reports"]
+    assert json.loads((tmp_path / "two" / "result.json").read_text())["perplexity"] == \
+        json.loads((tmp_path / "one" / "result.json").read_text())["perplexity"]
+
+
+def test_torchrun_killed_rank_fails_cleanly_and_the_same_command_resumes(tiny_run_args, tmp_path):
+    import signal
+    args = tiny_run_args + ["--out", str(tmp_path / "run")]
+    tag = f"kill-{os.getpid()}-{time.monotonic_ns()}"
+    proc = _cli(args, 2, tag)
+    t0 = time.monotonic()
+    while not (tmp_path / "run" / "model-block-00000.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() - t0 < 240, "no block was ever written"
+        time.sleep(0.05)
+    os.kill(_process_with(f"ARMOR_TEST_TAG={tag}", "RANK=1"), signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - killed < 60, err[-3000:]
+    assert not (tmp_path / "run" / "model.safetensors.index.json").exists()  # never loads as a model
+    again = _cli(args, 2)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "run" / "armor_run.json").read_text())["world_size"] == 2

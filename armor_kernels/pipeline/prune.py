@@ -267,7 +267,10 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     batches = calib.split(batch_size)
     mine = dist.my_batches(len(batches))
     with torch.no_grad():
-        hidden, extra = calibration_inputs(model, torch.cat([batches[b] for b in mine]), batch_size, device)
+        if mine:
+            hidden, extra = calibration_inputs(model, torch.cat([batches[b] for b in mine]), batch_size, device)
+        else:  # more processes than calibration batches: this one only prunes its share of the linears
+            hidden, extra = [], [[] for _ in layers]
         if offload:
             hidden = [h.cpu() for h in hidden]
         act = sum(h.numel() * h.element_size() for h in hidden)
