@@ -55,6 +55,23 @@ def block_sizes(W_shape: tuple[int, int], b: int) -> tuple[int, int]:
     return block_size_for(d_out, b), block_size_for(d_in, b, multiple=4)
 
 
+def block_overhead(W_shape: tuple[int, int], blocks: tuple[int, int]) -> float:
+    """Extra parameters of A and B as a fraction of the layer's: (d_out·bA + d_in·bB) / (d_out·d_in)."""
+    (d_out, d_in), (bA, bB) = W_shape, blocks
+    return (d_out * bA + d_in * bB) / (d_out * d_in)
+
+
+def block_size_under_overhead(W_shape: tuple[int, int], overhead: float, max_block: int = 128) -> int:
+    """The largest nominal block size b ≤ max_block whose blocks (the rule above) cost at most `overhead`
+    (block_overhead); 4, the smallest, when none does."""
+    if not overhead > 0:
+        raise ValueError(f"overhead: expected a positive fraction of the layer's parameters, got {overhead!r}")
+    for b in range(max_block, 4, -1):
+        if block_overhead(W_shape, block_sizes(W_shape, b)) <= overhead:
+            return b
+    return 4
+
+
 def normalize(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NoWag normalisation: W = diag(r) W̄ diag(c). Returns float32 (W̄, r, c)."""
     check_weight(W)

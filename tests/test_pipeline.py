@@ -7,6 +7,7 @@ from helpers import prune_interrupted
 from safetensors.torch import load_file, save_file
 
 import armor_kernels
+from armor_kernels.factors import block_overhead, block_size_under_overhead, block_sizes
 from armor_kernels.hf import load_pruned_model
 from armor_kernels.nn import ArmorLinear
 from armor_kernels.optim import ArmorOptions
@@ -126,11 +127,13 @@ def test_refuses_to_resume_after_a_default_changed(tiny, tmp_path, monkeypatch, 
 def test_run_config_records_every_option_with_its_default(tiny):
     config_, _, calib, fresh = tiny
     config = prune_mod.run_config("armor", None, calib, fresh(), None, 8)
-    assert config["options"] == {"optimizer": "fast", "block_size": 128, "seed": 0, "iters": 80, "tol": 1e-4,
+    assert config["options"] == {"optimizer": "fast", "block_size": 128, "overhead": None, "seed": 0, "iters": 80,
+                                 "tol": 1e-4,
                                  "passes": 1, "extrapolation": True, "time_budget": None}
     assert config["package_version"] == armor_kernels.__version__ and config["format_version"] >= 1
     ref = prune_mod.run_config("armor", ArmorOptions(optimizer="reference"), calib, fresh(), None, 8)["options"]
-    assert ref == {"optimizer": "reference", "block_size": 128, "seed": 0, "iters": 20_000, "tol": 1e-6,
+    assert ref == {"optimizer": "reference", "block_size": 128, "overhead": None, "seed": 0, "iters": 20_000,
+                   "tol": 1e-6,
                    "lr": 1e-4, "patience": 100, "time_budget": None}
 
 
@@ -261,3 +264,28 @@ def test_model_source_errors_name_the_tensor_and_the_shards(tiny_dir, tmp_path):
         src.load_rest(m, "cpu", torch.float32)
         for i in range(2):
             src.load_block(m, i, "cpu", torch.float32)
+
+
+def test_parameter_budget_picks_each_layers_largest_block_within_it(tiny, tmp_path):
+    """--overhead F: every layer gets the largest block (under the divisibility rule) whose A and B add at
+    most F of its parameters; the choice is in the run configuration and in the stored shapes."""
+    _, tok, calib, fresh = tiny
+    opts = ArmorOptions(overhead=0.3, iters=1)
+    prune_model(fresh(), tok, calib, "armor", tmp_path, options=opts)
+    run = json.loads((tmp_path / "armor_run.json").read_text())["run"]
+    assert run["options"]["overhead"] == 0.3
+    specs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules"]
+    model = fresh()
+    for name, spec in specs.items():
+        lin = model.get_submodule(name)
+        shape = (lin.out_features, lin.in_features)
+        bA, bB = spec["block"]
+        assert block_overhead(shape, (bA, bB)) <= 0.3
+        b = block_size_under_overhead(shape, 0.3)
+        assert (bA, bB) == block_sizes(shape, b)
+        assert b == 128 or block_overhead(shape, block_sizes(shape, b + 1)) > 0.3  # the largest that fits
+        i, local = name.split(".")[2], name.split(".", 3)[3]
+        A = load_file(block_shard(tmp_path, int(i)))[f"{name}.A"]
+        assert A.shape[1:] == (bA, bA), local
+    with pytest.raises(ValueError, match="overhead"):
+        ArmorOptions(overhead=0.0)

@@ -44,7 +44,7 @@ def armor(W: torch.Tensor, stats, options: ArmorOptions | None = None, *, device
         options = replace(options, **overrides)
     h = stats.h() if isinstance(stats, ActivationStats) else stats
     torch.manual_seed(options.seed)
-    p = Problem.from_weight(W, h, options.block_size, device)
+    p = Problem.from_weight(W, h, options.layer_block_size(tuple(W.shape)), device)
     kwargs = options.optimizer_kwargs()
     if options.optimizer == "reference":
         kwargs["seed"] = options.seed

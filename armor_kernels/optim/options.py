@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..factors import block_size_under_overhead, block_sizes
+
 OPTIMIZERS = ("fast", "reference")
 
 # Defaults that differ by optimizer; None in ArmorOptions means "this optimizer's default".
@@ -29,6 +31,8 @@ class ArmorOptions:
     optimizer      "fast" (closed-form A/B steps, exact tile sweeps, extrapolation) or "reference"
                    (the published Adam + sampled-group loop)
     block_size     nominal block size b of A and B (the block-size rule of factors.py applies)
+    overhead       a parameter budget instead: each layer gets the largest b ≤ block_size whose A and B add
+                   at most this fraction of the layer's parameters (factors.block_size_under_overhead)
     iters, tol     iterations, and the relative improvement below which the run stops
                    (fast: per outer iteration; reference: `patience` iterations in a row);
                    None = the optimizer's default (OPTIMIZER_DEFAULTS)
@@ -41,6 +45,7 @@ class ArmorOptions:
 
     optimizer: str = "fast"
     block_size: int = 128
+    overhead: float | None = None
     iters: int | None = None
     tol: float | None = None
     passes: int = 1
@@ -55,6 +60,8 @@ class ArmorOptions:
             raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 4:
             raise ValueError(f"block_size: expected an int ≥ 4, got {self.block_size!r}")
+        if self.overhead is not None and not (isinstance(self.overhead, (int, float)) and self.overhead > 0):
+            raise ValueError(f"overhead: expected a positive fraction of the layer's parameters, got {self.overhead!r}")
         for name in ("iters", "passes", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -71,6 +78,16 @@ class ArmorOptions:
             raise TypeError(f"armor(): unknown option(s) {unknown}; ArmorOptions has {sorted(known)}")
         return cls(**kwargs)
 
+    def layer_block_size(self, W_shape: tuple[int, int]) -> int:
+        """The nominal block size of a layer of this shape: block_size, or the budget's choice."""
+        if self.overhead is None:
+            return self.block_size
+        return block_size_under_overhead(W_shape, self.overhead, self.block_size)
+
+    def layer_blocks(self, W_shape: tuple[int, int]) -> tuple[int, int]:
+        """(bA, bB) of a layer of this shape."""
+        return block_sizes(W_shape, self.layer_block_size(W_shape))
+
     def optimizer_kwargs(self) -> dict:
         """The keyword arguments of the chosen optimizer, defaults resolved."""
         resolved = {**asdict(self), **{k: v if getattr(self, k) is None else getattr(self, k)
@@ -79,5 +96,5 @@ class ArmorOptions:
 
     def to_config(self) -> dict:
         """What a run records and hashes: the optimizer, block size, seed and every option it reads."""
-        return {"optimizer": self.optimizer, "block_size": self.block_size, "seed": self.seed,
-                **self.optimizer_kwargs()}
+        return {"optimizer": self.optimizer, "block_size": self.block_size, "overhead": self.overhead,
+                "seed": self.seed, **self.optimizer_kwargs()}

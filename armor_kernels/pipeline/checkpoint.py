@@ -52,14 +52,14 @@ def block_shard(out: Path, i: int) -> Path:
     return Path(out) / f"model-block-{i:05d}.safetensors"
 
 
-def module_specs(model: nn.Module, method: str, block_size: int | None) -> dict[str, dict]:
+def module_specs(model: nn.Module, method: str, blocks_for) -> dict[str, dict]:
     """quantization_config["modules"]: full name -> {"kind": "armor", "block": [bA, bB]} or {"kind": "sparse24"}."""
     prefix, specs = layers_prefix(model), {}
     for i, block in enumerate(decoder_layers(model)):
         for name, lin in block_linears(block).items():
             spec = {"kind": "sparse24"}
             if method == "armor":
-                spec = {"kind": "armor", "block": list(block_sizes((lin.out_features, lin.in_features), block_size))}
+                spec = {"kind": "armor", "block": list(blocks_for((lin.out_features, lin.in_features)))}
             specs[f"{prefix}.{i}.{name}"] = spec
     return specs
 
@@ -82,9 +82,10 @@ def read_run(out: Path) -> dict:
     return meta
 
 
-def start_run(out: Path, model: nn.Module, tokenizer, run: dict, chash: str, block_size: int | None) -> None:
+def start_run(out: Path, model: nn.Module, tokenizer, run: dict, chash: str, blocks_for=None) -> None:
     """Write everything but the block shards: tokenizer, config.json with the quantization_config, the
-    unpruned tensors and the run metadata. A dense run writes the whole model as it is."""
+    unpruned tensors and the run metadata. A dense run writes the whole model as it is. blocks_for: ARMOR's
+    shape -> (bA, bB) rule (ArmorOptions.layer_blocks)."""
     out = Path(out)
     tokenizer.save_pretrained(out)
     if run["method"] == "dense":
@@ -92,7 +93,7 @@ def start_run(out: Path, model: nn.Module, tokenizer, run: dict, chash: str, blo
     else:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]  # as save_pretrained records it
-        config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], block_size))
+        config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], blocks_for))
         write_text(out / "config.json", config.to_json_string())
         if getattr(model, "generation_config", None) is not None:
             write_text(out / "generation_config.json", model.generation_config.to_json_string())
@@ -291,7 +292,8 @@ def convert_v1(src: str | Path, dst: str | Path) -> None:
     tokenizer.save_pretrained(dst)
     if run["method"] == "dense":
         raise ValueError("convert: a v1 'dense' run holds the unpruned model; prune again or use the source model")
-    config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], block_size))
+    blocks_for = lambda shape: block_sizes(shape, block_size)  # noqa: E731  (v1 had no budget)
+    config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], blocks_for))
     write_text(dst / "config.json", config.to_json_string())
     atomic_write(dst / REST_SHARD, lambda tmp: save_file(rest, tmp, metadata={"format": "pt"}))
     save_json(dst / RUN_FILE, {"run": run, "config_hash": chash})

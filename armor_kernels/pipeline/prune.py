@@ -253,7 +253,7 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
         for i in range(len(layers)):
             src.load_block(model, i, device, dtype)
     if dist.agree(not (out / RUN_FILE).exists()):
-        dist.write(_start, out, model, tokenizer, config, chash, options.block_size if method == "armor" else None)
+        dist.write(_start, out, model, tokenizer, config, chash, options.layer_blocks if method == "armor" else None)
     else:
         old = read_run(out)
         if config_hash(old["run"]) != chash:
@@ -309,6 +309,6 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}
 
 
-def _start(out, model, tokenizer, config, chash, block_size) -> None:
+def _start(out, model, tokenizer, config, chash, blocks_for) -> None:
     _refuse_foreign_directory(out)
-    start_run(out, model, tokenizer, config, chash, block_size)
+    start_run(out, model, tokenizer, config, chash, blocks_for)
