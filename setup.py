@@ -7,8 +7,8 @@ Native code, each source listed once:
 - armor_kernels._armor_cuda: the fused Hopper kernels, described by CMakeLists.txt (csrc/*.cu,
   python/armor_cuda_binding.cpp). Built when nvcc exists and torch is a CUDA build (under pip's build
   isolation torch is absent: install with --no-build-isolation to get it). ARMOR_BUILD_CUDA=1 forces
-  the build (and fails loudly), ARMOR_BUILD_CUDA=0 skips it. ~5 min and ~4 GB per parallel job
-  (ARMOR_BUILD_JOBS, default 2).
+  the build (and fails loudly), ARMOR_BUILD_CUDA=0 skips it; ARMOR_BUILD_JOBS parallel compile jobs
+  (default 2; the compile cost is in docs/DESIGN.md §9).
 """
 import os
 import re
