@@ -103,7 +103,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.4"],
-        "models": ["transformers>=4.46", "gguf>=0.10", "accelerate>=0.30", "rdata>=0.11"],
+        "models": ["transformers>=5.0", "gguf>=0.10", "accelerate>=0.30", "rdata>=0.11"],
         "cuda": ["pybind11>=2.12", "ninja>=1.11", "nvidia-cutlass==4.2.0.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
         "bench": ["matplotlib>=3.7"],
