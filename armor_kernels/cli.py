@@ -27,6 +27,7 @@ from .atomic import save_json, write_text
 from .hf import load_pruned_model
 from .nn import prepare_fused
 from .optim import ArmorOptions
+from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
 from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
@@ -36,7 +37,10 @@ from .pipeline.prune import METHODS, PROTOCOLS, prune_model
 from .pipeline.source import ModelSource, model_source
 
 COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
-           "linear_bytes_ratio", "checkpoint_bytes", "mean_proxy_loss", "mean_nowag_p_proxy_loss"]
+           "linear_bytes_ratio", "checkpoint_bytes", "mean_loss", "mean_start_loss"]
+
+
+CHOICES = {"optimizer": OPTIMIZERS, "objective": OBJECTIVES, "start": STARTS}  # the str-valued ArmorOptions
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -68,14 +72,15 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
         if f.name == "seed":
             continue
         flag, default = "--" + f.name.replace("_", "-"), f.default
-        if f.name == "optimizer":
-            g.add_argument(flag, choices=["fast", "reference"], default=default, help=f"default {default}")
+        if f.name in CHOICES:
+            g.add_argument(flag, choices=CHOICES[f.name], default=default, help=f"default {default}")
         elif isinstance(default, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"default {default}")
         else:
             kind = int if f.type in ("int", "int | None") else float
             g.add_argument(flag, type=kind, default=default,
-                           help="default: the optimizer's own" if default is None else f"default {default}")
+                           help=f"default {default}" if default is not None else
+                           "default: the optimizer's own" if f.name in ("iters", "tol") else "default: none")
 
 
 def _armor_options(args) -> ArmorOptions:
@@ -140,8 +145,8 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
         "eval_s": round(time.perf_counter() - t0, 1), "dense_bf16_linear_bytes": dense_bytes,
         "linear_bytes": sizes.get("linear_bytes", dense_bytes), "checkpoint_bytes": sizes.get("checkpoint_bytes", ""),
         "linear_bytes_ratio": round(sizes.get("linear_bytes", dense_bytes) / dense_bytes, 4),
-        "mean_proxy_loss": _mean(report["layers"], "loss"),
-        "mean_nowag_p_proxy_loss": _mean(report["layers"], "nowag_p_loss"),
+        "mean_loss": _mean(report["layers"], "loss"),  # ARMOR: relative, in the run's objective
+        "mean_start_loss": _mean(report["layers"], "start_loss"),
         "per_block_bytes": sizes.get("per_block", []),
     }
     save_json(done, result)

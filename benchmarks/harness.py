@@ -90,8 +90,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path, *, xlabel: str,
-               ylabel: str, xscale: str = "linear", yscale: str = "linear", hline: float | None = None) -> None:
-    """One panel per key of `panels`, one line per label: {panel: {label: [(x, y), ...]}} -> PNG."""
+               ylabel: str, xscale: str = "linear", yscale: str = "linear", hline: float | None = None,
+               dashed: str | None = None) -> None:
+    """One panel per key of `panels`, one line per label: {panel: {label: [(x, y), ...]}} -> PNG.
+    The line labelled `dashed` (an envelope, say) is drawn dashed in black, without markers."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -103,7 +105,9 @@ def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Pa
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels.items()):
         for label, pts in lines.items():
-            if pts:
+            if pts and label == dashed:
+                ax.plot(*zip(*sorted(pts)), ls="--", color="black", lw=0.8, label=label)
+            elif pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", ms=3, label=label)
         ax.set(xscale=xscale, yscale=yscale, title=title, xlabel=xlabel)
         if hline is not None:

@@ -89,7 +89,7 @@ def test_quantization_config_and_run_metadata(pruned_dirs):
     assert run["world_size"] == 1 and run["config_hash"] == ckpt.config_hash(run["run"])
     names = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
     assert set(run["reports"]) == {f"{i}.{n}" for i in range(2) for n in names}
-    assert all(r["loss"] <= r["nowag_p_loss"] for r in run["reports"].values())
+    assert all(r["loss"] <= r["start_loss"] for r in run["reports"].values())
     index = json.loads((d / ckpt.INDEX_FILE).read_text())
     assert set(index["weight_map"].values()) == {ckpt.REST_SHARD, "model-block-00000.safetensors",
                                                   "model-block-00001.safetensors"}

@@ -5,8 +5,8 @@ import torch
 
 from armor_kernels import ActivationStats, armor
 from armor_kernels.kernels.group_solve import solve_group_reference
-from armor_kernels.optim.common import Problem
-from armor_kernels.optim.fast import a_step, b_step, extrapolate, s_step
+from armor_kernels.optim.common import Problem, extrapolate
+from armor_kernels.optim.fast import a_step, b_step, s_step
 
 
 def _problem(d_out=48, d_in=64, b=16, seed=0):

@@ -127,12 +127,14 @@ def test_refuses_to_resume_after_a_default_changed(tiny, tmp_path, monkeypatch, 
 def test_run_config_records_every_option_with_its_default(tiny):
     config_, _, calib, fresh = tiny
     config = prune_mod.run_config("armor", None, calib, fresh(), None, 8)
-    assert config["options"] == {"optimizer": "fast", "block_size": 128, "overhead": None, "seed": 0, "iters": 80,
+    assert config["options"] == {"optimizer": "fast", "block_size": 128, "overhead": None, "seed": 0,
+                                 "objective": "proxy", "start": "nowag_p", "iters": 80,
                                  "tol": 1e-4,
                                  "passes": 1, "extrapolation": True, "time_budget": None}
     assert config["package_version"] == armor_kernels.__version__ and config["format_version"] >= 1
     ref = prune_mod.run_config("armor", ArmorOptions(optimizer="reference"), calib, fresh(), None, 8)["options"]
-    assert ref == {"optimizer": "reference", "block_size": 128, "overhead": None, "seed": 0, "iters": 20_000,
+    assert ref == {"optimizer": "reference", "block_size": 128, "overhead": None, "seed": 0,
+                   "objective": "proxy", "start": "nowag_p", "iters": 20_000,
                    "tol": 1e-6,
                    "lr": 1e-4, "patience": 100, "time_budget": None}
 
@@ -289,3 +291,19 @@ def test_parameter_budget_picks_each_layers_largest_block_within_it(tiny, tmp_pa
         assert A.shape[1:] == (bA, bA), local
     with pytest.raises(ValueError, match="overhead"):
         ArmorOptions(overhead=0.0)
+
+
+@pytest.mark.parametrize("start", ["nowag_p", "best"])
+def test_output_objective_prunes_from_full_statistics_and_reloads(tiny, tmp_path, start):
+    """--objective output: each linear is optimised on its full H (a layer's loss is its relative output
+    error, which the report's start and final values show falling), and the directory reloads to the
+    pruned model's logits."""
+    _, tok, calib, fresh = tiny
+    model = fresh()
+    prune_model(model, tok, calib, "armor", tmp_path, options=ArmorOptions(objective="output", start=start, iters=3))
+    reports = json.loads((tmp_path / "armor_run.json").read_text())["reports"]
+    assert reports and all(r["loss"] <= r["start_loss"] for r in reports.values())
+    assert {r["start"] for r in reports.values()} <= ({"nowag_p"} if start == "nowag_p" else {"nowag_p", "sparsegpt"})
+    loaded, _ = load_pruned_model(tmp_path)
+    x = calib[:2]
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -82,3 +83,45 @@ class History:
 
     def out_of_time(self, budget: float | None) -> bool:
         return budget is not None and time.perf_counter() - self.t0 >= budget
+
+
+Step = Callable[[ArmorFactors, torch.Tensor], tuple[ArmorFactors, torch.Tensor]]
+
+
+def extrapolate(f: ArmorFactors, old: ArmorFactors) -> tuple[ArmorFactors, torch.Tensor]:
+    """f + (f − old) in A, B and in S where the two masks agree; S keeps f's values elsewhere."""
+    same = (f.S != 0) == (old.S != 0)
+    g = replace(f, A=2 * f.A - old.A, B=2 * f.B - old.B, S=torch.where(same, 2 * f.S - old.S, f.S))
+    return g, g.core()
+
+
+def descend(loss: Callable[[ArmorFactors, torch.Tensor], float], f: ArmorFactors, steps: Sequence[Step], *,
+            iters: int, tol: float, extrapolation: bool, time_budget: float | None = None, progress=None
+            ) -> tuple[ArmorFactors, History]:
+    """Block coordinate descent, monotone by construction: each outer iteration runs `steps` (each maps
+    (f, f's A·S·B) to a candidate and its A·S·B) and, with `extrapolation`, the jump along the
+    two-iteration displacement; a candidate is kept only if `loss` does not rise. Stops after `iters`,
+    when one outer iteration improves the loss by less than `tol` relative, or once `time_budget`
+    seconds have passed."""
+    hist = History()
+    core = f.core()
+    best = loss(f, core)
+    hist.record(best)
+    starts = []                                   # the states the last two outer iterations began from
+    for it in range(iters):
+        start = best
+        starts = [*starts[-1:], f]
+        todo = list(steps)
+        if extrapolation and len(starts) == 2:
+            todo.append(lambda f_, core_: extrapolate(f_, starts[0]))
+        for step in todo:
+            cand, cand_core = step(f, core)
+            cand_loss = loss(cand, cand_core)
+            if cand_loss <= best:
+                f, core, best = cand, cand_core, cand_loss
+                hist.record(best)
+        if progress is not None:
+            progress(it + 1, iters, best)
+        if start - best < tol * start or hist.out_of_time(time_budget):
+            break
+    return f, hist

@@ -23,7 +23,7 @@ import torch
 from ..factors import ArmorFactors, block_left, block_right
 from ..kernels.block_lstsq import block_lstsq
 from ..kernels.tile_sweep import sweep_tiles
-from .common import History, Problem
+from .common import History, Problem, descend
 
 
 def a_step(p: Problem, f: ArmorFactors) -> tuple[ArmorFactors, torch.Tensor]:
@@ -48,38 +48,11 @@ def s_step(p: Problem, f: ArmorFactors, passes: int, core: torch.Tensor | None =
     return g, g.core()
 
 
-def extrapolate(f: ArmorFactors, old: ArmorFactors) -> tuple[ArmorFactors, torch.Tensor]:
-    """f + (f − old) in A, B and in S where the two masks agree; S keeps f's values elsewhere."""
-    same = (f.S != 0) == (old.S != 0)
-    g = replace(f, A=2 * f.A - old.A, B=2 * f.B - old.B, S=torch.where(same, 2 * f.S - old.S, f.S))
-    return g, g.core()
-
-
 def optimize_fast(p: Problem, f: ArmorFactors, *, iters: int, passes: int, tol: float, extrapolation: bool,
                   time_budget: float | None = None, progress=None
                   ) -> tuple[ArmorFactors, History]:
-    """Outer iterations of (A, B, S) steps and an extrapolation; stop after `iters`, when one outer
-    iteration improves the loss by less than `tol` relative, or once `time_budget` seconds have passed.
-    The defaults of every argument are ArmorOptions's."""
-    hist = History()
-    core = f.core()
-    best = p.loss(f, core)
-    hist.record(best)
-    starts = []                                   # the states the last two outer iterations began from
-    for it in range(iters):
-        start = best
-        starts = [*starts[-1:], f]
-        steps = [a_step, b_step, lambda p_, f_: s_step(p_, f_, passes, core)]
-        if extrapolation and len(starts) == 2:
-            steps.append(lambda p_, f_: extrapolate(f_, starts[0]))
-        for step in steps:
-            cand, cand_core = step(p, f)
-            loss = p.loss(cand, cand_core)
-            if loss <= best:
-                f, core, best = cand, cand_core, loss
-                hist.record(best)
-        if progress is not None:
-            progress(it + 1, iters, best)
-        if start - best < tol * start or hist.out_of_time(time_budget):
-            break
-    return f, hist
+    """Outer iterations of (A, B, S) steps and an extrapolation (common.descend). The defaults of every
+    argument are ArmorOptions's."""
+    steps = [lambda f, core: a_step(p, f), lambda f, core: b_step(p, f), lambda f, core: s_step(p, f, passes, core)]
+    return descend(p.loss, f, steps, iters=iters, tol=tol, extrapolation=extrapolation, time_budget=time_budget,
+                   progress=progress)

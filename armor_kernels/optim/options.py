@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from ..factors import block_size_under_overhead, block_sizes
 
 OPTIMIZERS = ("fast", "reference")
+OBJECTIVES = ("proxy", "output")      # the paper's diagonal proxy; the layer's output error (optim/output.py)
+STARTS = ("nowag_p", "sparsegpt", "best")
 
 # Defaults that differ by optimizer; None in ArmorOptions means "this optimizer's default".
 OPTIMIZER_DEFAULTS = {
@@ -41,6 +43,11 @@ class ArmorOptions:
     lr, patience   reference: Adam's learning rate; iterations without improvement before stopping
     seed           the reference loop's group sampling (and torch's global seed)
     time_budget    seconds per layer, None = unlimited (a budget makes the result machine-dependent)
+    objective      "proxy": the paper's Σ h_j (W̄ − A S B)²_ij (diagonal statistics); "output": the layer's
+                   output error tr(ΔW H ΔWᵀ) with the full, dampened H (optim/output.py; fast optimizer only)
+    start          the factors the descent starts from, A = B = I: "nowag_p" (the paper's), "sparsegpt"
+                   (SparseGPT's mask and values), or "best" (whichever of the two has the lower loss in
+                   the objective). The result never ends above its start, in its own objective
     """
 
     optimizer: str = "fast"
@@ -54,10 +61,16 @@ class ArmorOptions:
     patience: int = 100
     seed: int = 0
     time_budget: float | None = None
+    objective: str = "proxy"
+    start: str = "nowag_p"
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("objective", OBJECTIVES), ("start", STARTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.optimizer == "reference" and (self.objective, self.start) != ("proxy", "nowag_p"):
+            raise ValueError("optimizer 'reference' is the published loop: objective 'proxy' from start 'nowag_p' "
+                             f"only, got objective {self.objective!r}, start {self.start!r}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 4:
             raise ValueError(f"block_size: expected an int ≥ 4, got {self.block_size!r}")
         if self.overhead is not None and not (isinstance(self.overhead, (int, float)) and self.overhead > 0):
@@ -78,6 +91,11 @@ class ArmorOptions:
             raise TypeError(f"armor(): unknown option(s) {unknown}; ArmorOptions has {sorted(known)}")
         return cls(**kwargs)
 
+    @property
+    def needs_full_stats(self) -> bool:
+        """Whether the layer's full H (ActivationStats(full=True)) is needed, not only its diagonal."""
+        return self.objective == "output" or self.start != "nowag_p"
+
     def layer_block_size(self, W_shape: tuple[int, int]) -> int:
         """The nominal block size of a layer of this shape: block_size, or the budget's choice."""
         if self.overhead is None:
@@ -97,4 +115,4 @@ class ArmorOptions:
     def to_config(self) -> dict:
         """What a run records and hashes: the optimizer, block size, seed and every option it reads."""
         return {"optimizer": self.optimizer, "block_size": self.block_size, "overhead": self.overhead,
-                "seed": self.seed, **self.optimizer_kwargs()}
+                "seed": self.seed, "objective": self.objective, "start": self.start, **self.optimizer_kwargs()}

@@ -146,6 +146,14 @@ def load_corpus(source: str | os.PathLike | None = None) -> dict[str, str]:
     return corpus
 
 
+def python_reference() -> str:
+    """A second text, of another domain: the Python Language Reference's topics as `help()` shows them
+    (`pydoc_data.topics`, part of CPython's standard library, so present wherever Python is): technical
+    prose with code, far from the novels the calibration comes from. Topics in sorted order."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
+
+
 class TokenSplits(NamedTuple):
     calibration: torch.Tensor  # int64 [n_samples, seq_len]
     evaluation: torch.Tensor  # int64 [eval_tokens]

@@ -140,7 +140,7 @@ def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: A
     if method == "armor":
         res = armor(W, stats, options)
         mod = ArmorLinear.from_linear(lin, res.factors, dtype=STORAGE_DTYPE).pack()
-        return mod, {"nowag_p_loss": res.history.loss[0], "loss": res.loss}
+        return mod, {"start": res.start, "start_loss": res.history.loss[0], "loss": res.loss}
     pruned = BASELINES[method](W, stats)
     bias = None if lin.bias is None else lin.bias.detach().to(STORAGE_DTYPE)
     return Sparse24Linear.from_weight(pruned.weight.to(STORAGE_DTYPE), bias), {}
@@ -288,7 +288,8 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
             else:
                 linears = block_linears(block)
                 owners = assign({n: lin.weight.numel() for n, lin in linears.items()}, dist.world_size)
-                stats = collect_stats(block, hidden, extra[i], method == "sparsegpt", dist=dist, batch_ids=mine,
+                full = method == "sparsegpt" or (method == "armor" and options.needs_full_stats)
+                stats = collect_stats(block, hidden, extra[i], full, dist=dist, batch_ids=mine,
                                       n_batches=len(batches), owners=owners)
                 if protocol == "dense":
                     dense_out = run_block(block, hidden, extra[i])

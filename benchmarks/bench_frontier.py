@@ -1,0 +1,148 @@
+"""Quality at equal bytes: perplexity against stored bytes for every method, on two texts.
+
+    python benchmarks/bench_frontier.py [--runs NAME ...] [--runs-dir runs/frontier] [--out CSV]
+
+Each run is the CLI's own command, `python -m armor_kernels prune --method M --out runs/frontier/NAME [flags]`
+(resumable: a finished run is reused, an interrupted one resumes), on the bundled SmolLM2-135M calibrated on
+five Austen novels. Every model is then evaluated on two texts, 20 000 tokens each in 512-token windows:
+  pride_and_prejudice  the held-out novel (the calibration's domain, the README's figure)
+  python_reference     the Python Language Reference (pydoc_data, CPython's own; pipeline/data.py): technical
+                       prose and code, a domain the calibration never saw
+Bytes: the pruned linears' stored bytes (values, 2:4 metadata, A and B in bf16) over the dense bf16 linears'.
+One CSV row per run, `pareto_<text>` marking the runs no cheaper run beats on that text; the plot has one
+line per method (ARMOR's across parameter budgets), the Pareto front dashed. A second table, the levers
+(`--levers-out`), compares ARMOR's variants at one budget with their pruning time.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import RESULTS, bench_args, plot_lines, write_csv
+
+from armor_kernels.atomic import save_json, write_text
+from armor_kernels.hf import load_pruned_model
+from armor_kernels.pipeline.data import EVAL_TOKENS, SEQ_LEN, python_reference, token_splits
+from armor_kernels.pipeline.evaluate import perplexity
+from armor_kernels.pipeline.model import load_model
+from armor_kernels.pipeline.source import model_source
+
+# the output objective's variant, 40 iterations (it costs ~4x the proxy's per iteration; on the bundled model's
+# layers 40 → 80 iterations lower its loss by ~1 % relative)
+OUTPUT = ["--objective", "output", "--start", "best", "--iters", "40"]
+# name -> CLI flags after `prune`; the line a run belongs to is its label (see `label`)
+RUNS = {
+    "dense": ["--method", "dense"],
+    "magnitude": ["--method", "magnitude"],
+    "wanda": ["--method", "wanda"],
+    "nowag_p": ["--method", "nowag_p"],
+    "sparsegpt": ["--method", "sparsegpt"],
+    **{f"armor-o{o}": ["--method", "armor", "--overhead", o] for o in ("0.02", "0.06", "0.12")},
+    "armor-b128": ["--method", "armor"],  # the paper's rule, b = 128: A and B add ~1/3 on SmolLM2's widths
+    **{f"armor-output-o{o}": ["--method", "armor", "--overhead", o, *OUTPUT] for o in ("0.02", "0.06", "0.12")},
+    # calibration size: 128 windows instead of 32
+    "sparsegpt-n128": ["--method", "sparsegpt", "--n-samples", "128"],
+    "armor-o0.06-n128": ["--method", "armor", "--overhead", "0.06", "--n-samples", "128"],
+    "armor-output-o0.06-n128": ["--method", "armor", "--overhead", "0.06", *OUTPUT, "--n-samples", "128"],
+    # levers at the ~6 % budget: one change at a time from the paper's ARMOR (armor-o0.06)
+    "armor-o0.06-start-sparsegpt": ["--method", "armor", "--overhead", "0.06", "--start", "sparsegpt"],
+    "armor-output-o0.06-start-nowag_p": ["--method", "armor", "--overhead", "0.06", "--objective", "output",
+                                         "--iters", "40"],
+    "armor-o0.06-iters160": ["--method", "armor", "--overhead", "0.06", "--iters", "160", "--tol", "0"],
+}
+LEVERS = ["sparsegpt", "armor-o0.06", "armor-o0.06-iters160", "armor-o0.06-start-sparsegpt",
+          "armor-output-o0.06-start-nowag_p", "armor-output-o0.06"]
+TEXTS = ("pride_and_prejudice", "python_reference")
+
+
+def flag(flags: list[str], name: str, default=None):
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
+def label(flags: list[str]) -> str:
+    """The method's line in the plot: method, ARMOR's objective and start, calibration size if not 32."""
+    method = flag(flags, "--method")
+    if method == "armor":
+        method = f"armor ({flag(flags, '--objective', 'proxy')}, start {flag(flags, '--start', 'nowag_p')})"
+        if "--iters" in flags:
+            method += f", {flag(flags, '--iters')} iterations"
+    n = flag(flags, "--n-samples")
+    return method + (f", {n} windows" if n else "")
+
+
+def prune(name: str, runs_dir: Path) -> dict:
+    """The run's result.json, running (or resuming) the CLI's prune for it first if needed."""
+    out = runs_dir / name
+    if not (out / "result.json").exists():
+        cmd = [sys.executable, "-m", "armor_kernels", "prune", "--out", str(out), *RUNS[name]]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads((out / "result.json").read_text())
+
+
+def second_text_perplexity(name: str, runs_dir: Path, tokens) -> float:
+    """Perplexity on the Python reference, cached in the run's directory."""
+    cache = runs_dir / name / "python_reference.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["perplexity"]
+    model = load_model(None)[0] if name == "dense" else load_pruned_model(runs_dir / name)[0]
+    t0 = time.perf_counter()
+    ppl = round(perplexity(model, tokens, seq_len=SEQ_LEN), 4)
+    save_json(cache, {"perplexity": ppl, "tokens": len(tokens), "eval_s": round(time.perf_counter() - t0, 1)})
+    return ppl
+
+
+def pareto(rows: list[dict], key: str) -> None:
+    """rows[i][f"pareto_{key}"]: no row with at most its bytes has a lower perplexity."""
+    for r in rows:
+        r[f"pareto_{key}"] = not any(o is not r and o["linear_bytes_ratio"] <= r["linear_bytes_ratio"]
+                                     and o[f"ppl_{key}"] < r[f"ppl_{key}"] for o in rows)
+
+
+def main(argv=None) -> int:
+    p = bench_args(__doc__.split("\n")[0], "frontier_smollm2_cpu")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/frontier"))
+    p.add_argument("--levers-out", type=Path, default=RESULTS / "frontier_levers_smollm2_cpu.md")
+    args = p.parse_args(argv)
+    tok = model_source(None).tokenizer()
+    python_tokens = token_splits(tok, {"python_reference": python_reference()}, n_samples=1, seq_len=SEQ_LEN,
+                                 eval_tokens=EVAL_TOKENS).evaluation
+    rows = []
+    for name in args.runs:
+        res = prune(name, args.runs_dir)
+        rows.append({"run": name, "label": label(RUNS[name]), "flags": " ".join(RUNS[name]),
+                     "linear_bytes_ratio": res["linear_bytes_ratio"], "linear_bytes": res["linear_bytes"],
+                     "checkpoint_bytes": res["checkpoint_bytes"], "ppl_pride_and_prejudice": res["perplexity"],
+                     "ppl_python_reference": second_text_perplexity(name, args.runs_dir, python_tokens),
+                     "prune_s": res["calibration_s"], "mean_loss": res.get("mean_loss", ""),
+                     "mean_start_loss": res.get("mean_start_loss", "")})
+        print(rows[-1], flush=True)
+    for text in TEXTS:
+        pareto(rows, text)
+    write_csv(rows, args.out)
+    panels = {}
+    for text in TEXTS:
+        lines = {}
+        for r in rows:
+            lines.setdefault(r["label"], []).append((r["linear_bytes_ratio"], r[f"ppl_{text}"]))
+        front = sorted((r["linear_bytes_ratio"], r[f"ppl_{text}"]) for r in rows if r[f"pareto_{text}"])
+        panels[text.replace("_", " ")] = {**lines, "Pareto front": front}
+    plot_lines(panels, args.out.with_suffix(".png"), xlabel="stored bytes / dense bf16 bytes (linears)",
+               ylabel="perplexity", yscale="log", dashed="Pareto front")
+    levers = [r for name in LEVERS for r in rows if r["run"] == name]
+    if levers:
+        cols = ["run", "label", "linear_bytes_ratio", "ppl_pride_and_prejudice", "ppl_python_reference", "prune_s",
+                "mean_loss", "mean_start_loss"]
+        md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in levers]
+        write_text(args.levers_out, "\n".join(md) + "\n")
+        print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
