@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from armor_kernels.pipeline.data import austen_novels, load_corpus, token_splits
+from armor_kernels.pipeline.data import austen_novels, load_corpus, python_reference, token_splits
 
 
 def contains_window(tokens, window):
@@ -113,3 +113,14 @@ def test_errors(austen, bundled, tmp_path):
         token_splits(tokenizer, short, eval_tokens=100)
     with pytest.raises(ValueError, match="eval_doc='Mansfield Park' is not among"):
         token_splits(tokenizer, {**short, "persuasion": austen["Persuasion"]}, eval_doc="Mansfield Park")
+
+
+def test_python_reference_is_the_stdlib_topics_in_sorted_order():
+    """The frontier's second text: every topic of pydoc_data, sorted, enough for 20 000 evaluation tokens."""
+    from pydoc_data.topics import topics
+    text = python_reference()
+    assert text == python_reference()
+    pos = 0
+    for k in sorted(topics):  # each topic follows the one before it
+        pos = text.index(topics[k].strip(), pos)
+    assert len(text) > 200_000

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from armor_kernels.factors import ActivationStats
@@ -150,7 +152,7 @@ def worker(scenario: str, out: Path) -> None:
         except Exception as e:  # noqa: BLE001 - the test looks at what each rank raised
             res["write_error"] = (type(e).__name__, str(e))
         dist.barrier()
-        torch.save(res, out / f"rank{dist.rank}.pt")
+        save_nested(res, out / f"rank{dist.rank}.safetensors")
         dist.close()
     elif scenario in ("die", "hang"):
         dist.barrier()  # everyone is up and connected; now rank 1 stops
@@ -167,6 +169,43 @@ def worker(scenario: str, out: Path) -> None:
             raise
     else:
         raise ValueError(scenario)
+
+
+def save_nested(obj, path: Path) -> None:
+    """A rank's results (dicts, lists, tuples, tensors, JSON scalars) as one safetensors file: the tensors
+    under their path in the structure, the structure itself as JSON in the metadata."""
+    tensors = {}
+
+    def encode(x, key):
+        if isinstance(x, torch.Tensor):
+            tensors[key] = x.detach().clone()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            return {"__dict__": [[k, encode(v, f"{key}/{k}")] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            kind = "__tuple__" if isinstance(x, tuple) else "__list__"
+            return {kind: [encode(v, f"{key}/{i}") for i, v in enumerate(x)]}
+        return x
+
+    save_file(tensors, str(path), metadata={"structure": json.dumps(encode(obj, ""))})
+
+
+def load_nested(path: Path):
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        structure = json.loads(f.metadata()["structure"])
+
+    def decode(x):
+        if isinstance(x, dict) and "__tensor__" in x:
+            return tensors[x["__tensor__"]]
+        if isinstance(x, dict) and "__dict__" in x:
+            return {k: decode(v) for k, v in x["__dict__"]}
+        if isinstance(x, dict) and ("__tuple__" in x or "__list__" in x):
+            items = [decode(v) for v in x.get("__tuple__", x.get("__list__"))]
+            return tuple(items) if "__tuple__" in x else items
+        return x
+
+    return decode(structure)
 
 
 def free_port() -> int:
@@ -194,7 +233,7 @@ def ok_run(tmp_path_factory):
     proc, seconds = torchrun("ok", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert seconds < 30, f"torchrun took {seconds:.1f} s"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [load_nested(out / f"rank{r}.safetensors") for r in range(2)]
 
 
 # ---------------------------------------------------------------------------------------------
