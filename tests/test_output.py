@@ -173,3 +173,22 @@ def test_needs_the_full_statistics():
         armor(W, diag, start="sparsegpt")
     with pytest.raises(ValueError, match="reference"):
         armor(W, st, optimizer="reference", objective="output")
+
+
+def test_shrink_scales_the_off_diagonal_and_one_gives_the_row_weighted_proxy():
+    W, st = _layer()
+    p = Problem.from_weight(W, st.h(), 8, "cpu")
+    full, half, diag = (OutputProblem.from_problem(p, st.H(), s).H for s in (0.0, 0.5, 1.0))
+    off = ~torch.eye(W.shape[1], dtype=torch.bool)
+    torch.testing.assert_close(half[off], 0.5 * full[off])
+    assert diag[off].abs().max() == 0
+    # shrink = 1: the loss is Σ_ij r_i² ĥ_j E_ij², the proxy with each row weighed by its scale
+    op = OutputProblem.from_problem(p, st.H(), 1.0)
+    f = op.fold(p.nowag_p())
+    E = op.Wc - f.core()
+    assert op.loss(f) == pytest.approx(float((E * E * diag.diagonal()).sum() / (op.Wc ** 2 * diag.diagonal()).sum()),
+                                       rel=1e-5)
+    with pytest.raises(ValueError, match="shrink"):
+        armor(W, st, shrink=0.5)
+    res = armor(W, st, objective="output", shrink=0.5, block_size=8, iters=3)
+    assert res.history.loss[-1] <= res.history.loss[0]

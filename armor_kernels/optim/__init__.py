@@ -69,7 +69,7 @@ def armor(W: torch.Tensor, stats, options: ArmorOptions | None = None, *, device
     if options.optimizer == "reference":
         kwargs["seed"] = options.seed
     if options.objective == "output":
-        op = OutputProblem.from_problem(p, stats.H())
+        op = OutputProblem.from_problem(p, stats.H(), options.shrink)
         cands = {name: op.fold(f) for name, f in starts(p, W, stats, options.start).items()}
         start = min(cands, key=lambda name: op.loss(cands[name]))
         passes = kwargs.pop("passes")

@@ -45,6 +45,9 @@ class ArmorOptions:
     time_budget    seconds per layer, None = unlimited (a budget makes the result machine-dependent)
     objective      "proxy": the paper's Σ h_j (W̄ − A S B)²_ij (diagonal statistics); "output": the layer's
                    output error tr(ΔW H ΔWᵀ) with the full, dampened H (optim/output.py; fast optimizer only)
+    shrink         objective "output": H's off-diagonal part is scaled by 1 − shrink, H_s = (1 − s) H + s diag(H)
+                   (covariance shrinkage: 0 trusts the calibration's correlations fully, 1 keeps only the
+                   diagonal, the proxy's statistic with rows weighted by their scale)
     start          the factors the descent starts from, A = B = I: "nowag_p" (the paper's), "sparsegpt"
                    (SparseGPT's mask and values), or "best" (whichever of the two has the lower loss in
                    the objective). The result never ends above its start, in its own objective
@@ -62,6 +65,7 @@ class ArmorOptions:
     seed: int = 0
     time_budget: float | None = None
     objective: str = "proxy"
+    shrink: float = 0.0
     start: str = "nowag_p"
 
     def __post_init__(self):
@@ -75,6 +79,10 @@ class ArmorOptions:
             raise ValueError(f"block_size: expected an int ≥ 4, got {self.block_size!r}")
         if self.overhead is not None and not (isinstance(self.overhead, (int, float)) and self.overhead > 0):
             raise ValueError(f"overhead: expected a positive fraction of the layer's parameters, got {self.overhead!r}")
+        if not (isinstance(self.shrink, (int, float)) and 0.0 <= self.shrink <= 1.0):
+            raise ValueError(f"shrink: expected a fraction in [0, 1], got {self.shrink!r}")
+        if self.shrink and self.objective != "output":
+            raise ValueError(f"shrink: applies to objective 'output' only, got it with objective {self.objective!r}")
         for name in ("iters", "passes", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -115,4 +123,5 @@ class ArmorOptions:
     def to_config(self) -> dict:
         """What a run records and hashes: the optimizer, block size, seed and every option it reads."""
         return {"optimizer": self.optimizer, "block_size": self.block_size, "overhead": self.overhead,
-                "seed": self.seed, "objective": self.objective, "start": self.start, **self.optimizer_kwargs()}
+                "seed": self.seed, "objective": self.objective, "start": self.start,
+                **({"shrink": self.shrink} if self.objective == "output" else {}), **self.optimizer_kwargs()}

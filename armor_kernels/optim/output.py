@@ -33,10 +33,13 @@ from ..kernels.tile_sweep import sweep_tiles
 from .common import Problem
 
 
-def dampened(H: torch.Tensor, damp: float = SPARSEGPT_DAMP) -> torch.Tensor:
+def dampened(H: torch.Tensor, damp: float = SPARSEGPT_DAMP, shrink: float = 0.0) -> torch.Tensor:
     """H + damp · mean(diag H) · I, float64, as SparseGPT dampens it (a dead input's zero diagonal
-    entry gets the dampening alone, so the result is positive definite)."""
+    entry gets the dampening alone, so the result is positive definite), with its off-diagonal part
+    scaled by 1 − shrink (ArmorOptions.shrink)."""
     H = H.double()
+    if shrink:
+        H = (1.0 - shrink) * H + shrink * torch.diag(H.diagonal())
     return H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
@@ -59,9 +62,9 @@ class OutputProblem:
         self.L = self.L.float()
 
     @classmethod
-    def from_problem(cls, p: Problem, H: torch.Tensor) -> OutputProblem:
+    def from_problem(cls, p: Problem, H: torch.Tensor, shrink: float = 0.0) -> OutputProblem:
         """The output objective of the layer `p` normalises, H its (undampened) full statistic."""
-        Hc = (p.c.double()[:, None] * dampened(H.to(p.Wbar.device)) * p.c.double()[None, :]).float()
+        Hc = (p.c.double()[:, None] * dampened(H.to(p.Wbar.device), shrink=shrink) * p.c.double()[None, :]).float()
         return cls((p.r[:, None] * p.Wbar).contiguous(), Hc, p.bA, p.bB)
 
     @property
