@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         front = sorted((r["linear_bytes_ratio"], r[f"ppl_{text}"]) for r in rows if r[f"pareto_{text}"])
         panels[text.replace("_", " ")] = {**lines, "Pareto front": front}
     plot_lines(panels, args.out.with_suffix(".png"), xlabel="stored bytes / dense bf16 bytes (linears)",
-               ylabel="perplexity", yscale="log", dashed="Pareto front")
+               ylabel="perplexity", yscale="log", dashed="Pareto front", legend_outside=True)
     levers = [r for name in LEVERS for r in rows if r["run"] == name]
     if levers:
         cols = ["run", "label", "linear_bytes_ratio", "ppl_pride_and_prejudice", "ppl_python_reference", "prune_s",

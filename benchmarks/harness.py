@@ -91,9 +91,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path, *, xlabel: str,
                ylabel: str, xscale: str = "linear", yscale: str = "linear", hline: float | None = None,
-               dashed: str | None = None) -> None:
+               dashed: str | None = None, legend_outside: bool = False) -> None:
     """One panel per key of `panels`, one line per label: {panel: {label: [(x, y), ...]}} -> PNG.
-    The line labelled `dashed` (an envelope, say) is drawn dashed in black, without markers."""
+    The line labelled `dashed` (an envelope, say) is drawn dashed in black, without markers.
+    legend_outside: one legend, right of the last panel (many lines), instead of one per panel."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -102,7 +103,7 @@ def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Pa
         print("matplotlib not installed: no plot")
         return
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + (3.0 if legend_outside else 0.6), 3.4), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels.items()):
         for label, pts in lines.items():
             if pts and label == dashed:
@@ -112,7 +113,10 @@ def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Pa
         ax.set(xscale=xscale, yscale=yscale, title=title, xlabel=xlabel)
         if hline is not None:
             ax.axhline(hline, color="gray", lw=0.5)
-        ax.legend(fontsize=6)
+        if not legend_outside:
+            ax.legend(fontsize=6)
+    if legend_outside:
+        axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
