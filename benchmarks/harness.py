@@ -105,6 +105,8 @@ def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Pa
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + (3.0 if legend_outside else 0.6), 3.4), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels.items()):
+        if len(lines) > 10:  # more lines than the default colour cycle has colours
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for label, pts in lines.items():
             if pts and label == dashed:
                 ax.plot(*zip(*sorted(pts)), ls="--", color="black", lw=0.8, label=label)
