@@ -13,7 +13,12 @@ random weights.
 Speed where the fused kernels do not run (CPU, other GPUs, fp32): `materialize()` keeps the dense
 product Ŵ (or the unpacked 2:4 weight) in the compute dtype beside the stored form and the forward is
 one F.linear: as fast as the dense model, at the dense model's memory (docs/DESIGN.md §5). The stored
-(saved) form stays packed; `prepare_fused()` drops the dense copy where the fused kernels take over.
+(saved) form stays packed; `prepare_fused()` (on an sm_90 GPU, after the move to it) builds the layer's
+operands in the kernels' layout (`ops.fused_operands`: any blocks 4…128 and sizes, padded exactly, see
+layout.py; for Sparse24Linear with identity A' and B') and drops the dense copy. Those operands are the
+layer's own tensors where it is already in that layout, else padded copies beside them; they are
+device-specific and never saved: after another move the layer runs the reference until prepare_fused
+runs again.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from torch import nn
 
 from . import ops
 from .factors import ArmorFactors, block_right
+from .layout import identity_blocks
 from .sparse24 import check_24, check_packed_24, pack_24, unpack_24
 
 
@@ -43,9 +49,6 @@ class ArmorLinear(nn.Module):
         self.register_buffer("S", S)
         self.register_buffer("S_values", None)
         self.register_buffer("S_idx", None)
-        # S in the fused kernels' device-specific layout (prepare_fused); rebuilt at load, never saved.
-        self.register_buffer("sm90_values", None, persistent=False)
-        self.register_buffer("sm90_meta", None, persistent=False)
         _add_marker_and_dense(self, A.device)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
@@ -117,23 +120,17 @@ class ArmorLinear(nn.Module):
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if self.dense_weight is not None and self.dense_weight.dtype == x.dtype:
             return F.linear(x, self.dense_weight, None if self.bias is None else self.bias.to(x.dtype))
-        # torch.ops.armor.linear: the fused Hopper kernels when prepare_fused() ran, the reference otherwise.
+        if _runs_fused(self, x):
+            return ops.fused_linear(x, self.fused)
         S, S_idx = (self.S_values, self.S_idx) if self.packed else (self.S, None)
-        fused = self.sm90_values is not None and self.sm90_values.dtype == x.dtype
         return ops.linear(x, self.A.to(x.dtype), S.to(x.dtype), self.B.to(x.dtype),
-                          None if self.bias is None else self.bias.to(x.dtype), S_idx=S_idx,
-                          sm90=ops.Sm90Packed(self.sm90_values, self.sm90_meta) if fused else None)
+                          None if self.bias is None else self.bias.to(x.dtype), S_idx=S_idx)
 
     def prepare_fused(self) -> bool:
-        """Make the layer run the fused kernels if they apply (sm_90, bf16/fp16, 128-blocks): S packed (read
-        by the decode kernels, up to 16 tokens) and compressed once into the sparse GEMM's layout."""
-        if not ops.fused_supported(self.A.device, self.A.dtype, self.out_features, self.in_features,
-                                   self.A.shape[1], self.B.shape[1]):
-            return False
+        """Make the layer run the fused kernels if they apply (sm_90, bf16/fp16, blocks up to 128): S packed
+        (read by the decode kernels, up to 16 tokens) and compressed once into the sparse GEMM's layout."""
         self.pack()
-        self.sm90_values, self.sm90_meta = ops.pack_sm90(self.sparse_core().to(self.A.dtype))
-        self.dense_weight = None  # the fused kernels read the packed forms
-        return True
+        return _prepare_fused(self, self.A, self.B)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -178,9 +175,17 @@ class Sparse24Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if _runs_fused(self, x) and (self.dense_weight is None or self.dense_weight.dtype != x.dtype):
+            return ops.fused_linear(x, self.fused)
         W = self.dense_weight if self.dense_weight is not None and self.dense_weight.dtype == x.dtype \
             else self.to_dense(x.dtype)
         return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+
+    def prepare_fused(self) -> bool:
+        """Make the layer run the fused kernels if they apply (sm_90, bf16/fp16): the 2:4 sparse GEMM with
+        identity A' and B' (layout.identity_blocks)."""
+        kw = {"dtype": self.S_values.dtype, "device": self.S_values.device}
+        return _prepare_fused(self, identity_blocks(self.out_features, **kw), identity_blocks(self.in_features, **kw))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -190,9 +195,27 @@ PRUNED_LINEARS = (ArmorLinear, Sparse24Linear)
 
 
 def _add_marker_and_dense(mod: nn.Module, device) -> None:
-    """The empty `weight` marker (saved; see the module docstring) and the dense copy (never saved)."""
+    """The empty `weight` marker (saved; see the module docstring), the dense copy and the fused
+    operands (never saved)."""
     mod.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
     mod.register_buffer("dense_weight", None, persistent=False)
+    mod.fused = None  # ops.FusedOperands, set by prepare_fused
+
+
+def _prepare_fused(mod: nn.Module, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Both layers' prepare_fused once their A' and B' are known: the layer in the kernels' layout."""
+    values = mod.S_values
+    if not ops.fused_supported(values.device, values.dtype, mod.out_features, mod.in_features, A.shape[1], B.shape[1]):
+        return False
+    mod.fused = ops.fused_operands(A, values, mod.S_idx, B, mod.bias)
+    mod.dense_weight = None  # the fused kernels read the operands just built
+    return True
+
+
+def _runs_fused(mod: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the operands prepare_fused built apply to x (not after a move to another device or dtype)."""
+    f = mod.fused
+    return f is not None and f.A.dtype == x.dtype and f.A.device == x.device
 
 
 def materialize(model: nn.Module) -> int:
@@ -204,6 +227,7 @@ def materialize(model: nn.Module) -> int:
 
 
 def prepare_fused(model: nn.Module) -> int:
-    """Call `prepare_fused()` on every ArmorLinear of a model (after moving it to its GPU, once);
-    returns how many layers will run the fused kernels (the rest run the reference)."""
-    return sum(m.prepare_fused() for m in model.modules() if isinstance(m, ArmorLinear))
+    """Call `prepare_fused()` on every pruned linear of a model (after moving it to its GPU, once);
+    returns how many layers will run the fused kernels (the rest keep their dense copy, or run the
+    reference where they have none)."""
+    return sum(m.prepare_fused() for m in model.modules() if isinstance(m, PRUNED_LINEARS))

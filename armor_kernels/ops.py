@@ -6,9 +6,15 @@
     y = linear(x, A, S, B, bias, sm90=sm90)            # fused Hopper kernels where they apply
     linear_path(x, A, S, B, sm90=sm90)                 # which implementation that call runs
 
+    f = fused_operands(A, values, idx, B, bias)        # any layer in the kernels' layout (layout.py), once
+    y = fused_linear(x, f)                             # pads x, runs the op on f, slices y back
+
 A: (d_out/bA, bA, bA) and B: (d_in/bB, bB, bB) hold the diagonal blocks. Every device runs the PyTorch
-reference (`reference`); on CUDA, where the kernels of csrc/ apply (sm_90, bf16/fp16, bA = bB = 128,
-d_out and d_in multiples of 128, built extension) they run instead. `linear_path` is the one rule:
+reference (`reference`); on CUDA, where the kernels of csrc/ apply (sm_90, bf16/fp16, operands in the
+kernels' layout: bA = bB = 128, d_out and d_in multiples of 128, built extension) they run instead. Any
+other layer the pipeline writes (blocks 4…128, ragged sizes) reaches them through `fused_operands`,
+which builds the exactly equivalent padded, block-expanded operands (layout.py says how and what it
+costs). `linear_path` is the one rule:
 - "decode": up to DECODE_MAX_TOKENS (16) tokens with S packed (S_idx given): the decode kernels, which
   stream the portable packed S once, split along K over the SMs, with B' before and A' + bias folded
   into the reduction;
@@ -34,10 +40,12 @@ from typing import NamedTuple, Optional
 import torch
 
 from .factors import block_right
-from .sparse24 import check_24, unpack_24
+from .layout import KERNEL_BLOCK, MAX_DIM, FusedOperands, layer_layout, pad_core
+from .sparse24 import check_24, pack_24, unpack_24
 
 BACKENDS = ("auto", "decode", "sparse_gemm", "reference")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels take (csrc/armor_cuda.h), known without them
 
 
 def _load_native():
@@ -56,11 +64,12 @@ def _load_native():
 
 _native, NATIVE_IMPORT_ERROR = _load_native()
 if _native is not None:  # csrc/armor_cuda.h's constants, as the binding exports them
-    FUSED_BLOCK: Optional[int] = _native.BLOCK
+    if _native.BLOCK != KERNEL_BLOCK:  # layout.py plans for the mirrored value: a rebuilt header must match it
+        raise ImportError(f"{_native.__name__}: block {_native.BLOCK}, layout.KERNEL_BLOCK is {KERNEL_BLOCK}")
     DECODE_MAX_TOKENS: int = _native.DECODE_MAX_TOKENS
     _FUSED_DTYPES = {torch.bfloat16: _native.BF16, torch.float16: _native.FP16}
 else:
-    FUSED_BLOCK, DECODE_MAX_TOKENS, _FUSED_DTYPES = None, 0, {}
+    DECODE_MAX_TOKENS, _FUSED_DTYPES = 0, {}
 
 
 class Sm90Packed(NamedTuple):
@@ -157,7 +166,8 @@ def fused_unavailable_reason(device: torch.device | str = "cuda", dtype: Optiona
                              block_A: Optional[int] = None, block_B: Optional[int] = None) -> Optional[str]:
     """Why the fused kernels cannot run (None when they can): on `device` at all (the extension not built
     or not loading, not a CUDA device, not an sm_90 one), and, given a layer's dtype and shape, for that
-    layer (blocks of A' and B': FUSED_BLOCK unless given)."""
+    layer (blocks of A' and B': 128 unless given), through `fused_operands` where its blocks or sizes are
+    not the kernels' own (layout.py)."""
     if _native is None:
         return NATIVE_IMPORT_ERROR
     device = torch.device(device)
@@ -169,23 +179,36 @@ def fused_unavailable_reason(device: torch.device | str = "cuda", dtype: Optiona
     major, minor = _capability(index)
     if (major, minor) != (9, 0):
         return f"cuda:{index} is sm_{major}{minor}; the kernels are compiled for sm_90a only"
+    return layer_unavailable_reason(dtype, d_out, d_in, block_A, block_B)
+
+
+def layer_unavailable_reason(dtype: Optional[torch.dtype], d_out: Optional[int] = None, d_in: Optional[int] = None,
+                             block_A: Optional[int] = None, block_B: Optional[int] = None) -> Optional[str]:
+    """The part of `fused_unavailable_reason` that depends on the layer alone (no device needed: what a
+    checkpoint's layer would do on an sm_90 GPU with the extension built)."""
     if dtype is None:
         return None
-    block_A = FUSED_BLOCK if block_A is None else block_A
-    block_B = FUSED_BLOCK if block_B is None else block_B
-    if dtype not in _FUSED_DTYPES:
+    if dtype not in KERNEL_DTYPES:
         return f"dtype {dtype}: the kernels take torch.bfloat16 or torch.float16"
-    if (block_A, block_B) != (FUSED_BLOCK, FUSED_BLOCK):
-        return f"blocks of A' and B' ({block_A}, {block_B}): the kernels take {FUSED_BLOCK} x {FUSED_BLOCK} blocks"
-    if not _native.supported(_FUSED_DTYPES[dtype], d_out, d_in):
-        return f"shape ({d_out}, {d_in}): the kernels take multiples of {FUSED_BLOCK} below 2^31"
-    return None
+    if d_out is None:
+        return None
+    layout = layer_layout(d_out, d_in, block_A or KERNEL_BLOCK, block_B or KERNEL_BLOCK)
+    return layout if isinstance(layout, str) else None
 
 
 def fused_supported(device: torch.device | str, dtype: torch.dtype, d_out: int, d_in: int,
                     block_A: Optional[int] = None, block_B: Optional[int] = None) -> bool:
-    """Whether the fused kernels can run this layer: decides whether `pack_sm90` is worth calling."""
+    """Whether the fused kernels can run this layer: decides whether `fused_operands` is worth calling."""
     return fused_unavailable_reason(device, dtype, d_out, d_in, block_A, block_B) is None
+
+
+def _operands_reason(d_out: int, d_in: int, block_A: int, block_B: int) -> Optional[str]:
+    """Why the op's own operands are not in the kernels' layout (None when they are)."""
+    if (block_A, block_B) == (KERNEL_BLOCK, KERNEL_BLOCK) and all(
+            0 < d <= MAX_DIM and d % KERNEL_BLOCK == 0 for d in (d_out, d_in)):
+        return None
+    return (f"blocks ({block_A}, {block_B}) of a ({d_out}, {d_in}) layer: the kernels read {KERNEL_BLOCK}-blocks and "
+            f"multiples of {KERNEL_BLOCK} (pass the layer through ops.fused_operands and fused_linear)")
 
 
 def linear_path(x: torch.Tensor | int, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, *,
@@ -203,7 +226,7 @@ def linear_path(x: torch.Tensor | int, A: torch.Tensor, S: torch.Tensor, B: torc
         return "reference"
     d_out, d_in = A.shape[0] * A.shape[1], B.shape[0] * B.shape[1]
     tokens = x if isinstance(x, int) else (x.numel() // d_in if d_in else 0)
-    fused = fused_unavailable_reason(S.device, S.dtype, d_out, d_in, A.shape[1], B.shape[1])
+    fused = fused_unavailable_reason(S.device, S.dtype) or _operands_reason(d_out, d_in, A.shape[1], B.shape[1])
     if fused is None and tokens < 1:
         fused = "x has no tokens"
     why_not = {
@@ -223,10 +246,11 @@ def pack_sm90(S: torch.Tensor) -> Sm90Packed:
     """One-time compression of dense 2:4 S (d_out, d_in) on an sm_90 GPU into the fused kernels' layout."""
     if _native is None:
         raise RuntimeError(f"pack_sm90: {NATIVE_IMPORT_ERROR}")
-    reason = fused_unavailable_reason(S.device, S.dtype, *S.shape) if S.dim() == 2 else "not 2-D"
+    reason = "not 2-D" if S.dim() != 2 else (
+        fused_unavailable_reason(S.device, S.dtype) or _operands_reason(*S.shape, KERNEL_BLOCK, KERNEL_BLOCK))
     if reason is not None:
         raise ValueError(f"pack_sm90: S: expected a 2-D bf16/fp16 CUDA tensor on sm_90 with both dims multiples of "
-                         f"{FUSED_BLOCK}, got {S.dtype} {tuple(S.shape)} on {S.device} ({reason})")
+                         f"{KERNEL_BLOCK}, got {S.dtype} {tuple(S.shape)} on {S.device} ({reason})")
     check_24(S)
     S = S.contiguous()
     d_out, d_in = S.shape
@@ -307,3 +331,31 @@ def linear(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
     """y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias through torch.ops.armor.linear (see the module docstring)."""
     values, meta = sm90 if sm90 is not None else (None, None)
     return torch.ops.armor.linear(x, A, S, B, bias, S_idx, values, meta, backend, sm_count)
+
+
+def fused_operands(A: torch.Tensor, S_values: torch.Tensor, S_idx: torch.Tensor, B: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, *, compress: bool = True) -> FusedOperands:
+    """A layer (any blocks 4…128, any sizes; S in the portable packed form) as the operands the kernels
+    read: 128-blocks, zero-padded multiples of 128 (layout.py), S packed for the decode kernels and, with
+    `compress` (an sm_90 GPU), compressed for the sparse GEMM. A layer already in the kernels' layout
+    keeps its own tensors. Raises ValueError naming the reason where the kernels cannot take the layer."""
+    d_out, d_in = S_values.shape[0], 2 * S_values.shape[1]
+    layout = layer_layout(d_out, d_in, A.shape[1], B.shape[1])
+    if isinstance(layout, str):
+        raise ValueError(f"fused_operands: {layout}")
+    if not layout.native:
+        S_values, S_idx = pack_24(pad_core(layout, unpack_24(S_values, S_idx)))
+    sm90 = pack_sm90(unpack_24(S_values, S_idx)) if compress else None
+    return FusedOperands(layout, layout.out.blocks(A), S_values, S_idx, layout.in_.blocks(B),
+                         None if bias is None else layout.out.pad(bias), sm90)
+
+
+def fused_linear(x: torch.Tensor, f: FusedOperands, *, backend: str = "auto", sm_count: int = 0) -> torch.Tensor:
+    """y = x Ŵᵀ + bias of the layer behind `f` (fused_operands): x padded into the kernels' layout, the op
+    on f's operands (decode or sparse GEMM as linear_path decides; the reference where no kernel runs),
+    y sliced back to the layer's d_out."""
+    if x.shape[-1] != f.layout.in_.d:
+        _fail("x", f"last dimension {f.layout.in_.d}", tuple(x.shape))
+    y = linear(f.layout.in_.pad(x), f.A, f.S_values, f.B, f.bias, S_idx=f.S_idx,
+               sm90=None if f.sm90 is None else Sm90Packed(*f.sm90), backend=backend, sm_count=sm_count)
+    return f.layout.out.unpad(y)
