@@ -27,5 +27,6 @@ from .sparse24 import check_24, pack_24, unpack_24
 __all__ = [
     "ActivationStats", "ArmorFactors", "ArmorLinear", "ArmorOptions", "ArmorResult", "BASELINES", "Pruned", "armor",
     "block_size_for", "block_sizes", "check_24", "denormalize", "magnitude", "normalize", "nowag_p",
-    "output_error", "pack_24", "prepare_fused", "proxy_loss", "sparsegpt", "Sparse24Linear", "tile_losses", "unpack_24", "wanda",
+    "output_error", "pack_24", "prepare_fused", "proxy_loss", "sparsegpt", "Sparse24Linear", "tile_losses",
+    "unpack_24", "wanda",
 ]

@@ -27,7 +27,7 @@ kernels are `identity_blocks`: A' = B' = I, the epilogue and the B' GEMM then co
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,9 @@ class LayerLayout(NamedTuple):
         """One phrase for tables and messages, e.g. "spread 576->768 (b 96) x expand 576->640 (b 64)"."""
         def one(s: Side) -> str:
             return "native" if s.kind == "native" else f"{s.kind} {s.d}->{s.padded} (b {s.b})"
-        return "native" if self.native else f"{one(self.out)} x {one(self.in_)}, sparse GEMM FLOPs x{self.flop_ratio:.2f}"
+        if self.native:
+            return "native"
+        return f"{one(self.out)} x {one(self.in_)}, sparse GEMM FLOPs x{self.flop_ratio:.2f}"
 
 
 def layer_layout(d_out: int, d_in: int, block_A: int, block_B: int) -> LayerLayout | str:
@@ -147,8 +149,8 @@ class FusedOperands(NamedTuple):
     S_values: torch.Tensor           # (D_out, D_in/2), the portable packed S (decode kernels)
     S_idx: torch.Tensor              # (D_out, D_in/8) uint8
     B: torch.Tensor                  # (D_in/128, 128, 128)
-    bias: Optional[torch.Tensor]     # (D_out,)
-    sm90: Optional[tuple]            # ops.Sm90Packed of the padded S (sparse GEMM), None where not compressed
+    bias: torch.Tensor | None        # (D_out,)
+    sm90: tuple | None               # ops.Sm90Packed of the padded S (sparse GEMM), None where not compressed
 
 
 def pad_core(layout: LayerLayout, S: torch.Tensor) -> torch.Tensor:
