@@ -135,10 +135,15 @@ def layer_layout(d_out: int, d_in: int, block_A: int, block_B: int) -> LayerLayo
     return LayerLayout(out, in_)
 
 
+def identity_block(d: int) -> int:
+    """The block size of a plain 2:4 layer's identity A' or B' on a dimension d: gcd(d, 128), which
+    divides 128, so `side` maps it onto 128-blocks for any d (expanded, zero-padded)."""
+    return math.gcd(d, KERNEL_BLOCK)
+
+
 def identity_blocks(d: int, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """(d/b, b, b) identity blocks with b = gcd(d, 128): A' or B' of a plain 2:4 layer, in a block size
-    that `side` maps onto 128-blocks for any d (expanded, zero-padded)."""
-    b = math.gcd(d, KERNEL_BLOCK)
+    """(d/b, b, b) identity blocks, b = identity_block(d)."""
+    b = identity_block(d)
     return torch.eye(b, dtype=dtype, device=device).expand(d // b, b, b).contiguous()
 
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 import torch
 
 
+def violations_24(x: torch.Tensor) -> int:
+    """How many groups of 4 along the last dim (a multiple of 4) hold more than 2 non-zeros."""
+    return int(((x != 0).reshape(*x.shape[:-1], -1, 4).sum(-1) > 2).sum())
+
+
 def check_24(x: torch.Tensor, name: str = "S") -> None:
     """Raise ValueError unless every group of 4 along the last dim has at most 2 non-zeros."""
     if x.shape[-1] % 4:
         raise ValueError(f"{name}: last dimension must be divisible by 4, got shape {tuple(x.shape)}")
     if x.is_meta:  # a placeholder a loader will fill: only its shape can be checked
         return
-    nnz = (x != 0).reshape(*x.shape[:-1], -1, 4).sum(-1)
-    if (nnz > 2).any():
-        bad = int((nnz > 2).sum())
+    bad = violations_24(x)
+    if bad:
         raise ValueError(f"{name}: violates 2:4 in {bad} group(s) of 4 along the last dimension")
 
 
