@@ -27,7 +27,7 @@ forward and backward of A·S·B). With N GPUs each block's linears are spread ov
 (`armor_kernels.pipeline.distributed.assign`, longest first) and the block's time is the most loaded
 rank's (protocol `sequential`); with protocol `dense` every linear of the model is spread at once.
 Calibration forwards, statistics, I/O and communication are not included (seconds against hours).
-The first session with a GPU replaces these rows with measurements.
+Only a pruning run on the GPU (`python -m armor_kernels prune`) measures what these rows estimate.
 
     python benchmarks/bench_projection.py              # -> results/projection.csv and projection.md
     python benchmarks/bench_projection.py --no-scaling   # skip the small shapes of the scaling check
@@ -286,8 +286,8 @@ def main() -> None:
 machine shared with other jobs: load average {load0:.1f} at the start, {load1:.1f} at the end, so the CPU
 times are inflated by contention); the CPU rows scale them with a cost model per linear role (the 8B rows
 use the costs measured at their own shapes); **the GPU rows rest on an assumption** (no GPU has run this
-project's code). The first session with a GPU replaces
-these rows with measurements.
+project's code). Only a pruning run on the GPU (`python -m armor_kernels prune`) measures
+what these rows estimate.
 
 ## Measured: the fast optimizer at its defaults on real layers (SmolLM2-135M, blocks {REAL_BLOCKS})
 

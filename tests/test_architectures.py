@@ -1,4 +1,4 @@
-"""Every decoder-only architecture of tests/architectures.py (issue 14, item 2): a tiny random model built
+"""Every decoder-only architecture of tests/architectures.py: a tiny random model built
 from the real config class, saved as sharded safetensors, pruned, reloaded through `from_pretrained`
 (armor_kernels.hf) and evaluated; the calibration feeds every block the activations the model itself
 computes; mixture-of-experts blocks are refused by name rather than pruned from empty statistics.
