@@ -28,7 +28,7 @@ from torch import nn
 
 from . import ops
 from .factors import ArmorFactors, block_right
-from .layout import identity_blocks
+from .layout import identity_block, identity_blocks
 from .sparse24 import check_24, check_packed_24, pack_24, unpack_24
 
 
@@ -229,5 +229,19 @@ def materialize(model: nn.Module) -> int:
 def prepare_fused(model: nn.Module) -> int:
     """Call `prepare_fused()` on every pruned linear of a model (after moving it to its GPU, once);
     returns how many layers will run the fused kernels (the rest keep their dense copy, or run the
-    reference where they have none)."""
+    reference where they have none; `unfused_reasons` says why)."""
     return sum(m.prepare_fused() for m in model.modules() if isinstance(m, PRUNED_LINEARS))
+
+
+def unfused_reasons(model: nn.Module) -> dict[str, str]:
+    """name -> why that pruned linear does not run the fused kernels, for every one prepare_fused did not
+    switch over (empty when all run them)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PRUNED_LINEARS) and m.fused is None:
+            blocks = (m.A.shape[1], m.B.shape[1]) if isinstance(m, ArmorLinear) else (
+                identity_block(m.out_features), identity_block(m.in_features))
+            core = m.S_values if m.S_values is not None else m.S
+            out[name] = (ops.fused_unavailable_reason(core.device, core.dtype, m.out_features, m.in_features, *blocks)
+                         or "prepare_fused() has not run on it where it is now")
+    return out

@@ -7,8 +7,9 @@ import torch
 from helpers import random_24
 from test_ops import TOL, assert_close, dense_math, factors
 
-from armor_kernels import ArmorLinear, Sparse24Linear, ops
+from armor_kernels import ArmorLinear, Sparse24Linear, ops, prepare_fused
 from armor_kernels.layout import KERNEL_BLOCK, identity_blocks, layer_layout, side
+from armor_kernels.nn import unfused_reasons
 from armor_kernels.sparse24 import check_24, pack_24, unpack_24
 
 CASES = [  # (d_out, d_in, bA, bB): the layout each side gets
@@ -173,3 +174,18 @@ def test_padded_layers_run_the_kernels(d_out, d_in, bA, bB, tokens, dtype):
     y = ops.fused_linear(x, f)
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), dtype)
+
+
+def test_unfused_reasons_name_each_layer_and_why(cpu_as_sm90):
+    A, S, B, b = factors(512, 512, 128, 128, torch.bfloat16)
+    plain = Sparse24Linear.from_weight(random_24(64, 512, dtype=torch.bfloat16))
+    model = torch.nn.Sequential(ArmorLinear(A, S, B, b), plain,
+                                ArmorLinear(*factors(512, 512, 256, 128, torch.bfloat16)),
+                                ArmorLinear(*factors(512, 512, 128, 128, torch.float32)))
+    assert prepare_fused(model) == 2
+    why = unfused_reasons(model)
+    assert set(why) == {"2", "3"}
+    assert "d_out blocks of 256: wider than the kernels' 128-blocks" in why["2"]
+    assert "dtype torch.float32" in why["3"]
+    model[0].fused = None  # as after a move to another device
+    assert "prepare_fused() has not run" in unfused_reasons(model)["0"]
