@@ -24,17 +24,14 @@ from pathlib import Path
 import torch
 
 from .atomic import save_json, write_text
-from .hf import load_pruned_model
-from .nn import prepare_fused
 from .optim import ArmorOptions
 from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
 from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
-from .pipeline.evaluate import perplexity
-from .pipeline.model import load_model
+from .pipeline.evaluate import streamed_perplexity
 from .pipeline.prune import METHODS, PROTOCOLS, prune_model
-from .pipeline.source import ModelSource, model_source
+from .pipeline.source import CheckpointSource, ModelSource, checkpoint_source, model_source
 
 COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
            "linear_bytes_ratio", "checkpoint_bytes", "mean_loss", "mean_start_loss"]
@@ -63,6 +60,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                         "precision). Default float32")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in host memory, one batch on the device at a time")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the final perplexity (streamed block by block from the written checkpoint)")
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -94,7 +93,7 @@ def _mean(layers: dict, key: str):
 
 class Dense:
     """The source model (streamed: nothing read until asked), its tokenizer and the token splits, each
-    made once and only when needed; the whole dense model only when it is evaluated itself."""
+    made once and only when needed."""
 
     def __init__(self, args):
         self.args = args
@@ -113,20 +112,23 @@ class Dense:
         return token_splits(self.tokenizer, a.text, n_samples=a.n_samples, seq_len=a.seq_len,
                             eval_tokens=a.eval_tokens, seed=a.seed)
 
-    def model(self):
-        return load_model(self.source.path, device=self.args.device)[0]
-
 
 def run_method(method: str, args, out: Path, dense: Dense) -> dict:
-    """Prune (or resume) one method into `out`, reload the checkpoint, evaluate it."""
-    done = out / "result.json"
+    """Prune (or resume) one method into `out` and evaluate what was written, streamed block by block
+    (the dense model: from its source), unless --no-eval. A finished result is read back; one without
+    perplexity (--no-eval) is evaluated now if asked."""
+    done, evaluate = out / "result.json", not args.no_eval
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result["perplexity"] is not None or not evaluate:
+            return result
+        return _evaluate(result, method, args, out, dense)
     dist = Dist.from_env(args.device)  # under torchrun: every rank prunes, rank 0 evaluates and reports
     splits = dense.splits
-    dense_bytes = dense_bf16_linear_bytes(dense.source.skeleton())
-    if method == "dense":  # nothing to prune or reload: evaluate the model as loaded
-        report, pruned = {"layers": {}, "seconds": 0.0}, dense.model()
+    skeleton = dense.source.skeleton()
+    dense_bytes = dense_bf16_linear_bytes(skeleton)
+    if method == "dense":  # nothing to prune
+        report = {"layers": {}, "seconds": 0.0}
     else:
         opts = _armor_options(args) if method == "armor" else None
         report = prune_model(dense.source, dense.tokenizer, splits.calibration, method, out, options=opts,
@@ -135,21 +137,30 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
                              offload=args.offload_activations, dist=dist)
         if not dist.is_writer:
             return None
-        pruned, _ = load_pruned_model(out)  # evaluate what was saved, through from_pretrained
-        prepare_fused(pruned.to(args.device))
-    t0 = time.perf_counter()
-    ppl = perplexity(pruned.to(args.device), splits.evaluation, seq_len=args.seq_len)
-    sizes = checkpoint_sizes(out, pruned) if method != "dense" else {}
+    sizes = checkpoint_sizes(out, skeleton) if method != "dense" else {}
     result = {
-        "method": method, "perplexity": round(ppl, 4), "calibration_s": round(report["seconds"], 1),
-        "eval_s": round(time.perf_counter() - t0, 1), "dense_bf16_linear_bytes": dense_bytes,
+        "method": method, "perplexity": None, "calibration_s": round(report["seconds"], 1),
+        "eval_s": None, "dense_bf16_linear_bytes": dense_bytes,
         "linear_bytes": sizes.get("linear_bytes", dense_bytes), "checkpoint_bytes": sizes.get("checkpoint_bytes", ""),
         "linear_bytes_ratio": round(sizes.get("linear_bytes", dense_bytes) / dense_bytes, 4),
         "mean_loss": _mean(report["layers"], "loss"),  # ARMOR: relative, in the run's objective
         "mean_start_loss": _mean(report["layers"], "start_loss"),
         "per_block_bytes": sizes.get("per_block", []),
     }
-    save_json(done, result)
+    if not evaluate:
+        save_json(done, result)
+        return result
+    return _evaluate(result, method, args, out, dense)
+
+
+def _evaluate(result: dict, method: str, args, out: Path, dense: Dense) -> dict:
+    """`result` with the perplexity of what `out` holds (the dense model: its source), saved."""
+    t0 = time.perf_counter()
+    src = dense.source if method == "dense" else CheckpointSource(out)
+    dtype = torch.float32 if method == "dense" else src.model_dtype
+    ppl = streamed_perplexity(src, dense.splits.evaluation, seq_len=args.seq_len, device=args.device, dtype=dtype)
+    result = {**result, "perplexity": round(ppl, 4), "eval_s": round(time.perf_counter() - t0, 1)}
+    save_json(out / "result.json", result)
     return result
 
 
@@ -159,7 +170,7 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> str:
     w.writeheader()
     w.writerows(rows)
     write_text(out / "results.csv", buf.getvalue())
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
     md = "\n".join(lines) + f"\n\nTotal run time: {seconds:.0f} s (methods resumed from earlier runs count as 0).\n"
@@ -182,15 +193,14 @@ def cmd_prune(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    if args.checkpoint:
-        model, tok = load_pruned_model(args.checkpoint)
-        prepare_fused(model.to(args.device))
-        sizes = checkpoint_sizes(Path(args.checkpoint), model)
-    else:
-        model, tok = load_model(args.model, device=args.device)
-        sizes = {"dense_bf16_linear_bytes": dense_bf16_linear_bytes(model)}
-    splits = token_splits(tok, args.text, n_samples=1, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
-    ppl = perplexity(model.to(args.device), splits.evaluation, seq_len=args.seq_len)
+    """Perplexity streamed block by block: a checkpoint from its verified shards, else the dense --model."""
+    src, dtype = checkpoint_source(args.checkpoint) if args.checkpoint else (model_source(args.model), torch.float32)
+    if isinstance(src, CheckpointSource):
+        sizes = checkpoint_sizes(Path(args.checkpoint), src.skeleton())
+    else:  # the dense --model, or a dense run's directory
+        sizes = {"dense_bf16_linear_bytes": dense_bf16_linear_bytes(src.skeleton())}
+    splits = token_splits(src.tokenizer(), args.text, n_samples=1, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
+    ppl = streamed_perplexity(src, splits.evaluation, seq_len=args.seq_len, device=args.device, dtype=dtype)
     print(json.dumps({"perplexity": round(ppl, 4), **sizes}, indent=2))
 
 

@@ -9,7 +9,9 @@ weights: each pruned `nn.Linear` named in config.json's quantization_config["mod
 empty ArmorLinear / Sparse24Linear whose tensor names and shapes are those stored, and transformers fills
 them (floating tensors in the requested dtype, the uint8 ones as they are). After loading, each pruned
 layer keeps its dense copy for a one-matmul forward (nn.py); `armor_kernels.prepare_fused(model)` on an
-sm_90 GPU switches the layers the fused kernels can run over to them. The format: pipeline/checkpoint.py.
+sm_90 GPU switches the layers the fused kernels can run over to them. Before any weight loads, every shard
+is checked against the sha256 digests the index records (each file read once more); a damaged shard
+stops the load with an error naming it and the tensor. The format: pipeline/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -23,7 +25,15 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .nn import ArmorLinear, Sparse24Linear, materialize
-from .pipeline.checkpoint import FORMAT_VERSION, INDEX_FILE, QUANT_METHOD, RUN_FILE, check_complete, read_run
+from .pipeline.checkpoint import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    QUANT_METHOD,
+    RUN_FILE,
+    check_complete,
+    read_run,
+    verify_checkpoint,
+)
 from .pipeline.model import replace_module
 
 KINDS = ("armor", "sparse24")
@@ -53,7 +63,10 @@ class ArmorQuantizer(HfQuantizer):
 
     requires_calibration = True
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if checkpoint_files:  # local shard paths, those transformers is about to read
+            files = [Path(f) for f in checkpoint_files]
+            verify_checkpoint(files[0].parent, files)
         for name, spec in self.quantization_config.modules.items():
             try:
                 lin = model.get_submodule(name)

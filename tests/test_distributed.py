@@ -484,3 +484,23 @@ def test_torchrun_killed_rank_fails_cleanly_and_the_same_command_resumes(tiny_ru
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     assert json.loads((tmp_path / "run" / "armor_run.json").read_text())["world_size"] == 2
+
+
+def test_torchrun_on_a_directory_another_run_holds_stops_every_rank(tiny_run_args, tmp_path):
+    """The writer takes the output directory's lock; every rank of a second job learns it could not, and
+    stops with the same one-line error naming the holder (so two jobs never both run on one --out)."""
+    out = tmp_path / "run"
+    hold = ("import sys; from armor_kernels.pipeline.lock import RunLock; lock = RunLock.acquire(sys.argv[1]); "
+            "print('locked', flush=True); sys.stdin.read(); lock.release()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        job = _cli(tiny_run_args + ["--out", str(out)], 2)
+        _, err = job.communicate(timeout=120)
+    finally:
+        holder.communicate("")
+    lines = [line for line in err.splitlines() if line.startswith("armor-kernels: error: output directory")]
+    assert job.returncode != 0 and len(lines) == 2, err[-3000:]  # one per rank
+    assert all(f"in use by another run: process {holder.pid}" in line for line in lines)
+    assert not (out / "armor_run.json").exists()

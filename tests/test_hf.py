@@ -186,7 +186,13 @@ def test_errors_name_the_file_and_the_tensor(pruned_dirs, tmp_path):
     key = "model.layers.1.mlp.up_proj.S_values"
     tensors[key] = tensors[key][:, :-4].contiguous()  # wrong shape
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model-block-00001.safetensors: tensor 'model.layers.1.mlp.up_proj.S_values"):
+    with pytest.raises(ValueError, match=rf"model-block-00001.safetensors' is damaged: tensor '{key}' has sha256"):
+        hf.load_pruned_model(bad)
+    index = json.loads((bad / ckpt.INDEX_FILE).read_text())
+    del index["metadata"][ckpt.SHA256_KEY]  # as written before digests: the shape check names it instead
+    (bad / ckpt.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.warns(ckpt.NoDigestsWarning), \
+            pytest.raises(ValueError, match=rf"model-block-00001.safetensors: tensor '{key}' has shape"):
         hf.load_pruned_model(bad)
     shard.write_bytes(shard.read_bytes()[:-64])  # truncated
     with pytest.raises(ValueError, match=r"model-block-00001.safetensors.*corrupt or truncated.*tensor"):

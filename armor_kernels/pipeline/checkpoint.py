@@ -7,10 +7,18 @@
                                    reports, number of processes
     model-rest.safetensors         every tensor outside the decoder blocks' pruned linears (embeddings, norms, …)
     model-block-NNNNN.safetensors  decoder block NNNNN's pruned linears under their full state-dict keys,
-                                   written atomically when the block is done; the run's hash and the block's
-                                   report are in its metadata, so a resumed run loses nothing
-    model.safetensors.index.json   the weight map, written only when the last block is done: a partial run
-                                   never loads as a model, and resuming works from the block shards
+                                   written atomically when the block is done; the run's hash, the block's
+                                   report and its tensors' sha256 are in its metadata, so a resumed run
+                                   loses nothing and notices a damaged block
+    model.safetensors.index.json   the weight map and every shard's per-tensor sha256, written only when the
+                                   last block is done: a partial run never loads as a model, and resuming
+                                   works from the block shards
+
+Content digests. Every shard's metadata records the sha256 of each tensor's bytes as stored (SHA256_KEY);
+finish_run copies them into the index. Loaders check the shards against the index (a record outside the
+file it protects, so a rewritten shard is caught too); a resumed run checks a finished block against its
+shard's own record. A directory without them (written before they existed, or by save_pretrained) loads
+with a NoDigestsWarning.
 
 Per pruned linear `<name>` (e.g. model.layers.3.self_attn.q_proj), the tensors of its module (nn.py):
 ArmorLinear `A`, `B` (diagonal blocks, r and c folded in), `S_values`, `S_idx` (portable 2:4), `bias`;
@@ -24,10 +32,12 @@ import copy
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
@@ -42,6 +52,16 @@ STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in 
 RUN_FILE = "armor_run.json"
 INDEX_FILE = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
+SHA256_KEY = "sha256"  # shard metadata: JSON {tensor: hex}; index metadata: {shard: {tensor: hex}}
+_CHUNK = 16 << 20  # bytes hashed at a time when a shard is checked from the file
+
+
+class DamagedShard(ValueError):
+    """A shard that cannot be read or whose bytes differ from their recorded sha256."""
+
+
+class NoDigestsWarning(UserWarning):
+    """A checkpoint (or shard) without recorded digests: it loads, but its tensors are not verified."""
 
 
 def config_hash(config: dict) -> str:
@@ -109,7 +129,20 @@ def save_rest(model: nn.Module, out: Path) -> None:
             continue
         seen.add(v.data_ptr())
         rest[k] = v.detach().contiguous().cpu()
-    atomic_write(Path(out) / REST_SHARD, lambda tmp: save_file(rest, tmp, metadata={"format": "pt"}))
+    save_shard(Path(out) / REST_SHARD, rest, {"format": "pt"})
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a (CPU) tensor's bytes as safetensors stores them: contiguous, little-endian (this
+    machine's order: safetensors writes the memory as it is)."""
+    return hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write a shard atomically with its tensors' sha256 in its own metadata (SHA256_KEY)."""
+    digests = {k: tensor_sha256(v) for k, v in tensors.items()}
+    meta = {**metadata, SHA256_KEY: json.dumps(digests, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def stored_tensors(prefix: str, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -129,7 +162,7 @@ def save_block(out: Path, i: int, prefix: str, modules: dict[str, nn.Module], ch
     """One block's pruned linears (keys `prefix.name.tensor`), with the run's hash and the block's report."""
     tensors = stored_tensors(prefix, modules)
     meta = {"format": "pt", "config_hash": chash, "block": str(i), "report": json.dumps(report)}
-    atomic_write(block_shard(out, i), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    save_shard(block_shard(out, i), tensors, meta)
 
 
 def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -137,7 +170,95 @@ def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated: {e}") from e
+        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: {e}") from e
+
+
+def _header(path: Path, data: bytes | None = None) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file (from `data`, its bytes, when given)."""
+    try:
+        if data is None:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 0 < n < 1 << 28 else None
+        else:
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n]) if 0 < n < 1 << 28 else None
+    except (OSError, ValueError) as e:
+        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated (header unreadable: {e})") from e
+    if not isinstance(header, dict):
+        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated (no safetensors header)")
+    return n, header
+
+
+def own_digests(path: Path, header: dict) -> dict[str, str] | None:
+    """The per-tensor sha256 a shard records in its own metadata (None: it records none)."""
+    raw = (header.get("__metadata__") or {}).get(SHA256_KEY)
+    if raw is None:
+        return None
+    try:
+        return dict(json.loads(raw))
+    except (ValueError, TypeError) as e:
+        raise DamagedShard(f"checkpoint shard {str(path)!r}: its {SHA256_KEY} metadata is unreadable: {e}") from e
+
+
+def verify_shard(path: Path, expected: dict[str, str], record: str, data: bytes | None = None) -> None:
+    """Check every tensor of a shard against `expected` ({tensor: sha256}, read from `record`, which the
+    errors name): the same tensors, each of the same bytes. The file is read once, in order (or `data`,
+    its bytes already read, is used)."""
+    n, header = _header(path, data)
+    keys = {k for k in header if k != "__metadata__"}
+    if keys != set(expected):
+        extra, lost = sorted(keys - set(expected)), sorted(set(expected) - keys)
+        raise DamagedShard(f"checkpoint shard {str(path)!r} is damaged: its tensors differ from those {record} "
+                           f"records (not recorded: {extra[:3]}, missing: {lost[:3]})")
+    size = path.stat().st_size if data is None else len(data)
+    spans = sorted((header[k]["data_offsets"], k) for k in keys)
+    f = open(path, "rb") if data is None else None
+    try:
+        for (lo, hi), k in spans:
+            if 8 + n + hi > size:
+                raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: tensor {k!r} ends "
+                                   "past the file")
+            h = hashlib.sha256()
+            if f is None:
+                h.update(memoryview(data)[8 + n + lo:8 + n + hi])
+            else:
+                f.seek(8 + n + lo)
+                for start in range(lo, hi, _CHUNK):
+                    h.update(f.read(min(_CHUNK, hi - start)))
+            if h.hexdigest() != expected[k]:
+                raise DamagedShard(f"checkpoint shard {str(path)!r} is damaged: tensor {k!r} has sha256 "
+                                   f"{h.hexdigest()[:16]}…, {record} records {expected[k][:16]}…")
+    finally:
+        if f is not None:
+            f.close()
+
+
+OWN = "its own metadata"  # read_verified: check a shard against the digests it records itself
+
+
+def read_verified(path: Path, expected: dict[str, str] | str | None, record: str = INDEX_FILE
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a shard, its bytes read once and checked before any tensor is built.
+    expected: {tensor: sha256} from `record`; OWN: the shard's own record (none there: a NoDigestsWarning);
+    None: not checked (the caller has warned why)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DamagedShard(f"checkpoint shard {str(path)!r} is unreadable: {e}") from e
+    _, header = _header(path, data)
+    if expected == OWN:
+        expected, record = own_digests(path, header), OWN
+        if expected is None:
+            warnings.warn(f"checkpoint shard {str(path)!r} records no sha256 of its tensors (written before "
+                          "digests existed): not verified", NoDigestsWarning, stacklevel=2)
+    if expected is not None:
+        verify_shard(path, expected, record, data)
+    try:
+        tensors = safetensors_load(data)
+    except (SafetensorError, ValueError) as e:
+        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: {e}") from e
+    return tensors, header.get("__metadata__") or {}
 
 
 def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, nn.Module]:
@@ -156,9 +277,10 @@ def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[s
 
 
 def load_block(out: Path, i: int, prefix: str, chash: str) -> tuple[dict[str, nn.Module], dict]:
-    """(name within the block -> module, report) of a finished block shard (resume)."""
+    """(name within the block -> module, report) of a finished block shard (resume), checked against the
+    digests in its own metadata: DamagedShard, naming the tensor, if it differs."""
     path = block_shard(out, i)
-    tensors, meta = _read_shard(path)
+    tensors, meta = read_verified(path, OWN)
     if meta.get("config_hash") != chash:
         raise ValueError(f"checkpoint shard {str(path)!r} was written by a different configuration "
                          f"(hash {meta.get('config_hash')!r}, this run {chash!r}); use a new output directory")
@@ -174,15 +296,59 @@ def finish_run(out: Path, n_blocks: int, reports: dict, world_size: int = 1) -> 
     out = Path(out)
     meta = read_run(out)
     save_json(out / RUN_FILE, {**meta, "reports": reports, "world_size": world_size})
-    weight_map, total = {}, 0
+    weight_map, total, digests = {}, 0, {}
     for shard in [out / REST_SHARD] + [block_shard(out, i) for i in range(n_blocks)]:
         with safe_open(shard, "pt") as f:
             for k in f.keys():
                 weight_map[k] = shard.name
                 sl = f.get_slice(k)
                 total += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
-    save_json(out / INDEX_FILE, {"metadata": {"total_size": total, "format_version": FORMAT_VERSION},
+        # copied from the shard's own record, made when it was written: a shard damaged since is caught
+        # at load, not certified here
+        own = own_digests(shard, _header(shard)[1])
+        if own is not None:
+            digests[shard.name] = own
+    save_json(out / INDEX_FILE, {"metadata": {"total_size": total, "format_version": FORMAT_VERSION,
+                                              SHA256_KEY: digests},
                                  "weight_map": dict(sorted(weight_map.items()))})
+
+
+def index_digests(out: Path) -> dict[str, dict[str, str]] | None:
+    """{shard: {tensor: sha256}} from a checkpoint's index (None: no index, or one without digests)."""
+    index = Path(out) / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text()).get("metadata", {}).get(SHA256_KEY)
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"checkpoint file {str(index)!r} is unreadable: {e!r}") from e
+
+
+def shard_records(out: Path) -> dict[str, dict[str, str]] | None:
+    """index_digests(out), with a NoDigestsWarning when the checkpoint has none."""
+    digests = index_digests(out)
+    if digests is None:
+        warnings.warn(f"checkpoint {str(out)!r} records no sha256 of its tensors (written before digests "
+                      "existed, or by save_pretrained): its shards are not verified", NoDigestsWarning, stacklevel=3)
+    return digests
+
+
+def expected_digests(out: Path, shard: str, digests: dict | None) -> dict[str, str] | None:
+    """The index's record of `shard` (digests: from shard_records); a NoDigestsWarning where the index has
+    digests but none for it."""
+    if digests is not None and shard not in digests:
+        warnings.warn(f"checkpoint {str(out)!r}: {INDEX_FILE} records no sha256 for {shard}: not verified",
+                      NoDigestsWarning, stacklevel=3)
+    return None if digests is None else digests.get(shard)
+
+
+def verify_checkpoint(out: Path, shards: list[Path]) -> None:
+    """Check the given shards of a finished checkpoint against the index's digests, each file read once."""
+    digests = shard_records(out)
+    for path in shards:
+        expected = expected_digests(out, path.name, digests)
+        if expected is not None:
+            verify_shard(path, expected, INDEX_FILE)
 
 
 def _itemsize(dtype: str) -> int:
@@ -192,8 +358,12 @@ def _itemsize(dtype: str) -> int:
 def missing_blocks(out: Path) -> list[int]:
     """Decoder blocks a pruning run in `out` has not written yet (from config.json's layer count)."""
     config = json.loads((Path(out) / "config.json").read_text())
-    n = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
-    return [i for i in range(n or 0) if not block_shard(out, i).exists()]
+    return [i for i in range(n_layers(config)) if not block_shard(out, i).exists()]
+
+
+def n_layers(config: dict) -> int:
+    """The decoder block count of a config.json (a multimodal model's in its text_config)."""
+    return config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers") or 0
 
 
 def check_complete(out: str | Path) -> None:
@@ -210,11 +380,15 @@ def check_complete(out: str | Path) -> None:
                          f"python -m armor_kernels convert {out} NEW_DIR")
     index = out / INDEX_FILE
     if (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
-        missing = missing_blocks(out)
-        if missing or not index.is_file():
+        missing, n = missing_blocks(out), n_layers(config)
+        if missing:
             blocks = ", ".join(map(str, missing[:5])) + (", …" if len(missing) > 5 else "")
-            raise ValueError(f"checkpoint {str(out)!r} is incomplete: block {blocks} never written "
-                             "(run the same prune command again to resume)")
+            raise ValueError(f"checkpoint {str(out)!r} is incomplete: block{'s' * (len(missing) > 1)} {blocks} "
+                             f"of 0–{n - 1} never written (run the same prune command again to resume)")
+        if not index.is_file():
+            raise ValueError(f"checkpoint {str(out)!r} is incomplete: all its blocks 0–{n - 1} are written but "
+                             f"{INDEX_FILE}, written when a run finishes, is missing (run the same prune "
+                             "command again to write it)")
     if index.is_file():
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             check_shard(out / shard)
@@ -223,18 +397,12 @@ def check_complete(out: str | Path) -> None:
 def check_shard(path: Path) -> None:
     """The header parses and every tensor's bytes lie inside the file; errors name the file (and the
     tensor), where transformers would fail later with less to go on."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 1 << 28 else None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated (header unreadable: {e})") from e
-    if not isinstance(header, dict):
-        raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated (no safetensors header)")
+    n, header = _header(path)
     size = path.stat().st_size - 8 - n
     for k, v in header.items():
         if k != "__metadata__" and v["data_offsets"][1] > size:
-            raise ValueError(f"checkpoint shard {str(path)!r} is corrupt or truncated: tensor {k!r} ends past the file")
+            raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: tensor {k!r} ends "
+                               "past the file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +463,7 @@ def convert_v1(src: str | Path, dst: str | Path) -> None:
     blocks_for = lambda shape: block_sizes(shape, block_size)  # noqa: E731  (v1 had no budget)
     config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], blocks_for))
     write_text(dst / "config.json", config.to_json_string())
-    atomic_write(dst / REST_SHARD, lambda tmp: save_file(rest, tmp, metadata={"format": "pt"}))
+    save_shard(dst / REST_SHARD, rest, {"format": "pt"})
     save_json(dst / RUN_FILE, {"run": run, "config_hash": chash})
     prefix, reports = layers_prefix(model), {}
     for i in range(len(decoder_layers(model))):

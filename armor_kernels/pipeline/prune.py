@@ -4,7 +4,9 @@ One decoder block at a time is on the device. Its calibration inputs are the out
 before it, already pruned; hooks collect the statistics of every linear's inputs, then every linear
 of the block is pruned, the block is written to disk atomically, and its pruned outputs become the
 next block's inputs. A re-run with the same configuration loads the finished blocks instead of
-pruning them again; a different configuration is refused.
+pruning them again (one whose bytes no longer match its recorded digests is pruned again, with a
+warning naming it: it is reproduced exactly from the blocks before it); a different configuration is
+refused. One run at a time writes a directory (lock.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from .checkpoint import (
     FORMAT_VERSION,
     RUN_FILE,
     STORAGE_DTYPE,
+    DamagedShard,
     block_shard,
     config_hash,
     finish_run,
@@ -37,6 +41,7 @@ from .checkpoint import (
     start_run,
 )
 from .distributed import Dist, StatsRecorder, assign, combine_stats, share_modules
+from .lock import RunLock, RunLocked
 from .model import adopt, block_linears, check_supported, decoder_layers, layers_prefix
 from .source import ModelSource
 
@@ -52,21 +57,28 @@ class _Captured(Exception):
     pass
 
 
-class _Recorder(nn.Module):
-    """Stands in for decoder block i during one forward of the model: records the arguments the model
-    passes it (masks, positions: they can differ per block, e.g. Gemma's sliding and full attention),
-    passes the hidden states through, and stops the forward after the last block. Attributes the
+class StandIn(nn.Module):
+    """Stands in for a decoder block during a forward of the model, without its weights. Attributes the
     model reads off a block (its attention type, say) come from the block it stands in for."""
 
-    def __init__(self, block: nn.Module, i: int, last: bool, seen: list):
+    def __init__(self, block: nn.Module, **state):
         super().__init__()
-        self.__dict__.update(_block=block, _i=i, _last=last, _seen=seen)
+        self.__dict__.update(_block=block, **state)
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_block"], name)
+
+
+class _Recorder(StandIn):
+    """Stands in for decoder block i: records the arguments the model passes it (masks, positions: they
+    can differ per block, e.g. Gemma's sliding and full attention), passes the hidden states through, and
+    stops the forward after the last block."""
+
+    def __init__(self, block: nn.Module, i: int, last: bool, seen: list):
+        super().__init__(block, _i=i, _last=last, _seen=seen)
 
     def forward(self, hidden_states, *args, **kwargs):
         self._seen[self._i].append((hidden_states, args, kwargs))
@@ -236,6 +248,33 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     """
     out = Path(out)
     dist = dist or Dist.from_env(device)
+    with _single_writer(out, dist):
+        return _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype,
+                      offload, dist)
+
+
+@contextmanager
+def _single_writer(out: Path, dist: Dist):
+    """Hold `out`'s lock (lock.py) for the run: the writer (rank 0) takes it and every rank learns whether it
+    could, so a second run, one process or many, stops at once on all its ranks."""
+    lock, refused = None, None
+    if dist.is_writer:
+        try:
+            lock = RunLock.acquire(out)
+        except OSError as e:  # RunLocked, or the directory cannot be written at all
+            refused = str(e)
+    refused = dist.agree(refused, "taking the output directory's lock")
+    if refused is not None:
+        raise RunLocked(refused)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype, offload,
+           dist) -> dict:
     streamed = isinstance(model, ModelSource)
     if streamed:
         src, model = model, model.skeleton(dtype or torch.float32)
@@ -280,8 +319,9 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
         for i in bar:
             block = src.load_block(model, i, device, dtype) if streamed else layers[i].to(device)
             dense_out = None
-            if dist.agree(block_shard(out, i).exists()):
-                pruned, block_report = load_block(out, i, prefix, chash)
+            finished = _resumed_block(dist, out, i, prefix, chash)
+            if finished is not None:
+                pruned, block_report = finished
                 bar.set_postfix_str("resumed")
                 if protocol == "dense":
                     dense_out = run_block(block, hidden, extra[i])
@@ -308,6 +348,27 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     if not streamed:
         materialize(model)
     return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}
+
+
+def _resumed_block(dist: Dist, out: Path, i: int, prefix: str, chash: str) -> tuple[dict, dict] | None:
+    """(modules, report) of block i, on every rank, if a run wrote it and it is intact; None if it must be
+    pruned: never written, or damaged (the writer warns, naming the tensor; pruning reproduces its bytes
+    exactly, as every block before it is read back as it was written). The writer decides; a shard of
+    another configuration stops every rank with load_block's error."""
+    finished, refused = None, None
+    if dist.is_writer and block_shard(out, i).exists():
+        try:
+            finished = load_block(out, i, prefix, chash)
+        except DamagedShard as e:
+            log.warning("%s; pruning block %d again", e, i)
+        except ValueError as e:
+            refused = str(e)
+    intact, refused = dist.agree((finished is not None, refused), f"resuming block {i}")
+    if refused is not None:
+        raise ValueError(refused)
+    if not intact:
+        return None
+    return finished if dist.is_writer else load_block(out, i, prefix, chash)
 
 
 def _start(out, model, tokenizer, config, chash, blocks_for) -> None:

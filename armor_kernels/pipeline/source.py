@@ -6,6 +6,8 @@ are real); `load_rest` fills in what lies outside the decoder blocks (embeddings
 `load_block(i)` one block, each tensor read on its own with `safe_open`. Peak host memory is then the
 non-block tensors + one block + the calibration activations, whatever the depth. The bundled GGUF model
 (or any .gguf) is converted once into a cached safetensors directory (`model_source`), so every run streams.
+`CheckpointSource(dir)` streams a pruned checkpoint the same way (its evaluation: evaluate.py), each shard
+checked against the index's digests as it is read.
 """
 from __future__ import annotations
 
@@ -21,8 +23,22 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..nn import materialize, prepare_fused
+from .checkpoint import (
+    INDEX_FILE,
+    QUANT_METHOD,
+    RUN_FILE,
+    block_shard,
+    check_complete,
+    expected_digests,
+    modules_from_tensors,
+    read_run,
+    read_verified,
+    shard_records,
+)
 from .data import cache_dir
 from .model import (
+    adopt,
     block_linear_keys,
     block_linears,
     bundled_model_path,
@@ -63,13 +79,16 @@ class ModelSource:
             if shard is None:
                 raise ValueError(f"model {str(self.path)!r}: tensor {full!r}, which its config.json implies, is in "
                                  f"none of its shards ({sorted({p.name for p in self.files.values()})})")
-            with safe_open(shard, "pt") as f:
-                t = f.get_tensor(full)
+            t = self._tensor(shard, full)
             if tuple(t.shape) != tuple(want[k].shape):
                 raise ValueError(f"model {str(self.path)!r}: tensor {full!r} in {shard.name} has shape "
                                  f"{tuple(t.shape)}, its config.json implies {tuple(want[k].shape)}")
             out[k] = t.to(device, dtype if t.is_floating_point() else t.dtype)
         return out
+
+    def _tensor(self, shard: Path, key: str) -> torch.Tensor:
+        with safe_open(shard, "pt") as f:
+            return f.get_tensor(key)
 
     def load_block(self, model: nn.Module, i: int, device, dtype: torch.dtype) -> nn.Module:
         """Decoder block i's linears read in (in place; the block is returned)."""
@@ -98,6 +117,59 @@ class ModelSource:
         also stop that, but slowed the optimizer by 40-60 %."""
         decoder_layers(model)[i].to("meta")
         _trim_heap()
+
+
+class CheckpointSource(ModelSource):
+    """A finished pruned checkpoint directory, read shard by shard: `load_rest` reads model-rest, `load_block(i)`
+    block i's shard and puts its pruned modules, their dense copies materialised (or the fused kernels
+    prepared, where they apply), into the skeleton. Each shard's bytes are read once and checked against the
+    index's sha256 digests before any tensor is built (a directory without them: a NoDigestsWarning)."""
+
+    def __init__(self, path: str | Path):
+        check_complete(path)
+        super().__init__(path)
+        self.model_dtype = getattr(torch, read_run(self.path)["run"]["model_dtype"])
+        self.digests = shard_records(self.path)
+        self._open: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def _shard(self, path: Path) -> dict[str, torch.Tensor]:
+        return read_verified(path, expected_digests(self.path, path.name, self.digests), INDEX_FILE)[0]
+
+    def _tensor(self, shard: Path, key: str) -> torch.Tensor:
+        if shard not in self._open:
+            self._open = {shard: self._shard(shard)}  # the shards are read in turn: keep the current one only
+        return self._open[shard][key]
+
+    def load_rest(self, model: nn.Module, device, dtype: torch.dtype) -> None:
+        try:
+            super().load_rest(model, device, dtype)
+        finally:
+            self._open = {}  # the rest shard's tensors, held only while they are read in
+
+    def load_block(self, model: nn.Module, i: int, device, dtype: torch.dtype) -> nn.Module:
+        """Decoder block i's pruned modules from its shard, in `dtype` on `device`, ready to run."""
+        block, head, path = decoder_layers(model)[i], f"{layers_prefix(model)}.{i}.", block_shard(self.path, i)
+        tensors = self._shard(path)
+        local = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
+        if len(local) != len(tensors) or {k.rsplit(".", 1)[0] for k in local} != set(block_linears(block)):
+            raise ValueError(f"checkpoint shard {str(path)!r} does not hold block {i}'s linears "
+                             f"{sorted(block_linears(block))} under {head!r}")
+        modules = modules_from_tensors(local, str(path))
+        adopt(block, modules, dtype, device)
+        materialize(block)
+        prepare_fused(block)
+        return block
+
+
+def checkpoint_source(path: str | Path) -> tuple[ModelSource, torch.dtype]:
+    """(source, the run's model dtype) of a run's directory: a CheckpointSource of a pruned one; a dense
+    run's (a plain save_pretrained directory) is streamed as the model it is."""
+    config = Path(path) / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if (quant or {}).get("quant_method") == QUANT_METHOD or not (Path(path) / RUN_FILE).is_file():
+        src = CheckpointSource(path)
+        return src, src.model_dtype
+    return ModelSource(path), getattr(torch, read_run(path)["run"]["model_dtype"])
 
 
 def _trim_heap() -> None:
