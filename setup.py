@@ -104,7 +104,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.4"],
         "models": ["transformers>=5.0", "gguf>=0.10", "accelerate>=0.30", "rdata>=0.11"],
-        "cuda": ["pybind11>=2.12", "ninja>=1.11", "nvidia-cutlass==4.2.0.0"],
+        # cuobjdump: .ci/check_kernels.py reads the kernels' registers and shared memory with it, and an
+        # nvcc install need not include it (the CI machine's does not).
+        "cuda": ["pybind11>=2.12", "ninja>=1.11", "nvidia-cutlass==4.2.0.0", "nvidia-cuda-cuobjdump==13.2.86"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
         "bench": ["matplotlib>=3.7"],
         "eval": ["lm-eval[hf]==0.4.13"],
