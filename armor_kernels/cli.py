@@ -6,6 +6,8 @@
     python -m armor_kernels compare --out runs/compare  # every method: CSV + Markdown table
     python -m armor_kernels export-dense runs/armor runs/armor-dense   # plain HF checkpoint
     python -m armor_kernels convert OLD_V1_DIR NEW_DIR  # format v1 -> v2
+    python -m armor_kernels convert --from-dense-24 DENSE_DIR NEW_DIR   # dense with 2:4 zeros -> packed
+    python -m armor_kernels inspect runs/armor          # per layer: shape, blocks, bytes, path on sm_90
     python -m armor_kernels lm-eval-task runs/task      # eval's windows as an offline lm-eval task
     python -m armor_kernels lm-eval --model hf --model_args pretrained=runs/armor ...   # lm-eval's CLI
 """
@@ -211,9 +213,21 @@ def cmd_export_dense(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    if args.from_dense_24:
+        from .pipeline.convert import from_dense_24, report_lines
+        print("\n".join(report_lines(from_dense_24(args.src, args.dst, strict=args.strict), Path(args.dst))))
+        return
+    if args.strict:
+        raise ValueError("convert: --strict applies to --from-dense-24 only")
     from .pipeline.checkpoint import convert_v1
     convert_v1(args.src, args.dst)
     print(f"wrote {args.dst} (format v2)")
+
+
+def cmd_inspect(args) -> None:
+    from .pipeline.summary import format_report, inspect_checkpoint
+    report = inspect_checkpoint(args.checkpoint, getattr(torch, args.dtype))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,9 +258,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype (default: the pruning run's model dtype)")
-    p = sub.add_parser("convert", help="rewrite a format-v1 checkpoint directory as format v2")
+    p = sub.add_parser("convert", help="rewrite a format-v1 checkpoint directory as format v2, or (--from-dense-24) "
+                                       "pack a dense checkpoint whose linears are 2:4 with zeros stored")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--from-dense-24", action="store_true",
+                   help="src is a dense Hugging Face directory (e.g. llm-compressor's SparseGPT/Wanda 2:4 output): "
+                        "every exactly-2:4 block linear is packed; the others are named and kept dense")
+    p.add_argument("--strict", action="store_true", help="with --from-dense-24: refuse a linear that is not 2:4")
+    p = sub.add_parser("inspect", help="per layer: kind, shape, blocks, stored bytes, the path on an sm_90 GPU")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="the dtype the model would be loaded in on the GPU (default bfloat16)")
     sub.add_parser("lm-eval", help="lm-eval's own CLI with the armor plugin registered: lm-eval ARGS...",
                    add_help=False)
     sub.add_parser("lm-eval-task", add_help=False,
@@ -255,7 +279,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"main": lambda a: cmd_compare(a, ["dense", "armor"]), "compare": lambda a: cmd_compare(a, a.methods),
-            "prune": cmd_prune, "eval": cmd_eval, "export-dense": cmd_export_dense, "convert": cmd_convert}
+            "prune": cmd_prune, "eval": cmd_eval, "export-dense": cmd_export_dense, "convert": cmd_convert,
+            "inspect": cmd_inspect}
 # What a user's mistake raises (missing or corrupt files, bad options, too little text): one line, exit 2.
 USER_ERRORS = (OSError, ValueError)
 

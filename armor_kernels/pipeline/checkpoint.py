@@ -150,8 +150,9 @@ def stored_tensors(prefix: str, modules: dict[str, nn.Module]) -> dict[str, torc
     (exact: they were rounded to it when pruned)."""
     out = {}
     for name, mod in modules.items():
-        if not isinstance(mod, PRUNED_LINEARS):
-            raise TypeError(f"{name}: expected a pruned linear {PRUNED_LINEARS}, got {type(mod).__name__}")
+        if not isinstance(mod, (*PRUNED_LINEARS, nn.Linear)):
+            raise TypeError(f"{name}: expected a pruned linear {PRUNED_LINEARS} or an nn.Linear left dense, got "
+                            f"{type(mod).__name__}")
         for k, v in mod.pack().state_dict().items() if isinstance(mod, ArmorLinear) else mod.state_dict().items():
             v = v.detach().to(STORAGE_DTYPE) if v.is_floating_point() else v.detach()
             out[f"{prefix}.{name}.{k}"] = v.contiguous().cpu()
@@ -262,18 +263,29 @@ def read_verified(path: Path, expected: dict[str, str] | str | None, record: str
 
 
 def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, nn.Module]:
-    """name -> ArmorLinear / Sparse24Linear rebuilt from `name.tensor` keys (`where` names the source)."""
+    """name -> ArmorLinear / Sparse24Linear (or an nn.Linear a conversion left dense: a 2-D `weight`)
+    rebuilt from `name.tensor` keys (`where` names the source)."""
     modules = {}
     for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
         get = lambda key: tensors.get(f"{name}.{key}")  # noqa: E731
         try:
             if get("A") is not None:
                 modules[name] = ArmorLinear.from_packed(get("A"), get("S_values"), get("S_idx"), get("B"), get("bias"))
+            elif get("weight") is not None and get("weight").dim() == 2:
+                modules[name] = _dense_linear(get("weight"), get("bias"))
             else:
                 modules[name] = Sparse24Linear(get("S_values"), get("S_idx"), get("bias"))
         except (ValueError, AttributeError, TypeError) as e:
             raise ValueError(f"{where}: tensors of {name!r} are missing or malformed: {e}") from e
     return modules
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
 
 
 def load_block(out: Path, i: int, prefix: str, chash: str) -> tuple[dict[str, nn.Module], dict]:
