@@ -125,3 +125,18 @@ def test_cli(converted, tmp_path, capsys):
     assert main(["inspect", str(dst)]) == 0
     table = capsys.readouterr().out
     assert odd in table and "from_dense_24" in table and "sparse GEMM" in table
+
+
+def test_streamed_evaluation_of_the_converted_directory(converted):
+    """prune/eval's streamed perplexity reads the converted shards (the kept-dense linear too) and gives
+    what the dense source gives in memory."""
+    from armor_kernels.pipeline.evaluate import perplexity, streamed_perplexity
+    from armor_kernels.pipeline.source import checkpoint_source
+
+    src, dst, _, _ = converted
+    tokens = torch.randint(3, 500, (96,), generator=torch.Generator().manual_seed(2))
+    want = perplexity(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), tokens, seq_len=32)
+    source, dtype = checkpoint_source(dst)
+    assert dtype == torch.bfloat16
+    got = streamed_perplexity(source, tokens, seq_len=32, dtype=torch.float32)
+    assert got == pytest.approx(want, rel=1e-6)
