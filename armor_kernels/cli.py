@@ -33,6 +33,7 @@ from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
 from .pipeline.evaluate import streamed_perplexity
 from .pipeline.prune import METHODS, PROTOCOLS, prune_model
+from .pipeline.reconstruct import TARGETS, ReconOptions
 from .pipeline.source import CheckpointSource, ModelSource, checkpoint_source, model_source
 
 COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
@@ -64,6 +65,25 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="keep the calibration activations in host memory, one batch on the device at a time")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the final perplexity (streamed block by block from the written checkpoint)")
+    _recon_args(p)
+
+
+def _recon_args(p: argparse.ArgumentParser) -> None:
+    """One --recon-* flag per ReconOptions field (but seed, shared with the data), its default the library's."""
+    g = p.add_argument_group("block-wise reconstruction (ReconOptions; off unless --recon-steps > 0)")
+    for f in dataclasses.fields(ReconOptions):
+        if f.name == "seed":
+            continue
+        flag = "--recon-" + f.name
+        if f.name == "target":
+            g.add_argument(flag, choices=TARGETS, default=f.default, help=f"default {f.default}")
+        else:
+            g.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default}")
+
+
+def _recon_options(args) -> ReconOptions:
+    return ReconOptions(**{f.name: args.seed if f.name == "seed" else getattr(args, "recon_" + f.name)
+                           for f in dataclasses.fields(ReconOptions)})
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +156,7 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
         report = prune_model(dense.source, dense.tokenizer, splits.calibration, method, out, options=opts,
                              device=args.device, source=args.model or "bundled SmolLM2-135M-Instruct",
                              protocol=args.protocol, dtype=getattr(torch, args.dtype),
-                             offload=args.offload_activations, dist=dist)
+                             offload=args.offload_activations, dist=dist, recon=_recon_options(args))
         if not dist.is_writer:
             return None
     sizes = checkpoint_sizes(out, skeleton) if method != "dense" else {}

@@ -43,6 +43,7 @@ from .checkpoint import (
 from .distributed import Dist, StatsRecorder, assign, combine_stats, share_modules
 from .lock import RunLock, RunLocked
 from .model import adopt, block_linears, check_supported, decoder_layers, layers_prefix
+from .reconstruct import ReconOptions, reconstruction
 from .source import ModelSource
 
 log = logging.getLogger("armor_kernels")
@@ -194,12 +195,17 @@ def method_options(method: str, options: ArmorOptions | None) -> dict:
 
 
 def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, model: nn.Module,
-               source: str | None, batch_size: int, protocol: str = "sequential") -> dict:
-    """Everything that decides a run's output, defaults included: a resumed run must match it exactly."""
+               source: str | None, batch_size: int, protocol: str = "sequential", recon: ReconOptions | None = None
+               ) -> dict:
+    """Everything that decides a run's output, defaults included: a resumed run must match it exactly.
+    Reconstruction is recorded only when it is on, so a run without it keeps the hash it always had."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    tuned = recon is not None and recon.enabled
+    if tuned and method == "dense":
+        raise ValueError("recon: block-wise reconstruction tunes pruned blocks, got it with method 'dense'")
     config = {
         "package_version": __version__, "format_version": FORMAT_VERSION, "method": method,
         "options": method_options(method, options), "batch_size": batch_size, "protocol": protocol,
@@ -210,6 +216,7 @@ def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, m
         "model_source": source or "bundled SmolLM2-135M-Instruct",
         # where it was read from is model_source's business; the architecture is the model's class
         "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
+        **({"reconstruction": recon.to_config()} if tuned else {}),
     }
     return json.loads(json.dumps(config))  # the form it has when read back from config.json
 
@@ -228,7 +235,7 @@ def _refuse_foreign_directory(out: Path) -> None:
 def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
                 options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None,
                 protocol: str = "sequential", dtype: torch.dtype | None = None, offload: bool = False,
-                dist: Dist | None = None) -> dict:
+                dist: Dist | None = None, recon: ReconOptions | None = None) -> dict:
     """Prune every decoder block's linears and write each block to `out` as it finishes; when the last is
     done, `out` is a Hugging Face model directory (checkpoint.py).
 
@@ -243,6 +250,7 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
            every rank sees exactly the one-process statistics; a block's linears are spread over the
            ranks by size and their results shared; rank 0 writes. The checkpoint is bit-identical to a
            one-process run's.
+    recon: block-wise reconstruction after each block's layer-wise pruning (reconstruct.py; default off).
     Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
     with the same configuration; refuses one with a different configuration.
     """
@@ -250,7 +258,7 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     dist = dist or Dist.from_env(device)
     with _single_writer(out, dist):
         return _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype,
-                      offload, dist)
+                      offload, dist, recon)
 
 
 @contextmanager
@@ -274,7 +282,7 @@ def _single_writer(out: Path, dist: Dist):
 
 
 def _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype, offload,
-           dist) -> dict:
+           dist, recon) -> dict:
     streamed = isinstance(model, ModelSource)
     if streamed:
         src, model = model, model.skeleton(dtype or torch.float32)
@@ -284,7 +292,7 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
     else:
         check_supported(model)
     dtype = next(model.parameters()).dtype if not streamed else (dtype or torch.float32)
-    config = run_config(method, options, calib, model, source, batch_size, protocol)
+    config = run_config(method, options, calib, model, source, batch_size, protocol, recon)
     options = options or ArmorOptions()
     chash = config_hash(config)
     layers, prefix = decoder_layers(model), layers_prefix(model)
@@ -315,9 +323,13 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
         act = sum(h.numel() * h.element_size() for h in hidden)
         log.info("calibration activations: %d of %d batches on this process, %.1f MB held %s (twice while a "
                  "block runs)", len(hidden), len(batches), act / 2**20, "in host memory" if offload else f"on {device}")
+        tuner = reconstruction(recon, protocol, calib, lambda w: calibration_inputs(model, w, recon.batch, device),
+                               offload, dist, device)
         bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block", disable=not dist.is_writer)
         for i in bar:
             block = src.load_block(model, i, device, dtype) if streamed else layers[i].to(device)
+            if tuner is not None:
+                tuner.dense_pass(block, i)
             dense_out = None
             finished = _resumed_block(dist, out, i, prefix, chash)
             if finished is not None:
@@ -338,8 +350,12 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
                 pruned, block_report = share_modules(dist, own, owners, own_report)
                 pruned = {n: pruned[n] for n in linears}  # the block's own order, whoever pruned what
                 block_report = {n: block_report[n] for n in linears}
+                if tuner is not None:
+                    pruned, block_report = tuner.tune(block, pruned, block_report)
                 dist.write(save_block, out, i, f"{prefix}.{i}", pruned, chash, block_report)
             adopt(block, pruned, dtype, device)
+            if tuner is not None:
+                tuner.advance(block, i)
             report.update({f"{i}.{name}": r for name, r in block_report.items()})
             hidden = dense_out if protocol == "dense" else run_block(block, hidden, extra[i])
             if streamed:
