@@ -9,6 +9,10 @@ Markers (registered in pyproject.toml):
   is skipped, with ops.fused_unavailable_reason(), where they cannot run. With ARMOR_REQUIRE_FUSED=1
   (.ci/gpu_check.sh sets it) nothing passes by skipping: a `gpu` test that skips, for that or any other
   reason, fails instead, and a session in which no `gpu` test passed fails.
+- `llmcompressor`: the llm-compressor integration; such a test skips without llm-compressor (as in .venv,
+  whose transformers 5.24 llm-compressor 0.14 does not allow) and runs in .venv-llmc
+  (.ci/setup_llmcompressor.sh). ARMOR_REQUIRE_LLMCOMPRESSOR=1 (.ci/run sets it there) makes a skip of
+  one a failure, and a session in which none passed fails, as ARMOR_REQUIRE_FUSED does for `gpu`.
 - `sanitize(*tools)`: a case .ci/gpu_check.sh runs under compute-sanitizer; `--sanitizer TOOL` keeps
   only the cases marked for TOOL (memcheck, racecheck) and deselects everything else.
 """
@@ -53,9 +57,11 @@ def tiny_llama():
 
 # --- The `gpu` and `sanitize` markers (see the module docstring) ---------------------------------
 
-REQUIRE_FUSED = os.environ.get("ARMOR_REQUIRE_FUSED", "") not in ("", "0")
+# marker -> the variable that, set, forbids its tests to pass by skipping
+REQUIRING = {"gpu": "ARMOR_REQUIRE_FUSED", "llmcompressor": "ARMOR_REQUIRE_LLMCOMPRESSOR"}
+REQUIRED = {marker: var for marker, var in REQUIRING.items() if os.environ.get(var, "") not in ("", "0")}
 SANITIZERS = ("memcheck", "racecheck")
-_GPU_PASSED = pytest.StashKey[int]()
+_PASSED = pytest.StashKey[dict]()  # marker -> how many of its tests passed
 
 
 def pytest_addoption(parser):
@@ -64,12 +70,11 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.stash[_GPU_PASSED] = 0
+    config.stash[_PASSED] = dict.fromkeys(REQUIRED, 0)
 
 
 def pytest_report_header(config):
-    if REQUIRE_FUSED:
-        return "ARMOR_REQUIRE_FUSED=1: every gpu-marked test must run; a skip is a failure"
+    return [f"{var}=1: every {marker}-marked test must run; a skip is a failure" for marker, var in REQUIRED.items()]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -95,24 +100,24 @@ def pytest_runtest_setup(item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    if item.get_closest_marker("gpu") is None:
-        return report
-    if REQUIRE_FUSED and report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"ARMOR_REQUIRE_FUSED=1: a gpu-marked test may not skip ({reason})"
-    elif report.when == "call" and report.passed:
-        item.config.stash[_GPU_PASSED] += 1
+    for marker, var in REQUIRED.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            report.outcome = "failed"
+            report.longrepr = f"{var}=1: a {marker}-marked test may not skip ({reason})"
+        elif report.when == "call" and report.passed:
+            item.config.stash[_PASSED][marker] += 1
     return report
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if REQUIRE_FUSED and session.config.stash[_GPU_PASSED] == 0 and exitstatus == pytest.ExitCode.OK:
+    if exitstatus == pytest.ExitCode.OK and not all(session.config.stash[_PASSED].values()):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if REQUIRE_FUSED:
-        passed = config.stash[_GPU_PASSED]
-        terminalreporter.write_line(f"ARMOR_REQUIRE_FUSED=1: {passed} gpu-marked tests passed"
+    for marker, passed in config.stash[_PASSED].items():
+        terminalreporter.write_line(f"{REQUIRED[marker]}=1: {passed} {marker}-marked tests passed"
                                     + ("" if passed else ": none, so the session fails"), red=not passed)
