@@ -33,6 +33,7 @@ from armor_kernels.pipeline.source import model_source
 # the output objective's variant, 40 iterations (it costs ~4x the proxy's per iteration; on the bundled model's
 # layers 40 → 80 iterations lower its loss by 1-2 % relative: block 3's down_proj and q_proj, checked by hand)
 OUTPUT = ["--objective", "output", "--start", "best", "--iters", "40"]
+RECON = ["--recon-steps", "14", "--recon-batch", "2", "--recon-check", "7", "--recon-lr", "3e-3"]
 # name -> CLI flags after `prune`; the line a run belongs to is its label (see `label`)
 RUNS = {
     "dense": ["--method", "dense"],
@@ -53,9 +54,15 @@ RUNS = {
                                          "--iters", "40"],
     # covariance shrinkage: H's off-diagonal halved (the proxy keeps none of it, SparseGPT all)
     "armor-output-shrink0.5-o0.05": ["--method", "armor", "--overhead", "0.05", *OUTPUT, "--shrink", "0.5"],
+    # block-wise reconstruction after the layer-wise result above, 14 Adam steps of 2 windows per block (28 of
+    # the 32 calibration windows, the last 4 held back): the block's output against the dense model's on the
+    # dense model's input (target dense), or against the dense block on the pruned model's input (local)
+    **{f"armor-output-shrink0.5-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *OUTPUT, "--shrink",
+                                                   "0.5", *RECON, "--recon-target", t] for t in ("dense", "local")},
 }
 LEVERS = ["sparsegpt", "armor-o0.05", "armor-o0.05-start-sparsegpt", "armor-output-o0.05-start-nowag_p",
-          "armor-output-o0.05", "armor-output-shrink0.5-o0.05", "sparsegpt-n128", "armor-o0.05-n128"]
+          "armor-output-o0.05", "armor-output-shrink0.5-o0.05", "armor-output-shrink0.5-o0.05-recon-dense",
+          "armor-output-shrink0.5-o0.05-recon-local", "sparsegpt-n128", "armor-o0.05-n128"]
 TEXTS = ("pride_and_prejudice", "python_reference")
 
 
@@ -72,6 +79,8 @@ def label(flags: list[str]) -> str:
             method += f", shrink {flag(flags, '--shrink')}"
         if "--iters" in flags:
             method += f", {flag(flags, '--iters')} iterations"
+        if "--recon-steps" in flags:
+            method += f", reconstruction to the {flag(flags, '--recon-target', 'dense')} target"
     n = flag(flags, "--n-samples")
     return method + (f", {n} windows" if n else "")
 

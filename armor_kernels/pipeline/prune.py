@@ -2,7 +2,8 @@
 
 One decoder block at a time is on the device. Its calibration inputs are the outputs of the blocks
 before it, already pruned; hooks collect the statistics of every linear's inputs, then every linear
-of the block is pruned, the block is written to disk atomically, and its pruned outputs become the
+of the block is pruned (and, with `recon`, the block's pruned linears are then tuned together on its
+output: reconstruct.py), the block is written to disk atomically, and its pruned outputs become the
 next block's inputs. A re-run with the same configuration loads the finished blocks instead of
 pruning them again (one whose bytes no longer match its recorded digests is pruned again, with a
 warning naming it: it is reproduced exactly from the blocks before it); a different configuration is
