@@ -137,6 +137,23 @@ def test_stored_values_are_the_tuned_ones_and_give_the_reported_loss(llama_run):
     assert loss < rep["heldout_before"]
 
 
+def test_a_diverging_descent_keeps_the_layer_wise_result(tmp_path):
+    """Steps of the size of every tensor's RMS ruin the held-back loss: no tuned state is kept, and the run
+    stores, bit for bit, what it stores without reconstruction."""
+    model, _ = tiny_model("llama")
+    plain = tmp_path / "plain"
+    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", plain, options=OPTS)
+    model, _ = tiny_model("llama")
+    wild = tmp_path / "wild"
+    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", wild, options=OPTS,
+                      recon=replace(RECON, lr=1.0, steps=4, patience=1))
+    reports = recon_reports(wild)
+    assert len(reports) == 2 and all(r["kept_step"] == 0 and r["heldout_after"] == r["heldout_before"]
+                                     for r in reports.values()), reports
+    a, b = shards(plain), shards(wild)
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+
+
 def test_local_target_equals_dense_on_the_first_block_only(llama_run, tmp_path):
     """Block 0's inputs are the dense model's either way, so both targets coincide there; block 1 gets the
     pruned block 0's outputs, and 'dense' aims at the dense model's block 1 output, 'local' at the dense

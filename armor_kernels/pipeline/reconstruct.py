@@ -31,6 +31,7 @@ pruned and tuned again, identically (the step order is seeded by the run's seed 
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,6 +44,8 @@ from ..factors import block_right
 from ..nn import ArmorLinear, Sparse24Linear
 from .distributed import Dist, share_modules
 from .model import replace_module
+
+log = logging.getLogger("armor_kernels")
 
 TARGETS = ("dense", "local")
 
@@ -203,6 +206,9 @@ class Reconstruction:
             tunables = {n: _Tunable(m) for n, m in pruned.items()}
             with _standing_in(block, tunables):
                 best, result = self._descend(block, tunables)
+            log.info("block %d: reconstruction kept step %d of %d: held-back loss %.4g -> %.4g, train %.4g -> %.4g",
+                     self.block_index, result["kept_step"], result["steps"], result["heldout_before"],
+                     result["heldout_after"], result["train_before"], result["train_after"])
             own = {n: _with_tensors(pruned[n], best[n]) for n in pruned}
         shared, _ = share_modules(self.dist, own, {n: 0 for n in pruned})
         result = self.dist.agree(result, f"receiving block {self.block_index}'s reconstruction report")
