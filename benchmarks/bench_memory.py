@@ -1,4 +1,4 @@
-"""Peak resident memory of streamed pruning against model depth and width (CPU), on models written here.
+"""Peak resident memory of streamed pruning + evaluation against model depth and width (CPU), on models written here.
 
 Each model is a Llama (LlamaConfig, the real architecture: RMSNorm, rotary attention, SwiGLU MLP) with
 random weights (values irrelevant: N(0, 0.02), norms 1), stored in float32 as several safetensors shards
@@ -11,12 +11,13 @@ Two sweeps: depth (2…32 layers at hidden 1024 / intermediate 2816 / 16 heads) 
 1024, 2048 at 8 layers, intermediate ≈ 2.75 × hidden); vocabulary 4096, so the tensors outside the
 blocks are small.
 
-What is measured: the pruning alone, `prune_model(ModelSource(dir), tokenizer, calibration, "magnitude",
-out)` (the streaming path the CLI's `prune` takes), run in a fresh child process per model (this script
-with `--child`). The CLI's `prune` also evaluates the pruned model at the end, loading it whole through
-`from_pretrained`; that reload is not streaming and is not measured here. Peak RSS is the child's VmHWM
-from /proc/self/status, read by the child as its last act: the high-water mark of the address space it
-got at exec, so of that process alone. (Not `ru_maxrss` from wait4/getrusage: Linux carries the
+What is measured: what the CLI's `prune` does, in a fresh child process per model (this script with
+`--child`): `prune_model(ModelSource(dir), tokenizer, calibration, "magnitude", out)`, then the evaluation
+of the written checkpoint on the 256 evaluation tokens (2 windows of 128), streamed block by block from its
+shards (`streamed_perplexity(CheckpointSource(out), …)`). Peak RSS is the child's VmHWM from
+/proc/self/status, read right after the pruning (prune_peak_rss_bytes) and as the child's last act
+(peak_rss_bytes: pruning and evaluation): the high-water mark of the address space it got at exec, so of
+that process alone. (Not `ru_maxrss` from wait4/getrusage: Linux carries the
 pre-exec high-water mark over exec, and with vfork that is the parent's own, so a big parent shows up in
 every child's number.) The baseline is the same child importing the same modules (torch, transformers,
 armor_kernels.pipeline) and doing nothing, measured once per allocator; "above baseline" subtracts it.
@@ -30,8 +31,10 @@ the same; malloc_trim(0) after a block gives the memory back). With the fixed th
 Columns (bytes unless named otherwise): one_block_bytes = one decoder block's linears in float32 (the dtype
 the blocks run in, --dtype's default), non_block_bytes = everything load_rest reads (embeddings, norms,
 head), calib_activation_bytes = the float32 hidden states of all calibration windows (the figure prune.py
-logs, in MB, is calib_activation_logged_mb), peak_rss_bytes = the child's VmHWM, prune_seconds = the
-child's ModelSource + tokenizer + prune_model, block_loop_seconds = prune_model's own timer.
+logs, in MB, is calib_activation_logged_mb), peak_rss_bytes = the child's VmHWM at its end (prune + eval),
+prune_seconds = the child's ModelSource + tokenizer + prune_model, block_loop_seconds = prune_model's own
+timer; then, after the columns of earlier runs, prune_peak_rss_bytes = VmHWM after the pruning alone,
+eval_seconds = the streamed evaluation, perplexity = its result.
 
     python benchmarks/bench_memory.py                        # both sweeps -> results/memory_cpu.{csv,png}
     python benchmarks/bench_memory.py --depths 2 4 --widths  # a quick depth-only run
@@ -145,15 +148,18 @@ def write_model(path: Path, config, tokenizer) -> dict:
 
 def child(argv: list[str]) -> None:
     """`--child MODEL CALIB OUT RESULT` prunes MODEL into OUT on the calibration tokens in CALIB (a safetensors
-    file); `--child - - - RESULT` imports the same modules and exits (the baseline).
-    Writes {seconds, vmhwm_bytes, activation MB as logged} to RESULT."""
+    file), then evaluates OUT on CALIB's evaluation tokens, streamed; `--child - - - RESULT` imports the same
+    modules and exits (the baseline).
+    Writes {seconds, vmhwm_bytes, prune_vmhwm_bytes, eval_seconds, perplexity, activation MB as logged} to
+    RESULT."""
     model, calib_file, out, result = argv
     import torch  # noqa: F401  (what every run imports, the baseline included)
     import transformers  # noqa: F401
     from safetensors.torch import load_file
 
+    from armor_kernels.pipeline.evaluate import streamed_perplexity
     from armor_kernels.pipeline.prune import prune_model
-    from armor_kernels.pipeline.source import ModelSource
+    from armor_kernels.pipeline.source import CheckpointSource, ModelSource
 
     res = {}
     if model != "-":
@@ -169,17 +175,25 @@ def child(argv: list[str]) -> None:
         t0 = time.perf_counter()
         src = ModelSource(model)
         tok = src.tokenizer()
-        calib = load_file(calib_file)["calibration"]
-        report = prune_model(src, tok, calib, "magnitude", out)
+        tokens = load_file(calib_file)
+        report = prune_model(src, tok, tokens["calibration"], "magnitude", out)
         res["seconds"] = time.perf_counter() - t0
         res["block_loop_seconds"] = report["seconds"]
+        res["prune_vmhwm_bytes"] = _vmhwm()
+        t0 = time.perf_counter()
+        res["perplexity"] = streamed_perplexity(CheckpointSource(out), tokens["evaluation"], seq_len=SEQ_LEN)
+        res["eval_seconds"] = time.perf_counter() - t0
         act = [m for m in logged if m.startswith("calibration activations")]
         res["activation_log"] = act[0] if act else ""
         mb = re.search(r"([\d.]+) MB held", act[0]) if act else None
         res["activation_logged_mb"] = float(mb.group(1)) if mb else None
-    status = Path("/proc/self/status").read_text()
-    res["vmhwm_bytes"] = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    res["vmhwm_bytes"] = _vmhwm()
     Path(result).write_text(json.dumps(res))
+
+
+def _vmhwm() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def measure(args: list[str], work: Path, allocator: str) -> dict:
@@ -211,6 +225,12 @@ def result_columns(m: dict, sizes: dict, hidden: int, base: int) -> dict:
             "prune_seconds": round(m["seconds"], 2), "block_loop_seconds": round(m["block_loop_seconds"], 2)}
 
 
+def eval_columns(m: dict) -> dict:
+    """Appended after write_seconds, so that the columns of earlier CSVs keep their place."""
+    return {"prune_peak_rss_bytes": m["prune_vmhwm_bytes"], "eval_seconds": round(m["eval_seconds"], 2),
+            "perplexity": round(m["perplexity"], 4)}
+
+
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
@@ -237,10 +257,11 @@ def main() -> None:
         text.write_text(emma, encoding="utf-8")
         tokenizer = emma_tokenizer(emma)
         # the CLI's split of one text file (evaluation: its last tokens; calibration: windows before them),
-        # made once here so that the children measure the pruning, not the tokenisation
-        calib = token_splits(tokenizer, text, n_samples=N_SAMPLES, seq_len=SEQ_LEN, eval_tokens=EVAL_TOKENS).calibration
+        # made once here so that the children measure the pruning and evaluation, not the tokenisation
+        splits = token_splits(tokenizer, text, n_samples=N_SAMPLES, seq_len=SEQ_LEN, eval_tokens=EVAL_TOKENS)
         calib_file = work / "calibration.safetensors"
-        save_file({"calibration": calib.contiguous()}, calib_file)
+        save_file({"calibration": splits.calibration.contiguous(), "evaluation": splits.evaluation.contiguous()},
+                  calib_file)
 
         base = {}
         for a in args.allocators:
@@ -262,25 +283,27 @@ def main() -> None:
                     m = measure([str(model), str(calib_file), str(out)], work, a)
                     shutil.rmtree(out)
                     r = {"allocator": a, "depth": depth, "hidden": hidden, "intermediate": inter, "heads": heads,
-                         **sizes, **result_columns(m, sizes, hidden, base[a]), "write_seconds": round(written, 2)}
+                         **sizes, **result_columns(m, sizes, hidden, base[a]), "write_seconds": round(written, 2),
+                         **eval_columns(m)}
                     done[key].append(r)
                     print(f"depth {depth:3d} hidden {hidden:5d} {a:14s}: model {r['model_file_bytes'] / MiB:6.0f} "
                           f"MiB, peak RSS {r['peak_rss_bytes'] / MiB:6.0f} MiB "
-                          f"({r['peak_rss_above_baseline_bytes'] / MiB:5.0f} above baseline), "
-                          f"{r['prune_seconds']:.1f} s", flush=True)
+                          f"({r['peak_rss_above_baseline_bytes'] / MiB:5.0f} above baseline; pruning alone "
+                          f"{r['prune_peak_rss_bytes'] / MiB:.0f}), {r['prune_seconds']:.1f} s + eval "
+                          f"{r['eval_seconds']:.1f} s", flush=True)
                 shutil.rmtree(model)
             rows += [{"sweep": sweep, **r} for r in done[key]]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     write_csv(rows, args.out)
-    print("\n| sweep | allocator | depth | hidden | model MiB | one block MiB | non-block MiB | peak RSS MiB | "
-          "above baseline MiB | prune s |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| sweep | allocator | depth | hidden | model MiB | one block MiB | non-block MiB | peak RSS MiB, prune "
+          "+ eval | peak RSS MiB, prune | above baseline MiB | prune s | eval s |\n" + "|---" * 12 + "|")
     for r in rows:
         print(f"| {r['sweep']} | {r['allocator']} | {r['depth']} | {r['hidden']} | {r['model_file_bytes'] / MiB:.0f} | "
               f"{r['one_block_bytes'] / MiB:.0f} | {r['non_block_bytes'] / MiB:.0f} | "
-              f"{r['peak_rss_bytes'] / MiB:.0f} | "
-              f"{r['peak_rss_above_baseline_bytes'] / MiB:.0f} | {r['prune_seconds']:.1f} |")
+              f"{r['peak_rss_bytes'] / MiB:.0f} | {r['prune_peak_rss_bytes'] / MiB:.0f} | "
+              f"{r['peak_rss_above_baseline_bytes'] / MiB:.0f} | {r['prune_seconds']:.1f} | {r['eval_seconds']:.1f} |")
     print(f"benchmark wall time {time.perf_counter() - t_start:.0f} s")
     gib = lambda b: b / 2**30  # noqa: E731
     panels = {}
@@ -290,8 +313,10 @@ def main() -> None:
         if not sel:
             continue
         xof = (lambda r: r["depth"]) if x == "depth" else (lambda r: gib(r["model_file_bytes"]))
-        lines = {f"peak RSS, {a}": [(xof(r), gib(r["peak_rss_bytes"])) for r in sel if r["allocator"] == a]
-                 for a in args.allocators}
+        lines = {f"peak RSS, prune + eval, {a}": [(xof(r), gib(r["peak_rss_bytes"])) for r in sel
+                                                  if r["allocator"] == a] for a in args.allocators}
+        lines.update({f"peak RSS, prune alone, {a}": [(xof(r), gib(r["prune_peak_rss_bytes"])) for r in sel
+                                                      if r["allocator"] == a] for a in args.allocators})
         lines["baseline: imports only"] = [(xof(r), gib(r["baseline_rss_bytes"])) for r in sel
                                            if r["allocator"] == args.allocators[0]]
         lines["model size (float32 files)"] = [(xof(r), gib(r["model_file_bytes"])) for r in sel
