@@ -74,7 +74,8 @@ def check_tuned(calls: list, n_blocks: int) -> None:
             assert after[name]["S_values"].dtype == before[name]["S_values"].dtype == torch.bfloat16
         assert rep["heldout_after"] <= rep["heldout_before"], f"block {i}: {rep}"
         assert rep["train_after"] < 0.95 * rep["train_before"], f"block {i}: training loss barely moved: {rep}"
-        changed = any(not torch.equal(before[n][k], after[n][k]) for n in before for k in ("A", "S_values"))
+        changed = any(not torch.equal(before[n][k], after[n][k]) for n in before for k in ("A", "S_values", "B")
+                      if k in before[n])
         assert changed == (rep["kept_step"] > 0), f"block {i}: kept step {rep['kept_step']}, values changed {changed}"
     assert any(rep["kept_step"] > 0 for _, _, rep in calls), "no block kept a tuned state"
 
@@ -114,6 +115,15 @@ def test_tuning_lowers_the_block_loss_and_keeps_the_mask(llama_run):
     out, calls = llama_run
     check_tuned(calls, 2)
     assert [r for _, _, r in calls] == list(recon_reports(out).values())  # the run's per-block report
+
+
+def test_a_baselines_kept_values_are_tuned(tmp_path):
+    """Method magnitude: Sparse24Linear, whose only continuous parameters are its kept values."""
+    model, _ = tiny_model("llama")
+    with capturing() as calls:
+        prune.prune_model(model, tiny_tokenizer(), CALIB, "magnitude", tmp_path / "out", recon=RECON)
+    check_tuned(calls, 2)
+    assert all(set(m) == {"S_values", "S_idx", "weight"} for before, _, _ in calls for m in before.values())
 
 
 def test_stored_values_are_the_tuned_ones_and_give_the_reported_loss(llama_run):
