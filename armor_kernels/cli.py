@@ -305,6 +305,13 @@ COMMANDS = {"main": lambda a: cmd_compare(a, ["dense", "armor"]), "compare": lam
 USER_ERRORS = (OSError, ValueError)
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: the ranks of a torchrun job share the stream, and print()'s separate
+    write of the newline lets their lines run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv[:1]
@@ -320,13 +327,13 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"armor-kernels: error: {e}", file=sys.stderr)
+        _say(f"armor-kernels: error: {e}")
         return 2
     except PeerStopped as e:  # one line, and a non-zero exit torchrun reports
-        print(e, file=sys.stderr)
+        _say(str(e))
         return 1
     except KeyboardInterrupt:
-        print("armor-kernels: interrupted; finished blocks are saved, the same command resumes", file=sys.stderr)
+        _say("armor-kernels: interrupted; finished blocks are saved, the same command resumes")
         return 130
     return 0
 
