@@ -4,21 +4,20 @@ The kernels of csrc/ take A' and B' as 128 × 128 diagonal blocks and d_out, d_i
 layer with other blocks or sizes runs on them through exactly equivalent operands, built once (at
 `prepare_fused`), per side of the layer (output: A', the rows of S; input: B', the columns of S and x):
 
-- "native": b = 128 and d a multiple of 128: the layer's own tensors, nothing copied.
-- "expand": b divides 128: 128/b consecutive b-blocks form one 128-block (block-diagonal inside it,
-  zeros elsewhere), and d is zero-padded to the next multiple of 128 (the last 128-block holds the
-  remaining b-blocks and zeros). Positions do not move: x is padded at the end, y sliced.
-- "spread": b < 128 does not divide 128 (the block-size rule gives 96 for SmolLM2's 576 and 192): each
-  b-block gets a 128-block of its own, zeros after it. Position p moves to (p // b)·128 + p % b; x is
-  scattered into that layout and y gathered back.
+- "native": b = 128: the layer's own tensors, nothing copied.
+- "packed": b < 128: k = ⌊128/b⌋ consecutive b-blocks share one 128-block, on its diagonal (zeros off
+  them, and after them when k·b < 128), the last 128-block holding what is left. Block j of the layer is
+  slot j mod k of 128-block ⌊j/k⌋, so position p = j·b + i moves to ⌊j/k⌋·128 + (j mod k)·b + i: x is
+  scattered into that layout (zeros elsewhere) and y gathered back. Where b divides 128 (the 4…64 the
+  parameter budget picks, k·b = 128) positions do not move and d is just zero-padded at the end.
 
 Zeros multiply zeros in the padding: the sparse tensor cores see S's padded rows and columns as zero
 groups (still 2:4: b is a multiple of 4 on the input side, so no group of 4 straddles a block), x's
 padded columns are zero, and y's padded rows are dropped. The result is the layer's, exactly, up to the
 order in which the kernels add terms. The price is work on zeros: the sparse GEMM's FLOPs grow by
-(D_out·D_in)/(d_out·d_in) (`LayerLayout.flop_ratio`; SmolLM2's 576 × 576 at b = 96: 768²/576² = 1.78,
-at b = 64 or 32: 640²/576² = 1.23). Blocks wider than 128 cannot be split into 128-blocks: refused, with
-the reason (`layer_layout` returns it).
+(D_out·D_in)/(d_out·d_in) (`LayerLayout.flop_ratio`): SmolLM2's 576 × 576 at b = 96 (k = 1) 768²/576² =
+1.78; at b = 64, 32 or 12 (k = 10) 640²/576² = 1.23. A layout at or above MAX_FLOP_RATIO is refused, as
+are blocks wider than 128 (they cannot be split into 128-blocks); `layer_layout` returns the reason.
 
 The dense identity blocks that let `Sparse24Linear` (a baseline's plain 2:4 weight) run the same
 kernels are `identity_blocks`: A' = B' = I, the epilogue and the B' GEMM then cost 256/d_in and
@@ -30,10 +29,12 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 KERNEL_BLOCK = 128  # csrc/armor_cuda.h's ARMOR_SM90_BLOCK, mirrored so a layout is planned without the extension
 MAX_DIM = 2 ** 31 - KERNEL_BLOCK  # the kernels' GEMM extents are 32-bit (armor_sm90_supported)
+# The 2:4 GEMM does half a dense GEMM's multiply-adds: a layout that pads it to twice the layer's work or
+# more does at least the dense copy's, so it cannot be faster than the one matmul the layer keeps.
+MAX_FLOP_RATIO = 2.0
 
 
 class Side(NamedTuple):
@@ -41,48 +42,54 @@ class Side(NamedTuple):
     d: int
     b: int
     padded: int
-    kind: str  # "native", "expand" or "spread" (module docstring)
+    k: int  # b-blocks per 128-block
+
+    @property
+    def native(self) -> bool:
+        return self.b == KERNEL_BLOCK
+
+    @property
+    def groups(self) -> int:
+        return self.padded // KERNEL_BLOCK
 
     def index(self, device=None) -> torch.Tensor:
         """The positions of the layer's d entries in the padded layout."""
         p = torch.arange(self.d, device=device)
-        return p // self.b * KERNEL_BLOCK + p % self.b if self.kind == "spread" else p
+        j = p // self.b
+        return j // self.k * KERNEL_BLOCK + j % self.k * self.b + p % self.b
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) in the padded layout (..., padded), zeros in the padding."""
-        if self.kind == "native":
+        if self.native:
             return x
-        if self.kind == "expand":
-            return F.pad(x, (0, self.padded - self.d))
-        x = x.reshape(*x.shape[:-1], self.d // self.b, self.b)
-        return F.pad(x, (0, KERNEL_BLOCK - self.b)).reshape(*x.shape[:-2], self.padded)
+        lead, n = x.shape[:-1], self.d // self.b
+        x = x.reshape(*lead, n, self.b)
+        x = torch.nn.functional.pad(x, (0, 0, 0, self.groups * self.k - n)).reshape(*lead, self.groups, -1)
+        return torch.nn.functional.pad(x, (0, KERNEL_BLOCK - self.k * self.b)).reshape(*lead, self.padded)
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         """The inverse of `pad` on the last dimension: (..., padded) -> (..., d)."""
-        if self.kind == "native":
+        if self.native:
             return y
-        if self.kind == "expand":
-            return y[..., :self.d]
-        y = y.reshape(*y.shape[:-1], self.d // self.b, KERNEL_BLOCK)[..., :self.b]
-        return y.reshape(*y.shape[:-2], self.d)
+        lead = y.shape[:-1]
+        y = y.reshape(*lead, self.groups, KERNEL_BLOCK)[..., : self.k * self.b]
+        return y.reshape(*lead, self.groups * self.k * self.b)[..., : self.d]
 
     def blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         """The layer's diagonal blocks (d/b, b, b) as the kernels' 128-blocks (padded/128, 128, 128)."""
-        if self.kind == "native":
+        if self.native:
             return blocks
-        n = self.padded // KERNEL_BLOCK
-        out = blocks.new_zeros(n, KERNEL_BLOCK, KERNEL_BLOCK)
-        if self.kind == "spread":
-            out[: self.d // self.b, : self.b, : self.b] = blocks
-            return out
-        per = KERNEL_BLOCK // self.b  # b-blocks per 128-block; the last 128-block may hold fewer
-        full = torch.zeros(n * per, self.b, self.b, dtype=blocks.dtype, device=blocks.device)
+        full = blocks.new_zeros(self.groups * self.k, self.b, self.b)
         full[: blocks.shape[0]] = blocks
-        full = full.reshape(n, per, self.b, self.b)
-        for k in range(per):  # per ≤ 32 copies of n blocks each: a one-time cost at prepare_fused
-            sl = slice(k * self.b, (k + 1) * self.b)
-            out[:, sl, sl] = full[:, k]
+        full = full.reshape(self.groups, self.k, self.b, self.b)
+        out = blocks.new_zeros(self.groups, KERNEL_BLOCK, KERNEL_BLOCK)
+        for s in range(self.k):  # k ≤ 32 copies of padded/128 blocks each: a one-time cost at prepare_fused
+            sl = slice(s * self.b, (s + 1) * self.b)
+            out[:, sl, sl] = full[:, s]
         return out
+
+    def describe(self) -> str:
+        return "native" if self.native else f"{self.d}->{self.padded} ({self.k}x{self.b} per 128)"
 
 
 def side(d: int, b: int, name: str) -> Side | str:
@@ -91,14 +98,11 @@ def side(d: int, b: int, name: str) -> Side | str:
         return f"{name}={d} is not a multiple of its block size {b}"
     if b > KERNEL_BLOCK:
         return f"{name} blocks of {b}: wider than the kernels' {KERNEL_BLOCK}-blocks, they cannot be split into them"
-    if b == KERNEL_BLOCK or KERNEL_BLOCK % b == 0:
-        padded = -(-d // KERNEL_BLOCK) * KERNEL_BLOCK
-        kind = "native" if padded == d and b == KERNEL_BLOCK else "expand"
-    else:
-        padded, kind = d // b * KERNEL_BLOCK, "spread"
+    k = KERNEL_BLOCK // b
+    padded = -(-(d // b) // k) * KERNEL_BLOCK
     if padded > MAX_DIM:
         return f"{name}={d} padded to {padded}: beyond the kernels' 32-bit extents"
-    return Side(d, b, padded, kind)
+    return Side(d, b, padded, k)
 
 
 class LayerLayout(NamedTuple):
@@ -108,7 +112,7 @@ class LayerLayout(NamedTuple):
 
     @property
     def native(self) -> bool:
-        return self.out.kind == self.in_.kind == "native"
+        return self.out.native and self.in_.native
 
     @property
     def flop_ratio(self) -> float:
@@ -116,12 +120,10 @@ class LayerLayout(NamedTuple):
         return self.out.padded * self.in_.padded / (self.out.d * self.in_.d)
 
     def describe(self) -> str:
-        """One phrase for tables and messages, e.g. "spread 576->768 (b 96) x expand 576->640 (b 64)"."""
-        def one(s: Side) -> str:
-            return "native" if s.kind == "native" else f"{s.kind} {s.d}->{s.padded} (b {s.b})"
+        """One phrase for tables and messages, e.g. "576->768 (1x96 per 128) x native, sparse GEMM FLOPs x1.33"."""
         if self.native:
             return "native"
-        return f"{one(self.out)} x {one(self.in_)}, sparse GEMM FLOPs x{self.flop_ratio:.2f}"
+        return f"{self.out.describe()} x {self.in_.describe()}, sparse GEMM FLOPs x{self.flop_ratio:.2f}"
 
 
 def layer_layout(d_out: int, d_in: int, block_A: int, block_B: int) -> LayerLayout | str:
@@ -132,7 +134,11 @@ def layer_layout(d_out: int, d_in: int, block_A: int, block_B: int) -> LayerLayo
     for s in (out, in_):
         if isinstance(s, str):
             return s
-    return LayerLayout(out, in_)
+    layout = LayerLayout(out, in_)
+    if layout.flop_ratio >= MAX_FLOP_RATIO:
+        return (f"blocks ({block_A}, {block_B}) of a ({d_out}, {d_in}) layer: padded to the kernels' layout "
+                f"({layout.describe()}) the sparse GEMM does at least the dense layer's work")
+    return layout
 
 
 def identity_block(d: int) -> int:

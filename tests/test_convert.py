@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from armor_kernels import Sparse24Linear  # noqa: E402
 from armor_kernels.cli import main  # noqa: E402
 from armor_kernels.hf import load_pruned_model  # noqa: E402
+from armor_kernels.layout import identity_block, layer_layout  # noqa: E402
 from armor_kernels.pipeline.convert import from_dense_24  # noqa: E402
 from armor_kernels.pipeline.summary import inspect_checkpoint  # noqa: E402
 
@@ -73,10 +74,14 @@ def test_packed_linears_store_nine_sixteenths_and_inspect_says_how_they_run(conv
             d_out, d_in = r["d_out"], r["d_in"]
             bias = r["dense_bf16_bytes"] - 2 * d_out * d_in
             assert r["stored_bytes"] == d_out * d_in + d_out * d_in // 8 + bias
-            assert r["path"] == "fused" and "sparse GEMM" in r["detail"]
+            # the tiny model's 32- and 64-wide layers pad to 128 on the kernels: past break-even, refused
+            layout = layer_layout(d_out, d_in, identity_block(d_out), identity_block(d_in))
+            fused = not isinstance(layout, str)
+            assert r["path"] == ("fused" if fused else "reference")
+            assert ("sparse GEMM" if fused else "at least the dense layer's work") in r["detail"]
     pure = [r for r in rows.values() if r["kind"] == "sparse24" and r["dense_bf16_bytes"] == 2 * r["d_out"] * r["d_in"]]
     assert pure and all(r["stored_bytes"] / r["dense_bf16_bytes"] == 0.5625 for r in pure)
-    assert report["method"] == "from_dense_24" and report["totals"]["paths"] == {"fused": len(rows) - 1, "dense": 1}
+    assert report["method"] == "from_dense_24" and report["totals"]["paths"]["dense"] == 1
 
 
 def test_strict_refuses_by_name_and_leaves_nothing(tmp_path):
@@ -124,7 +129,7 @@ def test_cli(converted, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["totals"]["paths"]["dense"] == 1
     assert main(["inspect", str(dst)]) == 0
     table = capsys.readouterr().out
-    assert odd in table and "from_dense_24" in table and "sparse GEMM" in table
+    assert odd in table and "from_dense_24" in table and "paths on an sm_90 GPU" in table
 
 
 def test_streamed_evaluation_of_the_converted_directory(converted):
