@@ -64,9 +64,11 @@ class ArmorQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        self._stored_shapes, self._directory = {}, None  # for _check_shapes
         if checkpoint_files:  # local shard paths, those transformers is about to read
             files = [Path(f) for f in checkpoint_files]
             verify_checkpoint(files[0].parent, files)
+            self._directory = files[0].parent
         for name, spec in self.quantization_config.modules.items():
             try:
                 lin = model.get_submodule(name)
@@ -82,11 +84,25 @@ class ArmorQuantizer(HfQuantizer):
             else:
                 new = Sparse24Linear.empty(*shape, bias, dtype, device)
             replace_module(model, name, new)
+            self._stored_shapes[name] = {k: tuple(v.shape) for k, v in new.state_dict().items()}
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        self._check_shapes(model)
         materialize(model)
         return model
+
+    def _check_shapes(self, model) -> None:
+        """Refuse a stored tensor of the wrong shape, naming its shard: transformers <= 5.17 puts one in place
+        even under ignore_mismatched_sizes (5.24 keeps the module's own and lists it as mismatched)."""
+        index = self._directory / INDEX_FILE if self._directory is not None else None
+        shard_of = json.loads(index.read_text())["weight_map"] if index is not None and index.is_file() else {}
+        for name, shapes in self._stored_shapes.items():
+            for k, v in model.get_submodule(name).state_dict().items():
+                if k in shapes and tuple(v.shape) != shapes[k]:
+                    key = f"{name}.{k}"
+                    raise ValueError(f"{shard_of.get(key, 'checkpoint')}: tensor {key!r} has shape {tuple(v.shape)}, "
+                                     f"the model needs {shapes[k]}")
 
     def is_serializable(self, safe_serialization=None):
         return True
