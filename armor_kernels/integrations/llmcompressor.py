@@ -55,7 +55,7 @@ from pydantic import PrivateAttr, create_model, field_validator, model_validator
 from torch import nn
 
 from .. import __version__
-from ..atomic import save_json, write_text
+from ..atomic import save_json
 from ..factors import ActivationStats
 from ..nn import ArmorLinear
 from ..optim import ArmorOptions
@@ -65,9 +65,9 @@ from ..pipeline.checkpoint import (
     STORAGE_DTYPE,
     config_hash,
     finish_run,
-    quantization_config,
     save_block,
     save_rest,
+    write_config,
 )
 from ..pipeline.model import block_linears, check_supported, decoder_layers, layers_prefix
 from ..pipeline.prune import prune_block_linears
@@ -298,11 +298,6 @@ def save_armor(model: nn.Module, modifier: ArmorModifier | None, out: str | Path
             specs[full] = {"kind": "armor", "block": [stored.A.shape[1], stored.B.shape[1]]}
         save_block(out, i, f"{prefix}.{i}", modules, chash, block_report)
         reports.update({f"{i}.{name}": r for name, r in block_report.items()})
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]  # as save_pretrained records it
-    config.quantization_config = quantization_config("armor", specs)
-    write_text(out / "config.json", config.to_json_string())
-    if getattr(model, "generation_config", None) is not None:
-        write_text(out / "generation_config.json", model.generation_config.to_json_string())
+    write_config(out, model, "armor", specs)
     finish_run(out, len(layers), reports)
     return out

@@ -111,14 +111,20 @@ def start_run(out: Path, model: nn.Module, tokenizer, run: dict, chash: str, blo
     if run["method"] == "dense":
         model.save_pretrained(out)
     else:
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]  # as save_pretrained records it
-        config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], blocks_for))
-        write_text(out / "config.json", config.to_json_string())
-        if getattr(model, "generation_config", None) is not None:
-            write_text(out / "generation_config.json", model.generation_config.to_json_string())
+        write_config(out, model, run["method"], module_specs(model, run["method"], blocks_for))
         save_rest(model, out)
     save_json(out / RUN_FILE, {"run": run, "config_hash": chash})
+
+
+def write_config(out: Path, model: nn.Module, method: str, modules: dict[str, dict]) -> None:
+    """config.json (the model's own, with the quantization_config naming the pruned `modules`) and
+    generation_config.json, as save_pretrained records them."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.quantization_config = quantization_config(method, modules)
+    write_text(Path(out) / "config.json", config.to_json_string())
+    if getattr(model, "generation_config", None) is not None:
+        write_text(Path(out) / "generation_config.json", model.generation_config.to_json_string())
 
 
 def save_rest(model: nn.Module, out: Path) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..atomic import save_json, write_text
+from ..atomic import save_json
 from ..nn import Sparse24Linear
 from ..sparse24 import violations_24
 from .checkpoint import (
@@ -35,9 +35,9 @@ from .checkpoint import (
     STORAGE_DTYPE,
     config_hash,
     finish_run,
-    quantization_config,
     save_block,
     save_rest,
+    write_config,
 )
 from .model import block_linears, check_supported, decoder_layers, layers_prefix
 from .source import ModelSource
@@ -127,12 +127,7 @@ def _convert(src: ModelSource, model: nn.Module, dtype: torch.dtype, dst: Path, 
             out[name] = lin
         save_block(dst, i, f"{prefix}.{i}", out, config_hash(run), {})
         src.free_block(model, i)
-    config = model.config
-    config.architectures = [type(model).__name__]
-    config.quantization_config = quantization_config(METHOD, modules)
-    write_text(dst / "config.json", config.to_json_string())
-    if getattr(model, "generation_config", None) is not None:
-        write_text(dst / "generation_config.json", model.generation_config.to_json_string())
+    write_config(dst, model, METHOD, modules)
     report = {"packed": len(packed), "kept_dense": dense, "rounded_to_bf16": rounded,
               "seconds": round(time.perf_counter() - t0, 1)}
     finish_run(dst, len(layers), {"conversion": report})
