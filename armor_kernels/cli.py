@@ -28,6 +28,7 @@ import torch
 from .atomic import save_json, write_text
 from .optim import ArmorOptions
 from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
+from .pipeline.budget import BudgetOptions
 from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
@@ -41,6 +42,11 @@ COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "d
 
 
 CHOICES = {"optimizer": OPTIMIZERS, "objective": OBJECTIVES, "start": STARTS}  # the str-valued ArmorOptions
+# Named configurations of ARMOR (README, "Presets"): what each one measured is in the README's table.
+PRESETS = {
+    "quality": ["--budget", "0.05", "--asymmetric", "--recon-steps", "14", "--recon-batch", "2",
+                "--recon-check", "7", "--recon-lr", "3e-3"],
+}
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +71,18 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="keep the calibration activations in host memory, one batch on the device at a time")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the final perplexity (streamed block by block from the written checkpoint)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="asymmetric calibration: fit each linear, on the pruned model's inputs, to the dense model's "
+                        "output on its own inputs (protocol sequential; factors.asymmetric_weight)")
+    p.add_argument("--budget", type=float, default=None, metavar="F",
+                   help="ARMOR: one model-wide budget, A and B at most F of the linears' parameters in total, block "
+                        "sizes allocated per layer from each layer's measured loss (pipeline/budget.py); replaces "
+                        "--overhead's per-layer rule")
+    p.add_argument("--budget-probe-iters", type=int, default=BudgetOptions.probe_iters,
+                   help=f"iterations of each budget probe (default {BudgetOptions.probe_iters})")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named configuration of ARMOR (prune: --method armor implied): " + "; ".join(
+                       f"{k}: {' '.join(v)}" for k, v in PRESETS.items()) + ". Flags given besides it win")
     _recon_args(p)
 
 
@@ -79,6 +97,28 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, choices=TARGETS, default=f.default, help=f"default {f.default}")
         else:
             g.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default}")
+
+
+def _budget_options(args) -> BudgetOptions | None:
+    return None if args.budget is None else BudgetOptions(args.budget, args.budget_probe_iters)
+
+
+def with_preset(argv: list[str]) -> list[str]:
+    """argv with its --preset NAME replaced by the preset's flags, put before the user's own so these win."""
+    if "--preset" not in argv:
+        return argv
+    k = argv.index("--preset")
+    name = argv[k + 1] if k + 1 < len(argv) else None
+    if name not in PRESETS:
+        raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    rest = argv[:k] + argv[k + 2:]
+    method = []
+    if rest[:1] == ["prune"]:
+        given = rest[rest.index("--method") + 1] if "--method" in rest[:-1] else "armor"
+        if given != "armor":
+            raise ValueError(f"--preset {name}: is a configuration of method armor, got --method {given}")
+        method = [] if "--method" in rest else ["--method", "armor"]
+    return rest[:1] + method + PRESETS[name] + rest[1:]
 
 
 def _recon_options(args) -> ReconOptions:
@@ -156,7 +196,8 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
         report = prune_model(dense.source, dense.tokenizer, splits.calibration, method, out, options=opts,
                              device=args.device, source=args.model or "bundled SmolLM2-135M-Instruct",
                              protocol=args.protocol, dtype=getattr(torch, args.dtype),
-                             offload=args.offload_activations, dist=dist, recon=_recon_options(args))
+                             offload=args.offload_activations, dist=dist, recon=_recon_options(args),
+                             asymmetric=args.asymmetric, budget=_budget_options(args))
         if not dist.is_writer:
             return None
     sizes = checkpoint_sizes(out, skeleton) if method != "dense" else {}
@@ -320,8 +361,8 @@ def main(argv=None) -> int:
     if argv[:1] in (["lm-eval"], ["lm-eval-task"]):  # everything after it is lm-eval's / the task writer's
         from . import lm_eval
         return (lm_eval.main if argv[0] == "lm-eval" else lm_eval.write_task_main)(argv[1:])
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(with_preset(argv))
         torch.manual_seed(getattr(args, "seed", 0))
         COMMANDS[args.cmd](args)
     except USER_ERRORS as e:

@@ -8,10 +8,17 @@ five Austen novels. Every model is then evaluated on two texts, 20 000 tokens ea
   pride_and_prejudice  the held-out novel (the calibration's domain, the README's figure)
   python_reference     the Python Language Reference (pydoc_data, CPython's own; pipeline/data.py): technical
                        prose and code, a domain the calibration never saw
+and on the validation windows: 16 windows of the calibration novels that no run calibrates on (the next
+windows of the calibration's draw, pipeline/data.py). Choices between configurations (the preset) are
+made on `ppl_validation`, never on the two evaluation texts.
 Bytes: the pruned linears' stored bytes (values, 2:4 metadata, A and B in bf16) over the dense bf16 linears'.
 One CSV row per run, `pareto_<text>` marking the runs no cheaper run beats on that text; the plot has one
 line per method (ARMOR's across parameter budgets), the Pareto front dashed. A second table, the levers
 (`--levers-out`), compares ARMOR's variants at one budget with their pruning time.
+
+The CSV is also the cache: only the runs named in --runs are pruned; every other run is measured from its
+directory if it has one, else keeps its row from the CSV (`--out`), so adding a configuration measures only
+that one. Rows measured before the validation column existed leave it empty.
 """
 from __future__ import annotations
 
@@ -21,11 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-from harness import RESULTS, bench_args, plot_lines, write_csv
+from harness import RESULTS, bench_args, plot_lines, read_csv, write_csv
 
 from armor_kernels.atomic import save_json, write_text
 from armor_kernels.hf import load_pruned_model
-from armor_kernels.pipeline.data import EVAL_TOKENS, SEQ_LEN, python_reference, token_splits
+from armor_kernels.pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, python_reference, token_splits
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import load_model
 from armor_kernels.pipeline.source import model_source
@@ -34,6 +41,7 @@ from armor_kernels.pipeline.source import model_source
 # layers 40 → 80 iterations lower its loss by 1-2 % relative: block 3's down_proj and q_proj, checked by hand)
 OUTPUT = ["--objective", "output", "--start", "best", "--iters", "40"]
 RECON = ["--recon-steps", "14", "--recon-batch", "2", "--recon-check", "7", "--recon-lr", "3e-3"]
+N_VALIDATION = 16
 # name -> CLI flags after `prune`; the line a run belongs to is its label (see `label`)
 RUNS = {
     "dense": ["--method", "dense"],
@@ -59,10 +67,21 @@ RUNS = {
     # dense model's input (target dense), or against the dense block on the pruned model's input (local)
     **{f"armor-output-shrink0.5-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *OUTPUT, "--shrink",
                                                    "0.5", *RECON, "--recon-target", t] for t in ("dense", "local")},
+    # the three levers on the paper's ARMOR, each alone and together: reconstruction (dense target),
+    # asymmetric calibration, and one model-wide budget of the same 5 % instead of 5 % per layer
+    "armor-o0.05-recon-dense": ["--method", "armor", "--overhead", "0.05", *RECON],
+    "armor-o0.05-asym": ["--method", "armor", "--overhead", "0.05", "--asymmetric"],
+    "armor-budget0.05": ["--method", "armor", "--budget", "0.05"],
+    "armor-o0.05-asym-recon": ["--method", "armor", "--overhead", "0.05", "--asymmetric", *RECON],
+    "armor-budget0.05-asym-recon": ["--method", "armor", "--budget", "0.05", "--asymmetric", *RECON],
+    # the same at a second budget, so the front is a line
+    "armor-budget0.02-asym-recon": ["--method", "armor", "--budget", "0.02", "--asymmetric", *RECON],
 }
-LEVERS = ["sparsegpt", "armor-o0.05", "armor-o0.05-start-sparsegpt", "armor-output-o0.05-start-nowag_p",
-          "armor-output-o0.05", "armor-output-shrink0.5-o0.05", "armor-output-shrink0.5-o0.05-recon-dense",
-          "armor-output-shrink0.5-o0.05-recon-local", "sparsegpt-n128", "armor-o0.05-n128"]
+LEVERS = ["sparsegpt", "armor-o0.05", "armor-o0.05-recon-dense", "armor-o0.05-asym", "armor-budget0.05",
+          "armor-o0.05-asym-recon", "armor-budget0.05-asym-recon", "armor-o0.05-start-sparsegpt",
+          "armor-output-o0.05-start-nowag_p", "armor-output-o0.05", "armor-output-shrink0.5-o0.05",
+          "armor-output-shrink0.5-o0.05-recon-dense", "armor-output-shrink0.5-o0.05-recon-local", "sparsegpt-n128",
+          "armor-o0.05-n128"]
 TEXTS = ("pride_and_prejudice", "python_reference")
 
 
@@ -81,6 +100,10 @@ def label(flags: list[str]) -> str:
             method += f", {flag(flags, '--iters')} iterations"
         if "--recon-steps" in flags:
             method += f", reconstruction to the {flag(flags, '--recon-target', 'dense')} target"
+        if "--asymmetric" in flags:
+            method += ", asymmetric"
+        if "--budget" in flags:
+            method += ", model-wide budget"
     n = flag(flags, "--n-samples")
     return method + (f", {n} windows" if n else "")
 
@@ -95,9 +118,9 @@ def prune(name: str, runs_dir: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-def second_text_perplexity(name: str, runs_dir: Path, tokens) -> float:
-    """Perplexity on the Python reference, cached in the run's directory."""
-    cache = runs_dir / name / "python_reference.json"
+def cached_perplexity(name: str, runs_dir: Path, tokens, cache_name: str) -> float:
+    """Perplexity of the run's model on `tokens`, cached in the run's directory as `cache_name`.json."""
+    cache = runs_dir / name / f"{cache_name}.json"
     if cache.exists():
         return json.loads(cache.read_text())["perplexity"]
     model = load_model(None)[0] if name == "dense" else load_pruned_model(runs_dir / name)[0]
@@ -116,20 +139,30 @@ def pareto(rows: list[dict], key: str) -> None:
 
 def main(argv=None) -> int:
     p = bench_args(__doc__.split("\n")[0], "frontier_smollm2_cpu")
-    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=[],
+                   help="runs to prune (or resume) and measure; the others come from their directories, else "
+                        "from the CSV (default: none pruned)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/frontier"))
     p.add_argument("--levers-out", type=Path, default=RESULTS / "frontier_levers_smollm2_cpu.md")
     args = p.parse_args(argv)
     tok = model_source(None).tokenizer()
     python_tokens = token_splits(tok, {"python_reference": python_reference()}, n_samples=1, seq_len=SEQ_LEN,
                                  eval_tokens=EVAL_TOKENS).evaluation
+    validation = token_splits(tok, None, n_samples=N_SAMPLES, seq_len=SEQ_LEN, eval_tokens=EVAL_TOKENS,
+                              n_validation=N_VALIDATION).validation.reshape(-1)
+    cached = {r["run"]: r for r in read_csv(args.out)} if args.out.exists() else {}
     rows = []
-    for name in args.runs:
+    for name in RUNS:
+        if name not in args.runs and not (args.runs_dir / name / "result.json").exists():
+            if name in cached:
+                rows.append({**cached[name], "label": label(RUNS[name]), "flags": " ".join(RUNS[name])})
+            continue  # never measured: only a run named in --runs is pruned
         res = prune(name, args.runs_dir)
         rows.append({"run": name, "label": label(RUNS[name]), "flags": " ".join(RUNS[name]),
                      "linear_bytes_ratio": res["linear_bytes_ratio"], "linear_bytes": res["linear_bytes"],
                      "checkpoint_bytes": res["checkpoint_bytes"], "ppl_pride_and_prejudice": res["perplexity"],
-                     "ppl_python_reference": second_text_perplexity(name, args.runs_dir, python_tokens),
+                     "ppl_python_reference": cached_perplexity(name, args.runs_dir, python_tokens, "python_reference"),
+                     "ppl_validation": cached_perplexity(name, args.runs_dir, validation, "validation"),
                      "prune_s": res["calibration_s"], "mean_loss": res.get("mean_loss", ""),
                      "mean_start_loss": res.get("mean_start_loss", "")})
         print(rows[-1], flush=True)
@@ -147,10 +180,10 @@ def main(argv=None) -> int:
                ylabel="perplexity", yscale="log", dashed="Pareto front", legend_outside=True)
     levers = [r for name in LEVERS for r in rows if r["run"] == name]
     if levers:
-        cols = ["run", "label", "linear_bytes_ratio", "ppl_pride_and_prejudice", "ppl_python_reference", "prune_s",
-                "mean_loss", "mean_start_loss"]
+        cols = ["run", "label", "linear_bytes_ratio", "ppl_validation", "ppl_pride_and_prejudice",
+                "ppl_python_reference", "prune_s", "mean_loss", "mean_start_loss"]
         md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in levers]
+        md += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in levers]
         write_text(args.levers_out, "\n".join(md) + "\n")
         print("\n".join(md))
     return 0

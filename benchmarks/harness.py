@@ -76,6 +76,19 @@ def cuda_vs_reference(label: str, case: dict, reference, kernel, reps: int) -> d
     return dict(device="cuda", **case, reference_us=round(r, 2), triton_us=round(k, 2), speedup=round(r / k, 2))
 
 
+def read_csv(path: Path) -> list[dict]:
+    """The rows write_csv wrote, numbers as numbers, True/False as bools, empty cells as ""."""
+    def value(v: str):
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            return int(v) if v.lstrip("-").isdigit() else float(v)
+        except ValueError:
+            return v
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     """All rows (the union of their keys, in first-seen order) to `path`, atomically."""
     if not rows:

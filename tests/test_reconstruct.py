@@ -212,14 +212,15 @@ def test_streamed_architectures(arch, tmp_path):
     assert torch.isfinite(logits).all()
 
 
-def _launch(src: Path, out: Path, nproc: int) -> subprocess.CompletedProcess:
+def _launch(src: Path, out: Path, nproc: int, script: Path = HERE) -> subprocess.CompletedProcess:
+    """`script SRC OUT` in one process, or under torchrun in `nproc`."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", ARMOR_DIST_TIMEOUT="60", HF_HUB_OFFLINE="1")
     launch = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
         "127.0.0.1", "--master_port", str(free_port())]
-    return subprocess.run(launch + [str(HERE), str(src), str(out)], env=env, capture_output=True, text=True,
+    return subprocess.run(launch + [str(script), str(src), str(out)], env=env, capture_output=True, text=True,
                           timeout=300)
 
 

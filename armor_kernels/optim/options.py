@@ -114,6 +114,10 @@ class ArmorOptions:
         """(bA, bB) of a layer of this shape."""
         return block_sizes(W_shape, self.layer_block_size(W_shape))
 
+    def layer_blocks_for(self, key: str, W_shape: tuple[int, int]) -> tuple[int, int]:
+        """layer_blocks as checkpoint.module_specs asks for it (by layer name, which this rule ignores)."""
+        return self.layer_blocks(W_shape)
+
     def optimizer_kwargs(self) -> dict:
         """The keyword arguments of the chosen optimizer, defaults resolved."""
         resolved = {**asdict(self), **{k: v if getattr(self, k) is None else getattr(self, k)

@@ -79,7 +79,7 @@ def module_specs(model: nn.Module, method: str, blocks_for) -> dict[str, dict]:
         for name, lin in block_linears(block).items():
             spec = {"kind": "sparse24"}
             if method == "armor":
-                spec = {"kind": "armor", "block": list(blocks_for((lin.out_features, lin.in_features)))}
+                spec = {"kind": "armor", "block": list(blocks_for(f"{i}.{name}", (lin.out_features, lin.in_features)))}
             specs[f"{prefix}.{i}.{name}"] = spec
     return specs
 
@@ -105,7 +105,7 @@ def read_run(out: Path) -> dict:
 def start_run(out: Path, model: nn.Module, tokenizer, run: dict, chash: str, blocks_for=None) -> None:
     """Write everything but the block shards: tokenizer, config.json with the quantization_config, the
     unpruned tensors and the run metadata. A dense run writes the whole model as it is. blocks_for: ARMOR's
-    shape -> (bA, bB) rule (ArmorOptions.layer_blocks)."""
+    ("i.name", shape) -> (bA, bB) rule (ArmorOptions.layer_blocks, or the budget's allocation)."""
     out = Path(out)
     tokenizer.save_pretrained(out)
     if run["method"] == "dense":
@@ -478,7 +478,7 @@ def convert_v1(src: str | Path, dst: str | Path) -> None:
     tokenizer.save_pretrained(dst)
     if run["method"] == "dense":
         raise ValueError("convert: a v1 'dense' run holds the unpruned model; prune again or use the source model")
-    blocks_for = lambda shape: block_sizes(shape, block_size)  # noqa: E731  (v1 had no budget)
+    blocks_for = lambda key, shape: block_sizes(shape, block_size)  # noqa: E731  (v1 had no budget)
     config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], blocks_for))
     write_text(dst / "config.json", config.to_json_string())
     save_shard(dst / REST_SHARD, rest, {"format": "pt"})

@@ -157,11 +157,12 @@ def python_reference() -> str:
 class TokenSplits(NamedTuple):
     calibration: torch.Tensor  # int64 [n_samples, seq_len]
     evaluation: torch.Tensor  # int64 [eval_tokens]
+    validation: torch.Tensor | None = None  # int64 [n_validation, seq_len], when asked for
 
 
 def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None = None, *,
                  n_samples: int = N_SAMPLES, seq_len: int = SEQ_LEN, eval_tokens: int = EVAL_TOKENS, seed: int = 0,
-                 eval_doc: str | None = None) -> TokenSplits:
+                 eval_doc: str | None = None, n_validation: int = 0) -> TokenSplits:
     """Calibration and evaluation tokens from disjoint parts of a corpus.
 
     ``source`` is what :func:`load_corpus` takes, or an already loaded name -> text mapping.
@@ -171,7 +172,10 @@ def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None
     calibration comes from the part before them.
 
     Calibration is ``n_samples`` distinct non-overlapping windows of ``seq_len`` tokens, drawn at random
-    (``seed``) from the calibration documents' windows, none crossing a document boundary.
+    (``seed``) from the calibration documents' windows, none crossing a document boundary. Validation
+    (``n_validation`` > 0) is the next ``n_validation`` windows of the same draw: the calibration's domain,
+    never calibrated on, for choosing between configurations without looking at the evaluation text (the
+    calibration windows are the same with or without it).
 
     Defaults: N_SAMPLES, SEQ_LEN and EVAL_TOKENS above.
     """
@@ -205,8 +209,10 @@ def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None
         pool = [t for n, t in ids.items() if n != name]
 
     windows = torch.cat([t[:len(t) // seq_len * seq_len].view(-1, seq_len) for t in pool])
-    if len(windows) < n_samples:
+    if len(windows) < n_samples + n_validation:
+        asked = f"n_samples={n_samples}" + (f" + n_validation={n_validation}" if n_validation else "")
         raise ValueError(f"calibration text holds {len(windows)} windows of seq_len={seq_len} tokens, "
-                         f"fewer than n_samples={n_samples}")
-    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n_samples]
-    return TokenSplits(windows[pick], evaluation)
+                         f"fewer than {asked}")
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    validation = windows[pick[n_samples:n_samples + n_validation]] if n_validation else None
+    return TokenSplits(windows[pick[:n_samples]], evaluation, validation)

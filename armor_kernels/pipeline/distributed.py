@@ -41,6 +41,7 @@ import datetime
 import math
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,22 +270,30 @@ class StatsRecorder:
     Batches must be recorded in increasing global order. Rank 0 folds its terms into zeros at once (its
     batches are the first ones); other ranks keep theirs, on `store_device` (default: the linear's
     device), until `combine_stats`. A linear called k times in a batch adds k terms, in call order.
+
+    paired: each call's input x is recorded joined with the same linear's input x' on a second stream,
+    [x, x']: the statistics of a 2·d_in-wide input, whose full H holds Σ x xᵀ and the cross term Σ x' xᵀ
+    (asymmetric calibration, prune.py; ActivationStats.from_paired). Before each batch, `rec.partners(run)`
+    runs the second stream's forward and keeps its inputs.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], full: bool, dist: Dist,
-                 store_device: str | torch.device | None = None):
+                 store_device: str | torch.device | None = None, paired: bool = False):
         self.names = list(linears)
-        self.d_in = {n: lin.in_features for n, lin in linears.items()}
+        self.paired = paired
+        self.d_in = {n: lin.in_features * (2 if paired else 1) for n, lin in linears.items()}
         self.devices = {n: lin.weight.device for n, lin in linears.items()}
-        self.full, self.dist = full, dist
+        self.full, self.dist = full or paired, dist  # the cross term is part of the joint H
         self.store_device = None if store_device is None else torch.device(store_device)
         self._linears = linears
         self._fold = dist.rank == 0
-        self.head = ({n: ActivationStats(self.d_in[n], full=full, device=self.devices[n]) for n in self.names}
+        self.head = ({n: ActivationStats(self.d_in[n], full=self.full, device=self.devices[n]) for n in self.names}
                      if self._fold else None)
         self.terms: dict[str, list[tuple[torch.Tensor, torch.Tensor | None, int]]] = {n: [] for n in self.names}
         self.batches: list[int] = []
         self._current: int | None = None
+        self._partners: dict[str, list[torch.Tensor]] | None = None  # this batch's second-stream inputs
+        self._capture: dict[str, list[torch.Tensor]] | None = None   # set while partners() runs
         self._hooks: list = []
 
     def __enter__(self) -> StatsRecorder:
@@ -297,22 +306,47 @@ class StatsRecorder:
             h.remove()
         self._hooks = []
 
+    def partners(self, run: Callable[[], object]) -> None:
+        """Run the second stream (`run()`: the same linears on other inputs) and keep each linear's inputs,
+        in call order, for the next batch to join with its own (paired recorders)."""
+        if not self.paired:
+            raise ValueError("StatsRecorder: partners() is for a paired recorder")
+        self._capture = {n: [] for n in self.names}
+        try:
+            run()
+            self._partners = self._capture
+        finally:
+            self._capture = None
+
     @contextmanager
     def batch(self, index: int) -> Iterator[None]:
         """Calls of the linears inside this context belong to global batch `index`."""
         if self.batches and index <= self.batches[-1]:
             raise ValueError(f"StatsRecorder: batches must come in increasing order, got {index} "
                              f"after {self.batches[-1]}")
+        if self.paired and self._partners is None:
+            raise ValueError("StatsRecorder: a paired recorder needs partners(run) before each batch")
         self.batches.append(index)
         self._current = index
         try:
             yield
+            left = {n: len(xs) for n, xs in (self._partners or {}).items() if xs}
+            if left:
+                raise ValueError(f"StatsRecorder: the second stream called {left} more times than the first")
         finally:
-            self._current = None
+            self._current, self._partners = None, None
 
     def _record(self, name: str, x: torch.Tensor) -> None:
+        if self._capture is not None:
+            self._capture[name].append(x.detach())
+            return
         if self._current is None:
             raise RuntimeError(f"StatsRecorder: {name} was called outside `with recorder.batch(index)`")
+        if self.paired:
+            partners = self._partners.get(name)
+            if not partners:
+                raise ValueError(f"StatsRecorder: {name} was called more times than on the second stream")
+            x = torch.cat([x, partners.pop(0).to(x.device, x.dtype)], dim=-1)
         d_in = self.d_in[name]
         if x.shape[-1] != d_in:
             raise ValueError(f"x: expected last dimension {d_in}, got shape {tuple(x.shape)}")
@@ -431,6 +465,25 @@ def _check_batch_order(dist: Dist, batches: list[int], n_batches: int | None) ->
 # ---------------------------------------------------------------------------------------------
 # Work assignment and sharing the results
 # ---------------------------------------------------------------------------------------------
+
+def on_cores(jobs: dict[str, Callable[[], Any]], sizes: dict[str, int]) -> dict[str, Any]:
+    """Each job's result, the jobs run one per CPU core, each single-threaded, largest `sizes` first.
+
+    Why: the optimizer's small matmuls and per-tile sweeps scale poorly across threads within one layer,
+    so whole layers in parallel finish a block sooner (SmolLM2 on 2 cores: see README). Results are
+    returned in `jobs`' order; with one thread the jobs simply run in turn."""
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers < 2:
+        return {k: job() for k, job in jobs.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {k: pool.submit(jobs[k]) for k in sorted(jobs, key=lambda k: -sizes[k])}
+            return {k: futures[k].result() for k in jobs}
+    finally:
+        torch.set_num_threads(threads)
+
 
 def assign(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     """name -> rank by longest processing time first: the largest job goes to the least loaded rank

@@ -11,11 +11,11 @@ refused. One run at a time writes a directory (lock.py).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..baselines import BASELINES, SPARSEGPT_BLOCK, SPARSEGPT_DAMP
-from ..factors import ActivationStats
+from ..factors import ActivationStats, asymmetric_weight, block_sizes
 from ..nn import ArmorLinear, Sparse24Linear, materialize
 from ..optim import ArmorOptions, armor
+from .budget import BudgetOptions, allocate, layer_options, log_allocation, probe
 from .checkpoint import (
     FORMAT_VERSION,
     RUN_FILE,
@@ -41,7 +42,7 @@ from .checkpoint import (
     save_block,
     start_run,
 )
-from .distributed import Dist, StatsRecorder, assign, combine_stats, share_modules
+from .distributed import Dist, StatsRecorder, assign, combine_stats, on_cores, share_modules
 from .lock import RunLock, RunLocked
 from .model import adopt, block_linears, check_supported, decoder_layers, layers_prefix
 from .reconstruct import ReconOptions, reconstruction
@@ -124,17 +125,24 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple]) 
 
 def collect_stats(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple], full: bool, *,
                   dist: Dist | None = None, batch_ids: list[int] | None = None, n_batches: int | None = None,
-                  owners: dict[str, int] | None = None) -> dict[str, ActivationStats]:
+                  owners: dict[str, int] | None = None, paired: list[torch.Tensor] | None = None
+                  ) -> dict[str, ActivationStats]:
     """Statistics of the block's linears' inputs over the calibration batches: this process's batches
     (`batch_ids` of `n_batches`, default all), combined over the processes in batch order (distributed.py),
-    for the linears `owners` gives this rank (default all)."""
+    for the linears `owners` gives this rank (default all). `paired`: the same batches' hidden states on
+    the dense model's stream; each linear's statistics then carry the cross term with its dense inputs
+    (ActivationStats.cross, and the full H: asymmetric calibration)."""
     dist = dist or Dist()
     batch_ids = list(range(len(hidden))) if batch_ids is None else batch_ids
-    with StatsRecorder(block_linears(block), full, dist) as rec:
-        for b, h, e in zip(batch_ids, hidden, extra):
+    with StatsRecorder(block_linears(block), full, dist, paired=paired is not None) as rec:
+        for k, (b, h, e) in enumerate(zip(batch_ids, hidden, extra)):
+            if paired is not None:
+                rec.partners(lambda: run_block(block, [paired[k]], [e]))  # noqa: B023 (called at once)
             with rec.batch(b):
                 run_block(block, [h], [e])
     stats = combine_stats(dist, rec, len(hidden) if n_batches is None else n_batches, owners=owners)
+    if paired is not None:
+        stats = {n: ActivationStats.from_paired(st) for n, st in stats.items()}
     check_tokens(block, stats)
     return stats
 
@@ -149,8 +157,11 @@ def check_tokens(block: nn.Module, stats: dict[str, ActivationStats]) -> None:
 
 
 def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: ArmorOptions) -> tuple[nn.Module, dict]:
-    """The pruned replacement of one linear (stored values, model's dtype for compute) and its report."""
+    """The pruned replacement of one linear (stored values, model's dtype for compute) and its report.
+    Statistics with a cross term (asymmetric calibration) prune asymmetric_weight's W̃ instead of W."""
     W = lin.weight.detach()
+    if stats.cross is not None:
+        W = asymmetric_weight(W, stats, SPARSEGPT_DAMP)
     if method == "armor":
         res = armor(W, stats, options)
         mod = ArmorLinear.from_linear(lin, res.factors, dtype=STORAGE_DTYPE).pack()
@@ -161,27 +172,20 @@ def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: A
 
 
 def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats], method: str,
-                        options: ArmorOptions, device: torch.device) -> tuple[dict[str, nn.Module], dict]:
-    """Prune a block's linears (independent once the block's statistics are collected).
+                        options: ArmorOptions | dict[str, ArmorOptions], device: torch.device
+                        ) -> tuple[dict[str, nn.Module], dict]:
+    """Prune a block's linears (independent once the block's statistics are collected); `options`: one
+    for all, or one per linear (a budget's allocation).
 
-    On a multi-core CPU, ARMOR runs one linear per core, each single-threaded, largest first: the
-    optimizer's small matmuls and per-tile sweeps scale poorly across threads within one layer, so
-    whole layers in parallel finish the block sooner (SmolLM2 on 2 cores: see README). Each layer's
-    result does not depend on the schedule; outputs are returned in the block's own order.
+    ARMOR on a CPU runs one linear per core (distributed.on_cores); each layer's result does not depend on
+    the schedule, and outputs are returned in the block's own order.
     """
-    workers = min(torch.get_num_threads(), len(linears))
-    if method != "armor" or device.type != "cpu" or workers < 2:
-        done = {name: prune_linear(lin, stats[name], method, options) for name, lin in linears.items()}
+    opts = options if isinstance(options, dict) else {n: options for n in linears}
+    jobs = {n: functools.partial(prune_linear, lin, stats[n], method, opts[n]) for n, lin in linears.items()}
+    if method == "armor" and device.type == "cpu":
+        done = on_cores(jobs, {n: lin.weight.numel() for n, lin in linears.items()})
     else:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                largest_first = sorted(linears, key=lambda n: -linears[n].weight.numel())
-                futures = {n: pool.submit(prune_linear, linears[n], stats[n], method, options) for n in largest_first}
-                done = {name: futures[name].result() for name in linears}
-        finally:
-            torch.set_num_threads(threads)
+        done = {n: job() for n, job in jobs.items()}
     return {n: m for n, (m, _) in done.items()}, {n: r for n, (_, r) in done.items()}
 
 
@@ -196,10 +200,11 @@ def method_options(method: str, options: ArmorOptions | None) -> dict:
 
 
 def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, model: nn.Module,
-               source: str | None, batch_size: int, protocol: str = "sequential", recon: ReconOptions | None = None
-               ) -> dict:
+               source: str | None, batch_size: int, protocol: str = "sequential", recon: ReconOptions | None = None,
+               asymmetric: bool = False, budget: BudgetOptions | None = None) -> dict:
     """Everything that decides a run's output, defaults included: a resumed run must match it exactly.
-    Reconstruction is recorded only when it is on, so a run without it keeps the hash it always had."""
+    Reconstruction, asymmetric calibration and a budget are recorded only when on, so a run without them
+    keeps the hash it always had."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if protocol not in PROTOCOLS:
@@ -207,6 +212,13 @@ def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, m
     tuned = recon is not None and recon.enabled
     if tuned and method == "dense":
         raise ValueError("recon: block-wise reconstruction tunes pruned blocks, got it with method 'dense'")
+    if asymmetric and (method == "dense" or protocol != "sequential"):
+        raise ValueError("asymmetric: fits the pruned model's inputs to the dense model's outputs, so it needs a "
+                         f"pruning method and protocol 'sequential', got method {method!r}, protocol {protocol!r}")
+    if budget is not None and (method != "armor" or (options is not None and options.overhead is not None)):
+        raise ValueError("budget: allocates ARMOR's block sizes model-wide; it takes method 'armor' without a "
+                         f"per-layer overhead, got method {method!r}"
+                         + (f", overhead {options.overhead}" if options is not None and options.overhead else ""))
     config = {
         "package_version": __version__, "format_version": FORMAT_VERSION, "method": method,
         "options": method_options(method, options), "batch_size": batch_size, "protocol": protocol,
@@ -218,6 +230,8 @@ def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, m
         # where it was read from is model_source's business; the architecture is the model's class
         "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
         **({"reconstruction": recon.to_config()} if tuned else {}),
+        **({"asymmetric": True} if asymmetric else {}),
+        **({"budget": budget.to_config()} if budget is not None else {}),
     }
     return json.loads(json.dumps(config))  # the form it has when read back from config.json
 
@@ -236,7 +250,8 @@ def _refuse_foreign_directory(out: Path) -> None:
 def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
                 options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None,
                 protocol: str = "sequential", dtype: torch.dtype | None = None, offload: bool = False,
-                dist: Dist | None = None, recon: ReconOptions | None = None) -> dict:
+                dist: Dist | None = None, recon: ReconOptions | None = None, asymmetric: bool = False,
+                budget: BudgetOptions | None = None) -> dict:
     """Prune every decoder block's linears and write each block to `out` as it finishes; when the last is
     done, `out` is a Hugging Face model directory (checkpoint.py).
 
@@ -252,6 +267,10 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
            ranks by size and their results shared; rank 0 writes. The checkpoint is bit-identical to a
            one-process run's.
     recon: block-wise reconstruction after each block's layer-wise pruning (reconstruct.py; default off).
+    asymmetric: fit each linear, on the pruned model's inputs, to the dense model's output on the dense
+           model's inputs (protocol "sequential"): the dense model's stream runs beside the pruned one and
+           each linear is pruned in the form factors.asymmetric_weight gives it. Default off.
+    budget: ARMOR's block sizes allocated model-wide under one parameter budget (budget.py; default off).
     Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
     with the same configuration; refuses one with a different configuration.
     """
@@ -259,7 +278,7 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     dist = dist or Dist.from_env(device)
     with _single_writer(out, dist):
         return _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype,
-                      offload, dist, recon)
+                      offload, dist, recon, asymmetric, budget)
 
 
 @contextmanager
@@ -283,7 +302,7 @@ def _single_writer(out: Path, dist: Dist):
 
 
 def _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype, offload,
-           dist, recon) -> dict:
+           dist, recon, asymmetric, budget) -> dict:
     streamed = isinstance(model, ModelSource)
     if streamed:
         src, model = model, model.skeleton(dtype or torch.float32)
@@ -293,27 +312,32 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
     else:
         check_supported(model)
     dtype = next(model.parameters()).dtype if not streamed else (dtype or torch.float32)
-    config = run_config(method, options, calib, model, source, batch_size, protocol, recon)
+    config = run_config(method, options, calib, model, source, batch_size, protocol, recon, asymmetric, budget)
     options = options or ArmorOptions()
     chash = config_hash(config)
     layers, prefix = decoder_layers(model), layers_prefix(model)
     if streamed and method == "dense":  # the unpruned model as it is: read every block
         for i in range(len(layers)):
             src.load_block(model, i, device, dtype)
-    if dist.agree(not (out / RUN_FILE).exists()):
-        dist.write(_start, out, model, tokenizer, config, chash, options.layer_blocks if method == "armor" else None)
-    else:
+    fresh = dist.agree(not (out / RUN_FILE).exists())
+    if not fresh:
         old = read_run(out)
         if config_hash(old["run"]) != chash:
             raise ValueError(f"output directory {str(out)!r} holds a run with a different configuration "
                              f"(method {old['run'].get('method')!r}); use a new directory")
     if method == "dense":
+        if fresh:
+            dist.write(_start, out, model, tokenizer, config, chash, None)
         return {"config": config, "layers": {}, "seconds": 0.0}
+    if fresh:
+        dist.write(_refuse_foreign_directory, out)
 
     t0 = time.perf_counter()
     report = {}
     batches = calib.split(batch_size)
     mine = dist.my_batches(len(batches))
+    load = (lambda i: src.load_block(model, i, device, dtype)) if streamed else (lambda i: layers[i].to(device))
+    free = (lambda i: src.free_block(model, i)) if streamed else (lambda i: None)
     with torch.no_grad():
         if mine:
             hidden, extra = calibration_inputs(model, torch.cat([batches[b] for b in mine]), batch_size, device)
@@ -323,44 +347,55 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
             hidden = [h.cpu() for h in hidden]
         act = sum(h.numel() * h.element_size() for h in hidden)
         log.info("calibration activations: %d of %d batches on this process, %.1f MB held %s (twice while a "
-                 "block runs)", len(hidden), len(batches), act / 2**20, "in host memory" if offload else f"on {device}")
+                 "block runs%s)", len(hidden), len(batches), act / 2**20,
+                 "in host memory" if offload else f"on {device}",
+                 "; once more for the dense stream" if asymmetric else "")
+        layer_opts = lambda key: options  # noqa: E731
+        blocks_for = options.layer_blocks_for if method == "armor" else None
+        if budget is not None:
+            blocks = _budget_blocks(budget, options, model, hidden, extra, load, free, dist, mine, len(batches), out)
+            if streamed:  # freeing a probed block dropped its norms with its linears
+                src.load_rest(model, device, dtype)
+            layer_opts = layer_options(options, blocks)
+            blocks_for = lambda key, shape: block_sizes(shape, blocks[key])  # noqa: E731
+        if fresh:
+            dist.write(_start, out, model, tokenizer, config, chash, blocks_for)
         tuner = reconstruction(recon, protocol, calib, lambda w: calibration_inputs(model, w, recon.batch, device),
                                offload, dist, device)
+        # the dense model's stream: the inputs of protocol "dense", the partner stream of asymmetric calibration
+        dense_hidden = list(hidden) if protocol == "dense" or asymmetric else None
         bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block", disable=not dist.is_writer)
         for i in bar:
-            block = src.load_block(model, i, device, dtype) if streamed else layers[i].to(device)
+            block = load(i)
             if tuner is not None:
                 tuner.dense_pass(block, i)
-            dense_out = None
             finished = _resumed_block(dist, out, i, prefix, chash)
             if finished is not None:
                 pruned, block_report = finished
                 bar.set_postfix_str("resumed")
-                if protocol == "dense":
-                    dense_out = run_block(block, hidden, extra[i])
             else:
                 linears = block_linears(block)
                 owners = assign({n: lin.weight.numel() for n, lin in linears.items()}, dist.world_size)
                 full = method == "sparsegpt" or (method == "armor" and options.needs_full_stats)
                 stats = collect_stats(block, hidden, extra[i], full, dist=dist, batch_ids=mine,
-                                      n_batches=len(batches), owners=owners)
-                if protocol == "dense":
-                    dense_out = run_block(block, hidden, extra[i])
-                own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method, options,
-                                                      torch.device(device))
+                                      n_batches=len(batches), owners=owners,
+                                      paired=dense_hidden if asymmetric else None)
+                own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method,
+                                                      {n: layer_opts(f"{i}.{n}") for n in stats}, torch.device(device))
                 pruned, block_report = share_modules(dist, own, owners, own_report)
                 pruned = {n: pruned[n] for n in linears}  # the block's own order, whoever pruned what
                 block_report = {n: block_report[n] for n in linears}
                 if tuner is not None:
                     pruned, block_report = tuner.tune(block, pruned, block_report)
                 dist.write(save_block, out, i, f"{prefix}.{i}", pruned, chash, block_report)
+            if dense_hidden is not None:  # the block is still dense here
+                dense_hidden = run_block(block, dense_hidden, extra[i])
             adopt(block, pruned, dtype, device)
             if tuner is not None:
                 tuner.advance(block, i)
             report.update({f"{i}.{name}": r for name, r in block_report.items()})
-            hidden = dense_out if protocol == "dense" else run_block(block, hidden, extra[i])
-            if streamed:
-                src.free_block(model, i)
+            hidden = dense_hidden if protocol == "dense" else run_block(block, hidden, extra[i])
+            free(i)
     dist.write(finish_run, out, len(layers), report, dist.world_size)
     if not streamed:
         materialize(model)
@@ -386,6 +421,26 @@ def _resumed_block(dist: Dist, out: Path, i: int, prefix: str, chash: str) -> tu
     if not intact:
         return None
     return finished if dist.is_writer else load_block(out, i, prefix, chash)
+
+
+def _budget_blocks(budget: BudgetOptions, options: ArmorOptions, model: nn.Module, hidden: list, extra: list,
+                   load, free, dist: Dist, mine: list[int], n_batches: int, out: Path) -> dict[str, int]:
+    """"i.name" -> block size: the budget's probe pass on the dense model's stream, then its allocation."""
+    stream = list(hidden)
+
+    def stats_of(i, block, owners):
+        return collect_stats(block, stream, extra[i], options.needs_full_stats, dist=dist, batch_ids=mine,
+                             n_batches=n_batches, owners=owners)
+
+    def advance(i, block):
+        stream[:] = run_block(block, stream, extra[i])
+
+    curves = probe(len(decoder_layers(model)), load, free, stats_of, advance, options, budget, dist, out)
+    shapes = {f"{i}.{n}": (lin.out_features, lin.in_features)
+              for i, block in enumerate(decoder_layers(model)) for n, lin in block_linears(block).items()}
+    blocks = allocate(curves, shapes, budget.fraction)
+    log_allocation(blocks, shapes)
+    return blocks
 
 
 def _start(out, model, tokenizer, config, chash, blocks_for) -> None:
