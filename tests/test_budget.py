@@ -186,6 +186,26 @@ def test_the_preset_expands_before_the_users_flags():
     assert 0 < budget <= 0.05
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+def test_streamed_architectures(arch, tmp_path):
+    """Gemma 2 (per-block attention masks) and Phi-3 (fused qkv and gate_up projections), streamed, with the
+    budget and asymmetric calibration: the checkpoint reloads and runs, within its budget."""
+    from armor_kernels.hf import load_pruned_model
+    model, _ = tiny_model(arch)
+    src = save_sharded(model, tmp_path / "src")
+    out = tmp_path / "out"
+    prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, "armor", out, options=OPTS, budget=BUDGET,
+                      asymmetric=True, source=arch)
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    shapes = {k: tuple(model.get_submodule(k).weight.shape) for k in modules}
+    used = sum(o * bA + i * bB for k, ((o, i), (bA, bB)) in
+               ((k, (shapes[k], modules[k]["block"])) for k in modules))
+    assert used <= BUDGET.fraction * sum(o * i for o, i in shapes.values())
+    pruned, _ = load_pruned_model(out)
+    with torch.no_grad():
+        assert torch.isfinite(pruned(CALIB[:2], use_cache=False).logits).all()
+
+
 def test_torchrun_two_processes_give_the_one_process_checkpoint(tmp_path):
     """Budget, asymmetric calibration and reconstruction together (the preset's levers), streamed."""
     from test_reconstruct import _launch, shards

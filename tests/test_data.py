@@ -69,6 +69,24 @@ def test_default_splits_calibrate_on_other_novels(austen, bundled):
     assert len({tuple(w.tolist()) for w in small.calibration}) == 8
 
 
+def test_validation_windows_are_the_calibration_domain_never_calibrated_on(austen, bundled):
+    """The next windows of the calibration's draw: the calibration itself is unchanged by asking for them."""
+    tokenizer = bundled[1]
+    corpus = {title: text[:20_000] for title, text in austen.items()}
+    plain = token_splits(tokenizer, corpus, n_samples=8, seq_len=64, eval_tokens=1000, seed=1)
+    both = token_splits(tokenizer, corpus, n_samples=8, seq_len=64, eval_tokens=1000, seed=1, n_validation=5)
+    assert plain.validation is None and both.validation.shape == (5, 64)
+    assert torch.equal(both.calibration, plain.calibration) and torch.equal(both.evaluation, plain.evaluation)
+    calibrated = {tuple(w.tolist()) for w in both.calibration}
+    pride = ids(tokenizer, corpus["Pride and Prejudice"])
+    others = [ids(tokenizer, text) for title, text in corpus.items() if title != "Pride and Prejudice"]
+    for window in both.validation:
+        assert tuple(window.tolist()) not in calibrated and not contains_window(pride, window)
+        assert any(contains_window(novel, window) for novel in others)
+    with pytest.raises(ValueError, match=r"fewer than n_samples=8 \+ n_validation=100000"):
+        token_splits(tokenizer, corpus, n_samples=8, seq_len=64, eval_tokens=1000, n_validation=100_000)
+
+
 def test_user_text_file_is_split_into_disjoint_parts(austen, bundled, tmp_path):
     tokenizer = bundled[1]
     path = tmp_path / "persuasion.txt"
