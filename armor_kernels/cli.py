@@ -71,9 +71,10 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="keep the calibration activations in host memory, one batch on the device at a time")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the final perplexity (streamed block by block from the written checkpoint)")
-    p.add_argument("--asymmetric", action="store_true",
+    p.add_argument("--asymmetric", type=float, default=None, metavar="DAMP",
                    help="asymmetric calibration: fit each linear, on the pruned model's inputs, to the dense model's "
-                        "output on its own inputs (protocol sequential; factors.asymmetric_weight)")
+                        "output on its own inputs, shrunk toward W by DAMP x mean diag H (protocol sequential; "
+                        "factors.asymmetric_weight). Default off")
     p.add_argument("--budget", type=float, default=None, metavar="F",
                    help="ARMOR: one model-wide budget, A and B at most F of the linears' parameters in total, block "
                         "sizes allocated per layer from each layer's measured loss (pipeline/budget.py); replaces "

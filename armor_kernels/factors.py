@@ -154,26 +154,29 @@ class ActivationStats:
 
 def asymmetric_weight(W: torch.Tensor, stats: ActivationStats, damp: float) -> torch.Tensor:
     """The weight whose output on this stream's inputs x best matches W's output on the second stream's
-    inputs x' (least squares over the calibration tokens):
+    inputs x' (least squares over the calibration tokens), shrunk toward W:
 
-        W̃ = argmin Σ_t ‖W x'_t − W̃ x_t‖² = W C (H + λI)⁻¹,   C = Σ x' xᵀ, H = Σ x xᵀ, λ = damp · mean diag H
+        W̃ = argmin Σ_t ‖W x'_t − W̃ x_t‖² + λ‖W̃ − W‖² = W (C + λI)(H + λI)⁻¹,
+        C = Σ x' xᵀ, H = Σ x xᵀ, λ = damp · mean diag H.
 
-    (λ: SparseGPT's dampening, for directions the tokens barely span). Pruning W̃ against H then fits
-    the pruned layer on the pruned model's inputs to the dense model's output on the dense inputs: the
-    rest of the error, Σ‖W x'‖² − Σ‖W̃ x‖², no pruned layer can remove. Float64 inside, W's dtype out."""
+    damp → 0: the plain least-squares fit (over-fits the calibration tokens: its correction W (C − H) H⁻¹
+    is a regression of the streams' difference on d_in inputs); damp → ∞: W itself, symmetric
+    calibration. Pruning W̃ against H fits the pruned layer on the pruned model's inputs to the dense
+    model's output on the dense inputs. Float64 inside, W's dtype out."""
     check_weight(W)
     if stats.cross is None or stats.xx is None:
         raise ValueError("asymmetric_weight: expected statistics of a paired recording (ActivationStats.from_paired)")
     if stats.cross.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"stats: expected statistics of {W.shape[1]} inputs, got {tuple(stats.cross.shape)}")
+    if not (isinstance(damp, (int, float)) and damp >= 0):
+        raise ValueError(f"damp: expected a non-negative strength, got {damp!r}")
     H = stats.xx.double()
     scale = float(H.diagonal().mean())
     if not scale > 0:
         raise ValueError("asymmetric_weight: the calibration inputs are all zero")
-    lam = damp * scale
-    H = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    WC = W.double().to(H.device) @ stats.cross.double()
-    return torch.linalg.solve(H, WC.T).T.to(W.dtype).to(W.device)  # H symmetric: (H⁻¹ (WC)ᵀ)ᵀ = WC H⁻¹
+    eye = damp * scale * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    WC = W.double().to(H.device) @ (stats.cross.double() + eye)
+    return torch.linalg.solve(H + eye, WC.T).T.to(W.dtype).to(W.device)  # H symmetric: (H⁻¹ (WC)ᵀ)ᵀ = WC H⁻¹
 
 
 def fix_diagonal(h: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Asymmetric calibration: factors.asymmetric_weight, the paired StatsRecorder, and prune_model(asymmetric=True).
 
 Each linear is fitted, on the pruned model's inputs x, to the dense model's output on the dense model's
-inputs x': the pipeline records the cross term Σ x' xᵀ beside H (a paired recording) and prunes
-W̃ = W C (H + λI)⁻¹ instead of W.
+inputs x': the pipeline records the cross term C = Σ x' xᵀ beside H (a paired recording) and prunes
+W̃ = W (C + λI)(H + λI)⁻¹ instead of W (the fit shrunk toward W).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from armor_kernels.pipeline.distributed import Dist, StatsRecorder, combine_stat
 
 CALIB = torch.randint(0, VOCAB, (8, 48), generator=torch.Generator().manual_seed(0))
 OPTS = ArmorOptions(block_size=16, iters=1)
+DAMP = 0.1
 
 
 def paired_stats(x: torch.Tensor, x2: torch.Tensor) -> ActivationStats:
@@ -65,8 +66,8 @@ def test_paired_recorder_refuses_unmatched_streams():
 
 
 @pytest.mark.parametrize("damp", [0.0, 0.01, 0.3])
-def test_asymmetric_weight_is_the_dampened_least_squares_fit(damp):
-    """W̃ minimises Σ‖W x' − W̃ x‖² + λ‖W̃‖², λ = damp · mean diag H: lstsq of the augmented system."""
+def test_asymmetric_weight_is_the_least_squares_fit_shrunk_toward_w(damp):
+    """W̃ minimises Σ‖W x' − W̃ x‖² + λ‖W̃ − W‖², λ = damp · mean diag H: lstsq of the augmented system."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 64, 12, generator=g, dtype=torch.float64)
     x2 = x + 0.3 * torch.randn(1, 64, 12, generator=g, dtype=torch.float64)
@@ -75,19 +76,32 @@ def test_asymmetric_weight_is_the_dampened_least_squares_fit(damp):
     X, X2 = x[0], x2[0]
     lam = damp * float((X.T @ X).diagonal().mean())
     A = torch.cat([X, lam ** 0.5 * torch.eye(12, dtype=torch.float64)])
-    B = torch.cat([X2 @ W.T, torch.zeros(12, 5, dtype=torch.float64)])
+    B = torch.cat([X2 @ W.T, lam ** 0.5 * W.T])
     expected = torch.linalg.lstsq(A, B).solution.T
-    assert torch.allclose(asymmetric_weight(W, s, damp), expected, rtol=1e-8, atol=1e-9)
+    Wt = asymmetric_weight(W, s, damp)
+    assert torch.allclose(Wt, expected, rtol=1e-8, atol=1e-9)
     # it fits the dense output at least as well as W itself does, from the same inputs
     fit = lambda V: float(((X2 @ W.T - X @ V.T) ** 2).sum())  # noqa: E731
-    assert fit(asymmetric_weight(W, s, damp)) <= fit(W) + lam * float((W ** 2).sum())
+    assert fit(Wt) + lam * float(((Wt - W) ** 2).sum()) <= fit(W) * (1 + 1e-12)
+
+
+def test_a_strong_damp_gives_back_w():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 40, 8, generator=g)
+    W = torch.randn(4, 8, generator=g)
+    s = paired_stats(x, x + torch.randn(2, 40, 8, generator=g))
+    assert torch.allclose(asymmetric_weight(W, s, 1e9), W, atol=1e-5)
+    assert not torch.allclose(asymmetric_weight(W, s, 0.01), W, atol=1e-2)
+    with pytest.raises(ValueError, match="damp: expected a non-negative strength, got -1"):
+        asymmetric_weight(W, s, -1)
 
 
 def test_same_streams_give_back_w():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 40, 8, generator=g)
     W = torch.randn(4, 8, generator=g)
-    assert torch.allclose(asymmetric_weight(W, paired_stats(x, x), 1e-9), W, atol=1e-4)
+    for damp in (0.0, 0.1):
+        assert torch.allclose(asymmetric_weight(W, paired_stats(x, x), damp), W, atol=1e-4)
 
 
 def test_asymmetric_weight_refuses_statistics_without_the_cross_term():
@@ -102,12 +116,12 @@ def test_asymmetric_weight_refuses_statistics_without_the_cross_term():
 def test_run_config_records_it_and_refuses_what_it_cannot_take():
     model, _ = tiny_model("llama")
     plain = prune.run_config("armor", OPTS, CALIB, model, None, 8)
-    on = prune.run_config("armor", OPTS, CALIB, model, None, 8, asymmetric=True)
-    assert on == {**plain, "asymmetric": True}
+    on = prune.run_config("armor", OPTS, CALIB, model, None, 8, asymmetric=DAMP)
+    assert on == {**plain, "asymmetric": {"damp": DAMP}}
     with pytest.raises(ValueError, match="protocol 'sequential', got method 'armor', protocol 'dense'"):
-        prune.run_config("armor", OPTS, CALIB, model, None, 8, protocol="dense", asymmetric=True)
+        prune.run_config("armor", OPTS, CALIB, model, None, 8, protocol="dense", asymmetric=DAMP)
     with pytest.raises(ValueError, match="got method 'dense'"):
-        prune.run_config("dense", None, CALIB, model, None, 8, asymmetric=True)
+        prune.run_config("dense", None, CALIB, model, None, 8, asymmetric=DAMP)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +132,7 @@ def asym_run(tmp_path_factory):
     seen, real = [], prune.asymmetric_weight
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prune, "asymmetric_weight", lambda W, stats, damp: seen.append(stats) or real(W, stats, damp))
-        prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", out, options=OPTS, asymmetric=True)
+        prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", out, options=OPTS, asymmetric=DAMP)
     return out, seen
 
 
@@ -130,7 +144,7 @@ def test_the_first_block_sees_one_stream_and_later_ones_two(asym_run):
     for s in seen[:7]:
         assert torch.allclose(s.cross, s.xx, rtol=1e-10, atol=1e-8)
     assert all(not torch.allclose(s.cross, s.xx, rtol=1e-3) for s in seen[7:])
-    assert json.loads((out / "armor_run.json").read_text())["run"]["asymmetric"] is True
+    assert json.loads((out / "armor_run.json").read_text())["run"]["asymmetric"] == {"damp": DAMP}
 
 
 def test_resume_after_an_interrupt_gives_the_uninterrupted_checkpoint(asym_run, tmp_path):
@@ -138,9 +152,9 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_checkpoint(asym_run, 
     out, _ = asym_run
     run = tmp_path / "run"
     model, _ = tiny_model("llama")
-    assert prune_interrupted(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, asymmetric=True) == [0]
+    assert prune_interrupted(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, asymmetric=DAMP) == [0]
     model, _ = tiny_model("llama")
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, asymmetric=True)
+    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, asymmetric=DAMP)
     for f in sorted(out.glob("model-block-*.safetensors")):
         a, b = load_file(f), load_file(run / f.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -195,7 +195,7 @@ def test_streamed_architectures(arch, tmp_path):
     src = save_sharded(model, tmp_path / "src")
     out = tmp_path / "out"
     prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, "armor", out, options=OPTS, budget=BUDGET,
-                      asymmetric=True, source=arch)
+                      asymmetric=0.1, source=arch)
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
     shapes = {k: tuple(model.get_submodule(k).weight.shape) for k in modules}
     used = sum(o * bA + i * bB for k, ((o, i), (bA, bB)) in
@@ -224,7 +224,7 @@ def test_torchrun_two_processes_give_the_one_process_checkpoint(tmp_path):
 
 def worker(src: str, out: str) -> None:
     prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, "armor", out, options=OPTS, batch_size=2,
-                      recon=RECON, asymmetric=True, budget=BUDGET, source="llama")
+                      recon=RECON, asymmetric=0.1, budget=BUDGET, source="llama")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ blocks), up to the run's --block-size.
 
 Probe pass: the dense model's statistics (the probe needs each layer's statistics before any is pruned,
 so it runs the "dense" protocol whatever the run's), one decoder block at a time, each linear pruned at
-every candidate with `probe_iters` iterations (the losses' order across block sizes settles in a few).
+every candidate with `probe_iters` iterations of the paper's ARMOR (proxy objective from NoWag-P, the
+run's other options: `probe_options`) whatever the run's objective: the output objective costs ~4× as
+much per iteration, and what the probe needs is how a layer's loss falls with block size, not its value.
 Each block's curves are saved to `budget_curves.json` in the run's directory as they finish, so an
-interrupted probe resumes; under torchrun each rank probes the linears it owns and the curves are
+interrupted probe resumes (the curves depend on the probe's options, not on the fraction: a file copied
+from a run at another budget is reused); under torchrun each rank probes the linears it owns and the curves are
 exchanged, every rank allocating the same blocks. The allocation goes into the run's report and its
 quantization_config (each module's blocks), the budget's options into the hashed run configuration.
 """
@@ -131,12 +134,17 @@ def _slope(p, q) -> float:
     return (p[1] - q[1]) / (q[0] - p[0])
 
 
+def probe_options(options: ArmorOptions, budget: BudgetOptions) -> ArmorOptions:
+    """The options a probe runs with (module docstring), its block size set per candidate."""
+    return replace(options, overhead=None, iters=budget.probe_iters, objective="proxy", start="nowag_p", shrink=0.0)
+
+
 def probe_block(linears: dict[str, nn.Linear], stats: dict, options: ArmorOptions, budget: BudgetOptions
                 ) -> dict[str, dict[int, float]]:
-    """name -> {block size: relative loss after probe_iters iterations}, for the linears in `stats` (one
-    probe per core, distributed.on_cores)."""
+    """name -> {block size: relative loss of the probe}, for the linears in `stats` (one probe per core,
+    distributed.on_cores)."""
     def loss(name, b):
-        opts = replace(options, block_size=b, overhead=None, iters=budget.probe_iters)
+        opts = replace(probe_options(options, budget), block_size=b)
         return float(armor(linears[name].weight.detach(), stats[name], opts).loss)
 
     keys = [(n, b) for n in stats for b in candidates(tuple(linears[n].weight.shape), options.block_size)]
@@ -158,7 +166,8 @@ def probe(n_blocks: int, load: Callable[[int], nn.Module], free: Callable[[int],
     saved = json.loads(path.read_text()) if dist.is_writer and path.exists() else {}
     saved = dist.agree(saved, "reading the budget's saved curves")
     curves = {k: {int(b): loss for b, loss in c.items()} for k, c in saved.get("curves", {}).items()}
-    if saved and saved.get("budget") != budget.to_config() | {"options": options.to_config()}:
+    probed_with = probe_options(options, budget).to_config()  # not the fraction
+    if saved and saved.get("probed_with") != probed_with:
         curves = {}  # probed with other options: probe again
     for i in tqdm(range(n_blocks), desc="budget probe", unit="block", disable=not dist.is_writer):
         block = load(i)
@@ -171,8 +180,7 @@ def probe(n_blocks: int, load: Callable[[int], nn.Module], free: Callable[[int],
                                              f"receiving block {i}'s budget curves from rank {src}")
                 curves.update({f"{i}.{n}": c for n, c in part.items()})
             if dist.is_writer:
-                save_json(path, {"budget": budget.to_config() | {"options": options.to_config()},
-                                 "curves": curves})
+                save_json(path, {"probed_with": probed_with, "curves": curves})
         advance(i, block)
         free(i)
     return curves

@@ -156,12 +156,13 @@ def check_tokens(block: nn.Module, stats: dict[str, ActivationStats]) -> None:
                          "mixture-of-experts expert, say); pruning them from empty statistics is refused")
 
 
-def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: ArmorOptions) -> tuple[nn.Module, dict]:
+def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: ArmorOptions,
+                 asymmetric: float | None = None) -> tuple[nn.Module, dict]:
     """The pruned replacement of one linear (stored values, model's dtype for compute) and its report.
-    Statistics with a cross term (asymmetric calibration) prune asymmetric_weight's W̃ instead of W."""
+    asymmetric: prune asymmetric_weight(W, stats, asymmetric) instead of W (statistics with a cross term)."""
     W = lin.weight.detach()
-    if stats.cross is not None:
-        W = asymmetric_weight(W, stats, SPARSEGPT_DAMP)
+    if asymmetric is not None:
+        W = asymmetric_weight(W, stats, asymmetric)
     if method == "armor":
         res = armor(W, stats, options)
         mod = ArmorLinear.from_linear(lin, res.factors, dtype=STORAGE_DTYPE).pack()
@@ -172,16 +173,17 @@ def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: A
 
 
 def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats], method: str,
-                        options: ArmorOptions | dict[str, ArmorOptions], device: torch.device
-                        ) -> tuple[dict[str, nn.Module], dict]:
+                        options: ArmorOptions | dict[str, ArmorOptions], device: torch.device,
+                        asymmetric: float | None = None) -> tuple[dict[str, nn.Module], dict]:
     """Prune a block's linears (independent once the block's statistics are collected); `options`: one
-    for all, or one per linear (a budget's allocation).
+    for all, or one per linear (a budget's allocation); `asymmetric`: prune_linear's.
 
     ARMOR on a CPU runs one linear per core (distributed.on_cores); each layer's result does not depend on
     the schedule, and outputs are returned in the block's own order.
     """
     opts = options if isinstance(options, dict) else {n: options for n in linears}
-    jobs = {n: functools.partial(prune_linear, lin, stats[n], method, opts[n]) for n, lin in linears.items()}
+    jobs = {n: functools.partial(prune_linear, lin, stats[n], method, opts[n], asymmetric)
+            for n, lin in linears.items()}
     if method == "armor" and device.type == "cpu":
         done = on_cores(jobs, {n: lin.weight.numel() for n, lin in linears.items()})
     else:
@@ -201,7 +203,7 @@ def method_options(method: str, options: ArmorOptions | None) -> dict:
 
 def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, model: nn.Module,
                source: str | None, batch_size: int, protocol: str = "sequential", recon: ReconOptions | None = None,
-               asymmetric: bool = False, budget: BudgetOptions | None = None) -> dict:
+               asymmetric: float | None = None, budget: BudgetOptions | None = None) -> dict:
     """Everything that decides a run's output, defaults included: a resumed run must match it exactly.
     Reconstruction, asymmetric calibration and a budget are recorded only when on, so a run without them
     keeps the hash it always had."""
@@ -212,7 +214,7 @@ def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, m
     tuned = recon is not None and recon.enabled
     if tuned and method == "dense":
         raise ValueError("recon: block-wise reconstruction tunes pruned blocks, got it with method 'dense'")
-    if asymmetric and (method == "dense" or protocol != "sequential"):
+    if asymmetric is not None and (method == "dense" or protocol != "sequential"):
         raise ValueError("asymmetric: fits the pruned model's inputs to the dense model's outputs, so it needs a "
                          f"pruning method and protocol 'sequential', got method {method!r}, protocol {protocol!r}")
     if budget is not None and (method != "armor" or (options is not None and options.overhead is not None)):
@@ -230,7 +232,7 @@ def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, m
         # where it was read from is model_source's business; the architecture is the model's class
         "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
         **({"reconstruction": recon.to_config()} if tuned else {}),
-        **({"asymmetric": True} if asymmetric else {}),
+        **({"asymmetric": {"damp": asymmetric}} if asymmetric is not None else {}),
         **({"budget": budget.to_config()} if budget is not None else {}),
     }
     return json.loads(json.dumps(config))  # the form it has when read back from config.json
@@ -250,7 +252,7 @@ def _refuse_foreign_directory(out: Path) -> None:
 def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
                 options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None,
                 protocol: str = "sequential", dtype: torch.dtype | None = None, offload: bool = False,
-                dist: Dist | None = None, recon: ReconOptions | None = None, asymmetric: bool = False,
+                dist: Dist | None = None, recon: ReconOptions | None = None, asymmetric: float | None = None,
                 budget: BudgetOptions | None = None) -> dict:
     """Prune every decoder block's linears and write each block to `out` as it finishes; when the last is
     done, `out` is a Hugging Face model directory (checkpoint.py).
@@ -269,7 +271,8 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     recon: block-wise reconstruction after each block's layer-wise pruning (reconstruct.py; default off).
     asymmetric: fit each linear, on the pruned model's inputs, to the dense model's output on the dense
            model's inputs (protocol "sequential"): the dense model's stream runs beside the pruned one and
-           each linear is pruned in the form factors.asymmetric_weight gives it. Default off.
+           each linear is pruned in the form factors.asymmetric_weight gives it, this value its damp (its
+           shrinkage toward W). Default None: off.
     budget: ARMOR's block sizes allocated model-wide under one parameter budget (budget.py; default off).
     Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
     with the same configuration; refuses one with a different configuration.
@@ -349,7 +352,7 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
         log.info("calibration activations: %d of %d batches on this process, %.1f MB held %s (twice while a "
                  "block runs%s)", len(hidden), len(batches), act / 2**20,
                  "in host memory" if offload else f"on {device}",
-                 "; once more for the dense stream" if asymmetric else "")
+                 "; once more for the dense stream" if asymmetric is not None else "")
         layer_opts = lambda key: options  # noqa: E731
         blocks_for = options.layer_blocks_for if method == "armor" else None
         if budget is not None:
@@ -363,7 +366,8 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
         tuner = reconstruction(recon, protocol, calib, lambda w: calibration_inputs(model, w, recon.batch, device),
                                offload, dist, device)
         # the dense model's stream: the inputs of protocol "dense", the partner stream of asymmetric calibration
-        dense_hidden = list(hidden) if protocol == "dense" or asymmetric else None
+        paired = asymmetric is not None
+        dense_hidden = list(hidden) if protocol == "dense" or paired else None
         bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block", disable=not dist.is_writer)
         for i in bar:
             block = load(i)
@@ -379,9 +383,10 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
                 full = method == "sparsegpt" or (method == "armor" and options.needs_full_stats)
                 stats = collect_stats(block, hidden, extra[i], full, dist=dist, batch_ids=mine,
                                       n_batches=len(batches), owners=owners,
-                                      paired=dense_hidden if asymmetric else None)
+                                      paired=dense_hidden if paired else None)
                 own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method,
-                                                      {n: layer_opts(f"{i}.{n}") for n in stats}, torch.device(device))
+                                                      {n: layer_opts(f"{i}.{n}") for n in stats}, torch.device(device),
+                                                      asymmetric)
                 pruned, block_report = share_modules(dist, own, owners, own_report)
                 pruned = {n: pruned[n] for n in linears}  # the block's own order, whoever pruned what
                 block_report = {n: block_report[n] for n in linears}
@@ -429,8 +434,8 @@ def _budget_blocks(budget: BudgetOptions, options: ArmorOptions, model: nn.Modul
     stream = list(hidden)
 
     def stats_of(i, block, owners):
-        return collect_stats(block, stream, extra[i], options.needs_full_stats, dist=dist, batch_ids=mine,
-                             n_batches=n_batches, owners=owners)
+        return collect_stats(block, stream, extra[i], False, dist=dist, batch_ids=mine, n_batches=n_batches,
+                             owners=owners)  # the probe's proxy objective reads the diagonal only
 
     def advance(i, block):
         stream[:] = run_block(block, stream, extra[i])
