@@ -44,9 +44,11 @@ class ArmorLinear(nn.Module):
             raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
         check_24(S)
         self.in_features, self.out_features = d_in, d_out
-        self.register_buffer("A", A)
-        self.register_buffer("B", B)
-        self.register_buffer("S", S)
+        # row-major whatever the caller's strides: the forward's matmuls (and so its rounding) then depend on
+        # the values alone, as they do for a layer rebuilt from its bytes (loaded, or received from a rank)
+        self.register_buffer("A", A.contiguous())
+        self.register_buffer("B", B.contiguous())
+        self.register_buffer("S", S.contiguous())
         self.register_buffer("S_values", None)
         self.register_buffer("S_idx", None)
         _add_marker_and_dense(self, A.device)

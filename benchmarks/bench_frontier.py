@@ -67,20 +67,19 @@ RUNS = {
     # dense model's input (target dense), or against the dense block on the pruned model's input (local)
     **{f"armor-output-shrink0.5-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *OUTPUT, "--shrink",
                                                    "0.5", *RECON, "--recon-target", t] for t in ("dense", "local")},
-    # the three levers on the paper's ARMOR, each alone and together: reconstruction (dense or local target),
-    # asymmetric calibration (shrunk toward W by damp 1), and one model-wide budget of the same 5 % instead
-    # of 5 % per layer
+    # the three levers on the paper's ARMOR: reconstruction (dense or local target), asymmetric calibration
+    # (shrunk toward W by damp 1), one model-wide budget of the same 5 % instead of 5 % per layer, and the
+    # budget with reconstruction (asymmetric calibration alone already loses: not combined)
     **{f"armor-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *RECON, "--recon-target", t]
        for t in ("dense", "local")},
     "armor-o0.05-asym1": ["--method", "armor", "--overhead", "0.05", "--asymmetric", "1"],
     "armor-budget0.05": ["--method", "armor", "--budget", "0.05"],
     "armor-budget0.05-recon": ["--method", "armor", "--budget", "0.05", *RECON],
-    "armor-budget0.05-asym1-recon": ["--method", "armor", "--budget", "0.05", "--asymmetric", "1", *RECON],
     # a second budget, so the front is a line
     "armor-budget0.02-recon": ["--method", "armor", "--budget", "0.02", *RECON],
 }
 LEVERS = ["sparsegpt", "armor-o0.05", "armor-o0.05-recon-dense", "armor-o0.05-recon-local", "armor-o0.05-asym1",
-          "armor-budget0.05", "armor-budget0.05-recon", "armor-budget0.05-asym1-recon", "armor-o0.05-start-sparsegpt",
+          "armor-budget0.05", "armor-budget0.05-recon", "armor-o0.05-start-sparsegpt",
           "armor-output-o0.05-start-nowag_p", "armor-output-o0.05", "armor-output-shrink0.5-o0.05",
           "armor-output-shrink0.5-o0.05-recon-dense", "armor-output-shrink0.5-o0.05-recon-local", "sparsegpt-n128",
           "armor-o0.05-n128"]

@@ -1,4 +1,5 @@
-"""Asymmetric calibration: factors.asymmetric_weight, the paired StatsRecorder, and prune_model(asymmetric=True).
+"""Asymmetric calibration: factors.asymmetric_weight, the paired StatsRecorder, model.sublayers and
+prune_model(asymmetric=damp), which prunes a block one sublayer at a time.
 
 Each linear is fitted, on the pruned model's inputs x, to the dense model's output on the dense model's
 inputs x': the pipeline records the cross term C = Σ x' xᵀ beside H (a paired recording) and prunes
@@ -18,6 +19,7 @@ from armor_kernels.factors import ActivationStats, asymmetric_weight
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import prune
 from armor_kernels.pipeline.distributed import Dist, StatsRecorder, combine_stats
+from armor_kernels.pipeline.model import sublayers
 
 CALIB = torch.randint(0, VOCAB, (8, 48), generator=torch.Generator().manual_seed(0))
 OPTS = ArmorOptions(block_size=16, iters=1)
@@ -136,15 +138,27 @@ def asym_run(tmp_path_factory):
     return out, seen
 
 
-def test_the_first_block_sees_one_stream_and_later_ones_two(asym_run):
-    """Block 0's pruned and dense inputs are the same embeddings, so its cross term is H; after a pruned
-    block the streams part, and the checkpoint differs from the plain run's."""
+def test_the_first_sublayer_sees_one_stream_and_later_ones_two(asym_run):
+    """Block 0's q/k/v read the embeddings on both streams, so their cross term is H; every later sublayer
+    (o after the pruned q/k/v, the MLP after the pruned attention, block 1 after block 0) sees the streams
+    part, and the checkpoint records the damp."""
     out, seen = asym_run
     assert len(seen) == 14  # 2 blocks x 7 linears
-    for s in seen[:7]:
+    for s in seen[:3]:
         assert torch.allclose(s.cross, s.xx, rtol=1e-10, atol=1e-8)
-    assert all(not torch.allclose(s.cross, s.xx, rtol=1e-3) for s in seen[7:])
+    assert all(not torch.allclose(s.cross, s.xx, rtol=1e-3) for s in seen[3:])
     assert json.loads((out / "armor_run.json").read_text())["run"]["asymmetric"] == {"damp": DAMP}
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("phi3", [["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]]),
+])
+def test_sublayers_are_the_linears_that_share_an_input_in_call_order(arch, expected):
+    model, _ = tiny_model(arch)
+    with torch.no_grad():
+        assert sublayers(model.model.layers[0], lambda: model(CALIB[:1])) == expected
 
 
 def test_resume_after_an_interrupt_gives_the_uninterrupted_checkpoint(asym_run, tmp_path):

@@ -50,6 +50,18 @@ def test_packed_and_unpacked_forms_agree_exactly():
     assert set(mod.state_dict()) >= {"A", "B", "S_values", "S_idx", "bias"}
 
 
+def test_a_layer_rebuilt_from_its_bytes_computes_the_same_bits():
+    """Folding r into A leaves A's blocks strided; the layer stores them row-major, so a copy rebuilt from
+    the stored tensors (a checkpoint, another rank) forwards bit-identically."""
+    lin, res = _layer(64, 48, False)
+    mod = ArmorLinear.from_linear(lin, res.factors).pack()
+    assert not res.factors.folded()[0].is_contiguous()  # what the layer is built from
+    copy = ArmorLinear.from_packed(*(mod.state_dict()[k].clone().contiguous() for k in ("A", "S_values", "S_idx", "B")))
+    x = torch.randn(5, 48)
+    assert all(t.is_contiguous() for t in mod.state_dict().values())
+    assert torch.equal(mod(x), copy(x))
+
+
 def test_errors_name_the_argument():
     lin, res = _layer(32, 48, False)
     mod = ArmorLinear.from_linear(lin, res.factors)

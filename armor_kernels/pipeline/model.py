@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -117,6 +119,44 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule `name` (dotted) of `root` is."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+@contextmanager
+def swapped(block: nn.Module, modules: dict[str, nn.Module]):
+    """The block with `modules` put in place of its submodules of those names; as it was afterwards."""
+    originals = {n: block.get_submodule(n) for n in modules}
+    for n, m in modules.items():
+        replace_module(block, n, m)
+    try:
+        yield block
+    finally:
+        for n, m in originals.items():
+            replace_module(block, n, m)
+
+
+def sublayers(block: nn.Module, run: Callable[[], object]) -> list[list[str]]:
+    """The block's linears in groups that read one input tensor (q/k/v; o; gate/up; down for Llama), in the
+    order `run()` (one forward of the block) calls them: the order in which pruning one group changes
+    what the next ones see."""
+    linears, calls = block_linears(block), []  # calls hold the inputs: no freed one's address is reused
+    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])))
+             for n, lin in linears.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    groups, last, seen = [], None, set()
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if (x.data_ptr(), x.shape) != last:
+            groups.append([])
+            last = (x.data_ptr(), x.shape)
+        groups[-1].append(name)
+    missing = [n for n in linears if n not in seen]
+    return groups + ([missing] if missing else [])
 
 
 def adopt(block: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype, device) -> None:

@@ -11,6 +11,7 @@ refused. One run at a time writes a directory (lock.py).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -44,7 +45,16 @@ from .checkpoint import (
 )
 from .distributed import Dist, StatsRecorder, assign, combine_stats, on_cores, share_modules
 from .lock import RunLock, RunLocked
-from .model import adopt, block_linears, check_supported, decoder_layers, layers_prefix
+from .model import (
+    adopt,
+    block_linears,
+    check_supported,
+    decoder_layers,
+    layers_prefix,
+    replace_module,
+    sublayers,
+    swapped,
+)
 from .reconstruct import ReconOptions, reconstruction
 from .source import ModelSource
 
@@ -125,19 +135,22 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple]) 
 
 def collect_stats(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple], full: bool, *,
                   dist: Dist | None = None, batch_ids: list[int] | None = None, n_batches: int | None = None,
-                  owners: dict[str, int] | None = None, paired: list[torch.Tensor] | None = None
+                  owners: dict[str, int] | None = None, paired: list[torch.Tensor] | None = None,
+                  linears: dict[str, nn.Linear] | None = None, dense: dict[str, nn.Linear] | None = None
                   ) -> dict[str, ActivationStats]:
-    """Statistics of the block's linears' inputs over the calibration batches: this process's batches
-    (`batch_ids` of `n_batches`, default all), combined over the processes in batch order (distributed.py),
-    for the linears `owners` gives this rank (default all). `paired`: the same batches' hidden states on
-    the dense model's stream; each linear's statistics then carry the cross term with its dense inputs
-    (ActivationStats.cross, and the full H: asymmetric calibration)."""
+    """Statistics of the inputs of the block's linears (or of `linears`, some of them) over the calibration
+    batches: this process's batches (`batch_ids` of `n_batches`, default all), combined over the processes
+    in batch order (distributed.py), for the linears `owners` gives this rank (default all). `paired`: the
+    same batches' hidden states on the dense model's stream, run through the block with its `dense`
+    linears put back (default: the block as it is); each linear's statistics then carry the cross term
+    with its dense inputs (ActivationStats.cross, and the full H: asymmetric calibration)."""
     dist = dist or Dist()
     batch_ids = list(range(len(hidden))) if batch_ids is None else batch_ids
-    with StatsRecorder(block_linears(block), full, dist, paired=paired is not None) as rec:
+    with StatsRecorder(linears or block_linears(block), full, dist, paired=paired is not None) as rec:
         for k, (b, h, e) in enumerate(zip(batch_ids, hidden, extra)):
             if paired is not None:
-                rec.partners(lambda: run_block(block, [paired[k]], [e]))  # noqa: B023 (called at once)
+                with swapped(block, dense or {}):
+                    rec.partners(lambda: run_block(block, [paired[k]], [e]))  # noqa: B023 (called at once)
             with rec.batch(b):
                 run_block(block, [h], [e])
     stats = combine_stats(dist, rec, len(hidden) if n_batches is None else n_batches, owners=owners)
@@ -272,7 +285,8 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     asymmetric: fit each linear, on the pruned model's inputs, to the dense model's output on the dense
            model's inputs (protocol "sequential"): the dense model's stream runs beside the pruned one and
            each linear is pruned in the form factors.asymmetric_weight gives it, this value its damp (its
-           shrinkage toward W). Default None: off.
+           shrinkage toward W); a block is then pruned one sublayer at a time (model.sublayers), each
+           calibrated after the ones feeding it. Default None: off.
     budget: ARMOR's block sizes allocated model-wide under one parameter budget (budget.py; default off).
     Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
     with the same configuration; refuses one with a different configuration.
@@ -379,15 +393,30 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
                 bar.set_postfix_str("resumed")
             else:
                 linears = block_linears(block)
-                owners = assign({n: lin.weight.numel() for n, lin in linears.items()}, dist.world_size)
                 full = method == "sparsegpt" or (method == "armor" and options.needs_full_stats)
-                stats = collect_stats(block, hidden, extra[i], full, dist=dist, batch_ids=mine,
-                                      n_batches=len(batches), owners=owners,
-                                      paired=dense_hidden if paired else None)
-                own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method,
-                                                      {n: layer_opts(f"{i}.{n}") for n in stats}, torch.device(device),
-                                                      asymmetric)
-                pruned, block_report = share_modules(dist, own, owners, own_report)
+                # asymmetric calibration prunes the block one sublayer at a time: each linear's cross term is
+                # only right once the linears that feed it are pruned (its input is what they now give)
+                groups = [list(linears)]
+                if paired:
+                    groups = dist.agree(sublayers(block, lambda: run_block(block, hidden[:1], extra[i][:1]))
+                                        if dist.is_writer else None, f"block {i}'s sublayers")
+                pruned, block_report = {}, {}
+                for g, group in enumerate(groups):
+                    owners = assign({n: linears[n].weight.numel() for n in group}, dist.world_size)
+                    stats = collect_stats(block, hidden, extra[i], full, dist=dist, batch_ids=mine,
+                                          n_batches=len(batches), owners=owners,
+                                          paired=dense_hidden if paired else None,
+                                          linears={n: linears[n] for n in group}, dense=linears)
+                    own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method,
+                                                          {n: layer_opts(f"{i}.{n}") for n in stats},
+                                                          torch.device(device), asymmetric)
+                    got, got_report = share_modules(dist, own, owners, own_report)
+                    pruned.update(got)
+                    block_report.update(got_report)
+                    if g + 1 < len(groups):  # the next sublayers calibrate on these (a copy: adopt casts in place)
+                        adopt(block, copy.deepcopy(got), dtype, device)
+                for n, lin in linears.items():
+                    replace_module(block, n, lin)  # the block dense again, as the rest of the loop expects
                 pruned = {n: pruned[n] for n in linears}  # the block's own order, whoever pruned what
                 block_report = {n: block_report[n] for n in linears}
                 if tuner is not None:
