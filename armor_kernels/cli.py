@@ -42,10 +42,10 @@ COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "d
 
 
 CHOICES = {"optimizer": OPTIMIZERS, "objective": OBJECTIVES, "start": STARTS}  # the str-valued ArmorOptions
-# Named configurations of ARMOR (README, "Presets"): what each one measured is in the README's table.
+# Named configurations of ARMOR (README, "The preset": what it measured, and why these flags)
 PRESETS = {
-    "quality": ["--budget", "0.05", "--asymmetric", "--recon-steps", "14", "--recon-batch", "2",
-                "--recon-check", "7", "--recon-lr", "3e-3"],
+    "quality": ["--budget", "0.05", "--recon-steps", "42", "--recon-batch", "2", "--recon-check", "7",
+                "--recon-lr", "3e-3"],
 }
 
 

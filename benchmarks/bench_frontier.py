@@ -31,6 +31,7 @@ from pathlib import Path
 from harness import RESULTS, bench_args, plot_lines, read_csv, write_csv
 
 from armor_kernels.atomic import save_json, write_text
+from armor_kernels.cli import PRESETS
 from armor_kernels.hf import load_pruned_model
 from armor_kernels.pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, python_reference, token_splits
 from armor_kernels.pipeline.evaluate import perplexity
@@ -68,18 +69,23 @@ RUNS = {
     **{f"armor-output-shrink0.5-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *OUTPUT, "--shrink",
                                                    "0.5", *RECON, "--recon-target", t] for t in ("dense", "local")},
     # the three levers on the paper's ARMOR: reconstruction (dense or local target), asymmetric calibration
-    # (shrunk toward W by damp 1), one model-wide budget of the same 5 % instead of 5 % per layer, and the
-    # budget with reconstruction (asymmetric calibration alone already loses: not combined)
+    # (shrunk toward W by damp 1, one sublayer at a time), one model-wide budget of the same 5 % instead of 5 %
+    # per layer, and the budget with reconstruction
     **{f"armor-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *RECON, "--recon-target", t]
        for t in ("dense", "local")},
     "armor-o0.05-asym1": ["--method", "armor", "--overhead", "0.05", "--asymmetric", "1"],
     "armor-budget0.05": ["--method", "armor", "--budget", "0.05"],
     "armor-budget0.05-recon": ["--method", "armor", "--budget", "0.05", *RECON],
+    "armor-budget0.05-asym1-recon": ["--method", "armor", "--budget", "0.05", "--asymmetric", "1", *RECON],
+    # the preset (`--preset quality`): the budget with three times the reconstruction steps (3 passes over the 28
+    # training windows; at 14, 29 of 30 blocks keep their last step)
+    "quality": ["--method", "armor", *PRESETS["quality"]],
     # a second budget, so the front is a line
     "armor-budget0.02-recon": ["--method", "armor", "--budget", "0.02", *RECON],
 }
 LEVERS = ["sparsegpt", "armor-o0.05", "armor-o0.05-recon-dense", "armor-o0.05-recon-local", "armor-o0.05-asym1",
-          "armor-budget0.05", "armor-budget0.05-recon", "armor-o0.05-start-sparsegpt",
+          "armor-budget0.05", "armor-budget0.05-recon", "quality",
+          "armor-budget0.05-asym1-recon", "armor-o0.05-start-sparsegpt",
           "armor-output-o0.05-start-nowag_p", "armor-output-o0.05", "armor-output-shrink0.5-o0.05",
           "armor-output-shrink0.5-o0.05-recon-dense", "armor-output-shrink0.5-o0.05-recon-local", "sparsegpt-n128",
           "armor-o0.05-n128"]
@@ -100,7 +106,8 @@ def label(flags: list[str]) -> str:
         if "--iters" in flags:
             method += f", {flag(flags, '--iters')} iterations"
         if "--recon-steps" in flags:
-            method += f", reconstruction to the {flag(flags, '--recon-target', 'dense')} target"
+            method += (f", reconstruction to the {flag(flags, '--recon-target', 'dense')} target "
+                       f"({flag(flags, '--recon-steps')} steps)")
         if "--asymmetric" in flags:
             method += f", asymmetric (damp {flag(flags, '--asymmetric')})"
         if "--budget" in flags:
