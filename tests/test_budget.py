@@ -18,7 +18,7 @@ import torch
 from architectures import VOCAB, save_sharded, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
-from armor_kernels.cli import PRESETS, with_preset
+from armor_kernels.cli import PRESETS, parser, with_preset
 from armor_kernels.factors import block_sizes
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import budget as budget_mod
@@ -182,8 +182,9 @@ def test_the_preset_expands_before_the_users_flags():
     with pytest.raises(ValueError, match=r"--preset: expected one of \['quality'\], got 'best'"):
         with_preset(["prune", "--preset", "best"])
     assert "--overhead" not in PRESETS["quality"]  # the budget replaces it
-    budget = float(PRESETS["quality"][PRESETS["quality"].index("--budget") + 1])
-    assert 0 < budget <= 0.05
+    args = parser().parse_args(with_preset(["prune", "--out", "x", "--preset", "quality", "--recon-steps", "3"]))
+    assert args.method == "armor" and args.overhead is None and 0 < args.budget <= 0.05
+    assert args.recon_steps == 3  # the user's flag wins
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "phi3"])
@@ -207,7 +208,7 @@ def test_streamed_architectures(arch, tmp_path):
 
 
 def test_torchrun_two_processes_give_the_one_process_checkpoint(tmp_path):
-    """Budget, asymmetric calibration and reconstruction together (the preset's levers), streamed."""
+    """Budget, asymmetric calibration and reconstruction together, streamed."""
     from test_reconstruct import _launch, shards
     model, _ = tiny_model("llama")
     src = save_sharded(model, tmp_path / "src")
