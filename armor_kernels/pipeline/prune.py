@@ -51,7 +51,6 @@ from .model import (
     check_supported,
     decoder_layers,
     layers_prefix,
-    replace_module,
     sublayers,
     swapped,
 )
@@ -401,22 +400,21 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
                     groups = dist.agree(sublayers(block, lambda: run_block(block, hidden[:1], extra[i][:1]))
                                         if dist.is_writer else None, f"block {i}'s sublayers")
                 pruned, block_report = {}, {}
-                for g, group in enumerate(groups):
-                    owners = assign({n: linears[n].weight.numel() for n in group}, dist.world_size)
-                    stats = collect_stats(block, hidden, extra[i], full, dist=dist, batch_ids=mine,
-                                          n_batches=len(batches), owners=owners,
-                                          paired=dense_hidden if paired else None,
-                                          linears={n: linears[n] for n in group}, dense=linears)
-                    own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method,
-                                                          {n: layer_opts(f"{i}.{n}") for n in stats},
-                                                          torch.device(device), asymmetric)
-                    got, got_report = share_modules(dist, own, owners, own_report)
-                    pruned.update(got)
-                    block_report.update(got_report)
-                    if g + 1 < len(groups):  # the next sublayers calibrate on these (a copy: adopt casts in place)
-                        adopt(block, copy.deepcopy(got), dtype, device)
-                for n, lin in linears.items():
-                    replace_module(block, n, lin)  # the block dense again, as the rest of the loop expects
+                with swapped(block, linears):  # and the block dense again afterwards, as the rest of the loop expects
+                    for g, group in enumerate(groups):
+                        owners = assign({n: linears[n].weight.numel() for n in group}, dist.world_size)
+                        stats = collect_stats(block, hidden, extra[i], full, dist=dist, batch_ids=mine,
+                                              n_batches=len(batches), owners=owners,
+                                              paired=dense_hidden if paired else None,
+                                              linears={n: linears[n] for n in group}, dense=linears)
+                        own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method,
+                                                              {n: layer_opts(f"{i}.{n}") for n in stats},
+                                                              torch.device(device), asymmetric)
+                        got, got_report = share_modules(dist, own, owners, own_report)
+                        pruned.update(got)
+                        block_report.update(got_report)
+                        if g + 1 < len(groups):  # the next sublayers calibrate on these (a copy: adopt casts in place)
+                            adopt(block, copy.deepcopy(got), dtype, device)
                 pruned = {n: pruned[n] for n in linears}  # the block's own order, whoever pruned what
                 block_report = {n: block_report[n] for n in linears}
                 if tuner is not None:
