@@ -1,7 +1,8 @@
 """armor-kernels: ARMOR 2:4 pruning (optimizer, baselines, fused Hopper op).
 
 Native code, each source listed once:
-- armor_kernels._armor_cpu: the C++/OpenMP S-step sweep (csrc/cpu, bound by python/cpu_module.cpp).
+- armor_kernels._armor_cpu: the C++/OpenMP S-step sweep and the packed 2:4 linear (csrc/cpu, bound by
+  python/cpu_module.cpp).
   Torch-free, ~20 s to compile; always built when pybind11 is present (pyproject.toml's build
   requirements), else the package installs without it and the PyTorch reference serves.
 - armor_kernels._armor_cuda: the fused Hopper kernels, described by CMakeLists.txt (csrc/*.cu,
@@ -73,9 +74,9 @@ if Pybind11Extension is not None:
     omp = [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]  # GCC: -fopenmp links libgomp
     ext_modules.append(Pybind11Extension(
         "armor_kernels._armor_cpu",
-        ["python/cpu_module.cpp", "csrc/cpu/sweep.cpp"],
+        ["python/cpu_module.cpp", "csrc/cpu/sweep.cpp", "csrc/cpu/packed_linear.cpp"],
         include_dirs=["csrc/cpu"],
-        depends=["csrc/cpu/sweep.h"],
+        depends=["csrc/cpu/sweep.h", "csrc/cpu/packed_linear.h"],
         cxx_std=17,
         # -ffp-contract=off: the float group solve rounds like torch's elementwise ops (sweep.cpp).
         extra_compile_args=["-O3", "-ffp-contract=off", *omp],

@@ -20,13 +20,13 @@ from .factors import (
                       proxy_loss,
                       tile_losses,
 )
-from .nn import ArmorLinear, Sparse24Linear, prepare_fused
+from .nn import ArmorLinear, Sparse24Linear, paths, prepare
 from .optim import ArmorOptions, ArmorResult, armor
 from .sparse24 import check_24, pack_24, unpack_24
 
 __all__ = [
     "ActivationStats", "ArmorFactors", "ArmorLinear", "ArmorOptions", "ArmorResult", "BASELINES", "Pruned", "armor",
     "block_size_for", "block_sizes", "check_24", "denormalize", "magnitude", "normalize", "nowag_p",
-    "output_error", "pack_24", "prepare_fused", "proxy_loss", "sparsegpt", "Sparse24Linear", "tile_losses",
+    "output_error", "pack_24", "paths", "prepare", "proxy_loss", "sparsegpt", "Sparse24Linear", "tile_losses",
     "unpack_24", "wanda",
 ]

@@ -8,8 +8,10 @@ transformers builds the model skeleton on the meta device and calls the quantize
 weights: each pruned `nn.Linear` named in config.json's quantization_config["modules"] is swapped for an
 empty ArmorLinear / Sparse24Linear whose tensor names and shapes are those stored, and transformers fills
 them (floating tensors in the requested dtype, the uint8 ones as they are). After loading, each pruned
-layer keeps its dense copy for a one-matmul forward (nn.py); `armor_kernels.prepare_fused(model)` on an
-sm_90 GPU switches the layers the fused kernels can run over to them. Before any weight loads, every shard
+layer stays packed and `armor_kernels.prepare(model)` puts it on the fastest path of its device (nn.py:
+the fused Hopper kernels, torch's semi-structured 2:4 on other CUDA GPUs, the packed CPU kernels): no
+dense weight is built, so the load's peak is the packed model plus one layer's working set. After a
+`.to(device)` call `prepare(model)` again; `armor_kernels.paths(model)` says what each layer runs. Before any weight loads, every shard
 is checked against the sha256 digests the index records (each file read once more); a damaged shard
 stops the load with an error naming it and the tensor. The format: pipeline/checkpoint.py.
 """
@@ -24,7 +26,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .nn import ArmorLinear, Sparse24Linear, materialize
+from .nn import ArmorLinear, Sparse24Linear, prepare
 from .pipeline.checkpoint import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -89,7 +91,7 @@ class ArmorQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         self._check_shapes(model)
-        materialize(model)
+        prepare(model)
         return model
 
     def _check_shapes(self, model) -> None:
@@ -151,7 +153,7 @@ def export_dense(src: str | Path, dst: str | Path, dtype: torch.dtype | None = N
     model, tok = load_pruned_model(src, dtype=dtype)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (ArmorLinear, Sparse24Linear)):
-            W = mod.dense_weight if mod.dense_weight is not None else mod.to_dense()
+            W = mod.to_dense()
             lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
                                   device=W.device, dtype=W.dtype)
             lin.weight.data.copy_(W)

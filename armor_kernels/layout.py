@@ -2,7 +2,7 @@
 
 The kernels of csrc/ take A' and B' as 128 × 128 diagonal blocks and d_out, d_in multiples of 128. A
 layer with other blocks or sizes runs on them through exactly equivalent operands, built once (at
-`prepare_fused`), per side of the layer (output: A', the rows of S; input: B', the columns of S and x):
+`prepare`), per side of the layer (output: A', the rows of S; input: B', the columns of S and x):
 
 - "native": b = 128: the layer's own tensors, nothing copied.
 - "packed": b < 128: k = ⌊128/b⌋ consecutive b-blocks share one 128-block, on its diagonal (zeros off
@@ -83,7 +83,7 @@ class Side(NamedTuple):
         full[: blocks.shape[0]] = blocks
         full = full.reshape(self.groups, self.k, self.b, self.b)
         out = blocks.new_zeros(self.groups, KERNEL_BLOCK, KERNEL_BLOCK)
-        for s in range(self.k):  # k ≤ 32 copies of padded/128 blocks each: a one-time cost at prepare_fused
+        for s in range(self.k):  # k ≤ 32 copies of padded/128 blocks each: a one-time cost at prepare
             sl = slice(s * self.b, (s + 1) * self.b)
             out[:, sl, sl] = full[:, s]
         return out

@@ -10,15 +10,23 @@ under every pruned linear's `.weight` name whose shape cannot match nn.Linear's,
 not know the format (transformers without this package's plugin) fails loudly instead of building
 random weights.
 
-Speed where the fused kernels do not run (CPU, other GPUs, fp32): `materialize()` keeps the dense
-product Ŵ (or the unpacked 2:4 weight) in the compute dtype beside the stored form and the forward is
-one F.linear: as fast as the dense model, at the dense model's memory (docs/DESIGN.md §5). The stored
-(saved) form stays packed; `prepare_fused()` (on an sm_90 GPU, after the move to it) builds the layer's
-operands in the kernels' layout (`ops.fused_operands`: any blocks 4…128 and sizes, padded exactly, see
-layout.py; for Sparse24Linear with identity A' and B') and drops the dense copy. Those operands are the
-layer's own tensors where it is already in that layout, else padded copies beside them; they are
-device-specific and never saved: after another move the layer runs the reference until prepare_fused
-runs again.
+How a layer runs: `prepare()` (one layer) or `prepare(model)` (every pruned layer; `from_pretrained` runs
+it, and a user runs it again after moving the model to another device) picks, on the layer's device, the
+first path of PATHS that applies and returns its name:
+- "fused": the fused Hopper kernels (sm_90, the CUDA extension built, bf16/fp16, blocks up to 128): the
+  layer's operands in the kernels' layout (`ops.fused_operands`: any blocks 4…128 and sizes, padded
+  exactly, see layout.py; Sparse24Linear with identity A' and B');
+- "dense" (only with keep_dense=True): the dense product Ŵ (or the unpacked 2:4 weight) kept beside the
+  packed form, one F.linear per call: dense prefill speed at the dense model's memory and more;
+- "semi_structured": other CUDA GPUs with 2:4 tensor cores (sm_80 and later, bf16/fp16): S on torch's
+  semi-structured sparse matmul, B' and A' as block matmuls (semi_structured.py);
+- "cpu_packed": the CPU with the C++ extension: the op's packed CPU kernels ("cpu_decode" for few
+  tokens, "cpu_gemm" for many; ops.py);
+- "reference": the PyTorch reference, from the packed form.
+Nothing but the packed form is kept by default: the layer holds its stored bytes plus, for "fused" and
+"semi_structured", S once more in the device's compressed layout. The operands prepare builds are
+device-specific and never saved; after a move to another device or dtype the layer runs the op (the
+CPU kernels or the reference) until prepare runs again.
 """
 from __future__ import annotations
 
@@ -26,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, semi_structured
 from .factors import ArmorFactors, block_right
 from .layout import identity_block, identity_blocks
 from .sparse24 import check_24, check_packed_24, pack_24, unpack_24
+
+PATHS = ("fused", "dense", "semi_structured", "cpu_packed", "reference")
 
 
 class ArmorLinear(nn.Module):
@@ -113,26 +123,24 @@ class ArmorLinear(nn.Module):
 
     def materialize(self, dtype: torch.dtype | None = None) -> ArmorLinear:
         """Keep Ŵ in `dtype` (default: the module's) for a one-matmul forward on inputs of that dtype
-        (see the module docstring)."""
+        (the "dense" path of the module docstring)."""
         self.dense_weight = self.to_dense(dtype)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        if self.dense_weight is not None and self.dense_weight.dtype == x.dtype:
-            return F.linear(x, self.dense_weight, None if self.bias is None else self.bias.to(x.dtype))
-        if _runs_fused(self, x):
-            return ops.fused_linear(x, self.fused)
+        y = _prepared_forward(self, x, self.A, self.B)
+        if y is not None:
+            return y
         S, S_idx = (self.S_values, self.S_idx) if self.packed else (self.S, None)
         return ops.linear(x, self.A.to(x.dtype), S.to(x.dtype), self.B.to(x.dtype),
                           None if self.bias is None else self.bias.to(x.dtype), S_idx=S_idx)
 
-    def prepare_fused(self) -> bool:
-        """Make the layer run the fused kernels if they apply (sm_90, bf16/fp16, blocks up to 128): S packed
-        (read by the decode kernels, up to 16 tokens) and compressed once into the sparse GEMM's layout."""
+    def prepare(self, keep_dense: bool = False) -> str:
+        """Pick the fastest path on the layer's device (module docstring; S packed first); returns its name."""
         self.pack()
-        return _prepare_fused(self, self.A, self.B)
+        return _prepare(self, self.A, self.B, keep_dense)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -177,17 +185,18 @@ class Sparse24Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        if _runs_fused(self, x) and (self.dense_weight is None or self.dense_weight.dtype != x.dtype):
-            return ops.fused_linear(x, self.fused)
-        W = self.dense_weight if self.dense_weight is not None and self.dense_weight.dtype == x.dtype \
-            else self.to_dense(x.dtype)
-        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+        y = _prepared_forward(self, x, None, None)
+        if y is not None:
+            return y
+        return ops.linear(x, None, self.S_values.to(x.dtype), None,
+                          None if self.bias is None else self.bias.to(x.dtype), S_idx=self.S_idx)
 
-    def prepare_fused(self) -> bool:
-        """Make the layer run the fused kernels if they apply (sm_90, bf16/fp16): the 2:4 sparse GEMM with
-        identity A' and B' (layout.identity_blocks)."""
+    def prepare(self, keep_dense: bool = False) -> str:
+        """Pick the fastest path on the layer's device (module docstring): no wrappers, except the identity
+        A' and B' (layout.identity_blocks) the fused kernels take; returns the path's name."""
         kw = {"dtype": self.S_values.dtype, "device": self.S_values.device}
-        return _prepare_fused(self, identity_blocks(self.out_features, **kw), identity_blocks(self.in_features, **kw))
+        return _prepare(self, lambda: identity_blocks(self.out_features, **kw), lambda: identity_blocks(self.in_features, **kw),
+                        keep_dense, wrapped=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -197,53 +206,95 @@ PRUNED_LINEARS = (ArmorLinear, Sparse24Linear)
 
 
 def _add_marker_and_dense(mod: nn.Module, device) -> None:
-    """The empty `weight` marker (saved; see the module docstring), the dense copy and the fused
+    """The empty `weight` marker (saved; see the module docstring), the dense copy and the device's
     operands (never saved)."""
     mod.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
     mod.register_buffer("dense_weight", None, persistent=False)
-    mod.fused = None  # ops.FusedOperands, set by prepare_fused
+    mod.fused = None  # ops.FusedOperands, set by prepare on an sm_90 GPU
+    mod.semi = None   # semi_structured.SemiStructured, set by prepare on other CUDA GPUs
 
 
-def _prepare_fused(mod: nn.Module, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Both layers' prepare_fused once their A' and B' are known: the layer in the kernels' layout."""
+def _prepare(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool = True) -> str:
+    """Both layers' prepare: the first path of PATHS that applies where the layer is (A, B: its wrappers,
+    or callables building the identities the fused kernels need for a plain 2:4 layer)."""
     values = mod.S_values
-    if not ops.fused_supported(values.device, values.dtype, mod.out_features, mod.in_features, A.shape[1], B.shape[1]):
-        return False
-    mod.fused = ops.fused_operands(A, values, mod.S_idx, B, mod.bias)
-    mod.dense_weight = None  # the fused kernels read the operands just built
-    return True
+    mod.fused = mod.semi = mod.dense_weight = None
+    blocks = (A.shape[1], B.shape[1]) if wrapped else (identity_block(mod.out_features),
+                                                       identity_block(mod.in_features))
+    if ops.fused_supported(values.device, values.dtype, mod.out_features, mod.in_features, *blocks):
+        A, B = (A, B) if wrapped else (A(), B())
+        mod.fused = ops.fused_operands(A, values, mod.S_idx, B, mod.bias)
+        return "fused"
+    if keep_dense:
+        mod.materialize()
+        return "dense"
+    if semi_structured.unavailable_reason(values.device, values.dtype) is None:
+        mod.semi = semi_structured.compress(values, mod.S_idx)
+        return "semi_structured"
+    return "cpu_packed" if ops.cpu_unavailable_reason(values.device) is None else "reference"
 
 
-def _runs_fused(mod: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the operands prepare_fused built apply to x (not after a move to another device or dtype)."""
+def _prepared_forward(mod: nn.Module, x: torch.Tensor, A, B) -> torch.Tensor | None:
+    """y through what prepare built, where it applies to x (its device and dtype), else None (the op)."""
+    if mod.dense_weight is not None and mod.dense_weight.dtype == x.dtype:
+        return F.linear(x, mod.dense_weight, None if mod.bias is None else mod.bias.to(x.dtype))
     f = mod.fused
-    return f is not None and f.A.dtype == x.dtype and f.A.device == x.device
+    if f is not None and f.A.dtype == x.dtype and f.A.device == x.device:
+        return ops.fused_linear(x, f)
+    semi = mod.semi
+    if semi is not None and semi.S.dtype == x.dtype and semi.S.device == x.device:
+        return semi_structured.linear(x, A, semi, B, mod.bias)
+    return None
+
+
+def pruned_linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PRUNED_LINEARS)}
 
 
 def materialize(model: nn.Module) -> int:
     """`materialize()` on every pruned linear of a model, each in its own dtype; returns how many."""
-    mods = [m for m in model.modules() if isinstance(m, PRUNED_LINEARS)]
+    mods = pruned_linears(model).values()
     for m in mods:
         m.materialize()
     return len(mods)
 
 
-def prepare_fused(model: nn.Module) -> int:
-    """Call `prepare_fused()` on every pruned linear of a model (after moving it to its GPU, once);
-    returns how many layers will run the fused kernels (the rest keep their dense copy, or run the
-    reference where they have none; `unfused_reasons` says why)."""
-    return sum(m.prepare_fused() for m in model.modules() if isinstance(m, PRUNED_LINEARS))
+def prepare(model: nn.Module, keep_dense: bool = False) -> dict[str, str]:
+    """Each pruned linear of `model` on the fastest path its device has (module docstring), after a move
+    to another device too; returns name -> path. keep_dense=True keeps a dense copy wherever the fused
+    kernels do not run (dense speed for long prompts, at dense memory and more)."""
+    return {name: m.prepare(keep_dense) for name, m in pruned_linears(model).items()}
 
 
 def unfused_reasons(model: nn.Module) -> dict[str, str]:
-    """name -> why that pruned linear does not run the fused kernels, for every one prepare_fused did not
-    switch over (empty when all run them)."""
+    """name -> why that pruned linear does not run the fused kernels and which path it takes instead, for
+    every one prepare did not switch over to them (empty when all run them)."""
     out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, PRUNED_LINEARS) and m.fused is None:
+    for name, m in pruned_linears(model).items():
+        if m.fused is None:
             blocks = (m.A.shape[1], m.B.shape[1]) if isinstance(m, ArmorLinear) else (
                 identity_block(m.out_features), identity_block(m.in_features))
             core = m.S_values if m.S_values is not None else m.S
-            out[name] = (ops.fused_unavailable_reason(core.device, core.dtype, m.out_features, m.in_features, *blocks)
-                         or "prepare_fused() has not run on it where it is now")
+            why = (ops.fused_unavailable_reason(core.device, core.dtype, m.out_features, m.in_features, *blocks)
+                   or "prepare() has not run on it where it is now")
+            out[name] = f"{why}; runs {layer_path(m)}"
     return out
+
+
+def paths(model: nn.Module) -> dict[str, str]:
+    """name -> the path each pruned linear of `model` takes now (see `layer_path`)."""
+    return {name: layer_path(m) for name, m in pruned_linears(model).items()}
+
+
+def layer_path(m: nn.Module) -> str:
+    """The path a pruned linear's forward takes now, for inputs of its stored dtype on its device."""
+    core = m.S_values if m.S_values is not None else m.S
+    if m.fused is not None and m.fused.A.device == core.device:
+        return "fused"
+    if m.dense_weight is not None:
+        return "dense"
+    if m.semi is not None and m.semi.S.device == core.device:
+        return "semi_structured"
+    if m.S_values is not None and ops.cpu_unavailable_reason(core.device) is None:
+        return "cpu_packed"
+    return "reference"

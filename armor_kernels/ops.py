@@ -2,6 +2,7 @@
 
     y = linear(x, A, S, B, bias)                       # S dense (d_out, d_in), 2:4 along d_in
     y = linear(x, A, values, B, bias, S_idx=idx)       # S in the portable packed form of sparse24
+    y = linear(x, None, values, None, bias, S_idx=idx) # a plain 2:4 layer: no wrappers
     sm90 = pack_sm90(S)                                # once, at load/export (CUDA, sm_90, extension)
     y = linear(x, A, S, B, bias, sm90=sm90)            # fused Hopper kernels where they apply
     linear_path(x, A, S, B, sm90=sm90)                 # which implementation that call runs
@@ -9,18 +10,28 @@
     f = fused_operands(A, values, idx, B, bias)        # any layer in the kernels' layout (layout.py), once
     y = fused_linear(x, f)                             # pads x, runs the op on f, slices y back
 
-A: (d_out/bA, bA, bA) and B: (d_in/bB, bB, bB) hold the diagonal blocks. Every device runs the PyTorch
-reference (`reference`); on CUDA, where the kernels of csrc/ apply (sm_90, bf16/fp16, operands in the
-kernels' layout: bA = bB = 128, d_out and d_in multiples of 128, built extension) they run instead. Any
-other layer the pipeline writes (blocks 4…128, ragged sizes) reaches them through `fused_operands`,
-which builds the exactly equivalent padded, block-expanded operands (layout.py says how and what it
-costs). `linear_path` is the one rule:
-- "decode": up to DECODE_MAX_TOKENS (16) tokens with S packed (S_idx given): the decode kernels, which
-  stream the portable packed S once, split along K over the SMs, with B' before and A' + bias folded
-  into the reduction;
-- "sparse_gemm": otherwise, with the sm90 compressed form passed: B' as a block-diagonal GEMM, then the
-  2:4 sparse tensor-core GEMM with A' and bias in its epilogue;
+A: (d_out/bA, bA, bA) and B: (d_in/bB, bB, bB) hold the diagonal blocks, or None for no wrapper on that
+side. Every device can run the PyTorch reference (`reference`). On the CPU, with S packed and the C++
+extension built (csrc/cpu/packed_linear.cpp), the packed kernels run instead, any dtype, blocks and sizes.
+On CUDA, where the kernels of csrc/ apply (sm_90, bf16/fp16, operands in the kernels' layout: bA = bB =
+128, d_out and d_in multiples of 128, built extension) they run instead. Any other layer the pipeline
+writes (blocks 4…128, ragged sizes) reaches them through `fused_operands`, which builds the exactly
+equivalent padded, block-expanded operands (layout.py says how and what it costs). `linear_path` is the
+one rule:
+- "cpu_decode": on the CPU, up to CPU_DECODE_MAX_TOKENS tokens with S packed: S's kept values and 2-bit
+  positions streamed once (per 4 tokens) from memory, each value's input picked by vector permutes, B'
+  before and A' + bias after, float32 accumulation;
+- "cpu_gemm": on the CPU, more tokens with S packed: S unpacked a tile of rows at a time into one
+  buffer and multiplied by torch's own GEMM (the dense S is never whole in memory), B' and A' as batched
+  block matmuls;
+- "decode": CUDA, up to DECODE_MAX_TOKENS (16) tokens with S packed (S_idx given): the decode kernels,
+  which stream the portable packed S once, split along K over the SMs, with B' before and A' + bias
+  folded into the reduction;
+- "sparse_gemm": CUDA, otherwise, with the sm90 compressed form passed: B' as a block-diagonal GEMM,
+  then the 2:4 sparse tensor-core GEMM with A' and bias in its epilogue;
 - "reference": everything else.
+Every native launch is counted in LAUNCHES (kernel family -> calls), so that a test can tell a kernel
+that ran from the reference it is compared with.
 `backend=` forces one of them (tests, benchmarks; FlashInfer's `backend="auto"` style) and raises
 ValueError saying why when it does not apply. `sm_count=` is how many CTAs the kernels' persistent and
 split-K grids plan for (0: the device's SM count); results of "sparse_gemm" do not depend on it.
@@ -32,18 +43,21 @@ The op has a fake implementation, so torch.compile(fullgraph=True), CUDA graphs 
 """
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
+import threading
 import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
 from .factors import block_right
+from .kernels.tile_sweep import cpu_ext
 from .layout import KERNEL_BLOCK, MAX_DIM, FusedOperands, layer_layout, pad_core
 from .sparse24 import check_24, pack_24, unpack_24
 
-BACKENDS = ("auto", "decode", "sparse_gemm", "reference")
+BACKENDS = ("auto", "cpu_decode", "cpu_gemm", "decode", "sparse_gemm", "reference")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels take (csrc/armor_cuda.h), known without them
 
@@ -71,6 +85,15 @@ if _native is not None:  # csrc/armor_cuda.h's constants, as the binding exports
 else:
     DECODE_MAX_TOKENS, _FUSED_DTYPES = 0, {}
 
+# The CPU crossover from the streamed kernel to tiles on torch's GEMM, measured by
+# benchmarks/bench_linear.py --device cpu (its CSV under benchmarks/results/ holds the rows it rests on).
+CPU_DECODE_MAX_TOKENS = 16
+# Dense tile of S per GEMM in "cpu_gemm": torch's GEMM needs ~1000 rows of a 4096-wide layer to run at
+# full speed (1 MiB tiles took 1.5x the dense time at 512 tokens, 16 MiB 0.97x: bench_linear.py's rows).
+CPU_TILE_BYTES = 16 << 20
+_CPU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/packed_linear.h's Dtype
+LAUNCHES: collections.Counter = collections.Counter()  # kernel family -> native calls since import
+
 
 class Sm90Packed(NamedTuple):
     """S compressed for the sm90 sparse tensor cores (CUTLASS layout): opaque flat buffers."""
@@ -93,14 +116,16 @@ def sm90_compressed_sizes(d_out: int, d_in: int) -> tuple[int, int]:
     return d_out * _round_up(d_in, 16) // 2, _round_up(d_out, 64) * _round_up(d_in, 128) // 8
 
 
-def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x · blockdiag(blocks)ᵀ over the last dim: y[..., J] = x[..., J] @ blocks[J]ᵀ, blocks (n, b, b)."""
-    return block_right(x, blocks.transpose(1, 2))
+def block_diag_apply(x: torch.Tensor, blocks: Optional[torch.Tensor]) -> torch.Tensor:
+    """x · blockdiag(blocks)ᵀ over the last dim: y[..., J] = x[..., J] @ blocks[J]ᵀ, blocks (n, b, b);
+    x itself for blocks None (no wrapper)."""
+    return x if blocks is None else block_right(x, blocks.transpose(1, 2))
 
 
-def reference(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
+def reference(x: torch.Tensor, A: Optional[torch.Tensor], S: torch.Tensor, B: Optional[torch.Tensor],
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The PyTorch reference with dense S: block-diagonal B' on x, S, block-diagonal A', + bias."""
+    """The PyTorch reference with dense S: block-diagonal B' on x, S, block-diagonal A', + bias (A' or
+    B' None: no wrapper on that side)."""
     y = block_diag_apply(torch.nn.functional.linear(block_diag_apply(x, B), S), A)
     return y if bias is None else y + bias
 
@@ -127,6 +152,8 @@ def _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_c
     if packed and (S_idx.dtype != torch.uint8 or tuple(S_idx.shape) != (d_out, d_in // 8)):
         _fail("S_idx", f"uint8 of shape {(d_out, d_in // 8)}", f"{S_idx.dtype} {tuple(S_idx.shape)}")
     for name, t, dim in (("A", A, d_out), ("B", B, d_in)):
+        if t is None:
+            continue
         if t.dim() != 3 or t.shape[1] != t.shape[2] or t.shape[0] * t.shape[1] != dim:
             _fail(name, f"blocks (n, b, b) with n * b = {dim}", tuple(t.shape))
     if bias is not None and tuple(bias.shape) != (d_out,):
@@ -211,25 +238,43 @@ def _operands_reason(d_out: int, d_in: int, block_A: int, block_B: int) -> Optio
             f"multiples of {KERNEL_BLOCK} (pass the layer through ops.fused_operands and fused_linear)")
 
 
-def linear_path(x: torch.Tensor | int, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, *,
+def cpu_unavailable_reason(device: torch.device | str = "cpu") -> Optional[str]:
+    """Why the packed CPU kernels cannot run on `device` (None when they can)."""
+    if cpu_ext is None:
+        return ("the C++ extension armor_kernels._armor_cpu is not built (pip install the package with a C++ "
+                "compiler), or ARMOR_CPU_EXT=0")
+    return None if torch.device(device).type == "cpu" else f"device {device} is not the CPU"
+
+
+def linear_path(x: torch.Tensor | int, A: Optional[torch.Tensor], S: torch.Tensor, B: Optional[torch.Tensor], *,
                 S_idx: Optional[torch.Tensor] = None, sm90: Optional[Sm90Packed] = None,
                 backend: str = "auto") -> str:
-    """Which implementation `linear` runs for these arguments: "decode", "sparse_gemm" or "reference".
+    """Which implementation `linear` runs for these arguments: "cpu_decode", "cpu_gemm", "decode",
+    "sparse_gemm" or "reference".
 
     x: the input, or its token count (the product of its leading dimensions); the other arguments as
-    for `linear`, whose device and dtype are S's. backend="auto" picks "decode" where it applies, else
-    "sparse_gemm" where it applies, else "reference" (see the module docstring); naming a backend
-    returns it, or raises ValueError saying why it does not apply."""
+    for `linear`, whose device and dtype are S's. backend="auto" picks the first of those that applies
+    (see the module docstring); naming a backend returns it, or raises ValueError saying why it does
+    not apply."""
     if backend not in BACKENDS:
         raise ValueError(f"armor.linear: backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    d_out, d_in = A.shape[0] * A.shape[1], B.shape[0] * B.shape[1]
+    d_out = S.shape[0]
+    d_in = S.shape[1] * (2 if S_idx is not None else 1)
     tokens = x if isinstance(x, int) else (x.numel() // d_in if d_in else 0)
-    fused = fused_unavailable_reason(S.device, S.dtype) or _operands_reason(d_out, d_in, A.shape[1], B.shape[1])
+    cpu = cpu_unavailable_reason(S.device) or ("S is not packed (pass S_idx)" if S_idx is None else None)
+    if A is None or B is None:
+        fused = "the fused kernels need both wrappers (a plain 2:4 layer passes identities: layout.identity_blocks)"
+    else:
+        fused = fused_unavailable_reason(S.device, S.dtype) or _operands_reason(d_out, d_in, A.shape[1], B.shape[1])
     if fused is None and tokens < 1:
         fused = "x has no tokens"
+    # the streamed kernel is correct at any token count; "auto" hands it only the counts where it is faster
+    too_many = f"{tokens} tokens, more than CPU_DECODE_MAX_TOKENS = {CPU_DECODE_MAX_TOKENS}"
     why_not = {
+        "cpu_decode": cpu or (too_many if backend == "auto" and tokens > CPU_DECODE_MAX_TOKENS else None),
+        "cpu_gemm": cpu,
         "decode": fused or ("S is not packed (pass S_idx)" if S_idx is None else
                             f"{tokens} tokens, the decode kernels take at most {DECODE_MAX_TOKENS}"
                             if tokens > DECODE_MAX_TOKENS else None),
@@ -260,12 +305,14 @@ def pack_sm90(S: torch.Tensor) -> Sm90Packed:
         values = torch.empty(n_values, dtype=S.dtype, device=S.device)
         meta = torch.empty(n_meta, dtype=torch.uint8, device=S.device)
         stream = torch.cuda.current_stream(S.device).cuda_stream
+        LAUNCHES["compress"] += 1
         _native.compress(dtype, S.data_ptr(), d_out, d_in, values.data_ptr(), meta.data_ptr(), stream)
     return Sm90Packed(values, meta)
 
 
 @torch.library.custom_op("armor::linear", mutates_args=())
-def _linear(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor],
+def _linear(x: torch.Tensor, A: Optional[torch.Tensor], S: torch.Tensor, B: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor],
             S_idx: Optional[torch.Tensor], sm90_values: Optional[torch.Tensor], sm90_meta: Optional[torch.Tensor],
             backend: str = "auto", sm_count: int = 0) -> torch.Tensor:
     """Reference kernel, registered for every device (the CUDA kernel below may take over)."""
@@ -293,6 +340,68 @@ def _aligned(*ts) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
+@_linear.register_kernel("cpu")
+def _linear_cpu(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0):
+    d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
+    path = _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend)
+    if path == "reference":
+        return _reference_kernel(x, A, S, B, bias, S_idx)
+    tokens = x.numel() // d_in if d_in else 0
+    x2 = x.reshape(tokens, d_in).contiguous()
+    A, S, S_idx, B = (None if t is None else t.contiguous() for t in (A, S, S_idx, B))
+    bias = None if bias is None else bias.contiguous()
+    LAUNCHES[path] += 1
+    if path == "cpu_decode":
+        y = x2.new_empty(tokens, d_out)
+        ptr = lambda t: 0 if t is None else t.data_ptr()
+        cpu_ext.packed_linear(x2.data_ptr(), S.data_ptr(), S_idx.data_ptr(), ptr(A), ptr(B), ptr(bias), y.data_ptr(),
+                              tokens, d_in, d_out, 0 if A is None else A.shape[1], 0 if B is None else B.shape[1],
+                              _CPU_DTYPES[x.dtype], torch.get_num_threads())
+    else:
+        y = _cpu_gemm(x2, A, S, S_idx, B, bias)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype "cpu_gemm" multiplies in: the storage dtype where this CPU has native 16-bit matrix
+    instructions for it (AVX-512 BF16 or AMX), else float32, which torch's GEMM then runs several times
+    faster (the dense bf16 model on such a CPU is slower than the same model in float32)."""
+    native = {torch.bfloat16: torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+              torch.float16: torch.cpu._is_amx_fp16_supported()}
+    return dtype if native.get(dtype, True) else torch.float32
+
+
+_TILES = threading.local()  # each calling thread's tile buffer, kept: a fresh one costs its page faults per call
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = getattr(_TILES, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = _TILES.buf = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _cpu_gemm(x2, A, values, idx, B, bias):
+    """"cpu_gemm": B' on x as batched block matmuls, S unpacked CPU_TILE_BYTES at a time into one buffer and
+    multiplied by torch's GEMM (into the rows of yᵀ, so every output slice is contiguous), A' and bias; in
+    cpu_gemm_dtype, rounded to x's dtype at the end."""
+    tokens, d_in = x2.shape
+    d_out = values.shape[0]
+    dt = cpu_gemm_dtype(x2.dtype)
+    xb = block_diag_apply(x2.to(dt), None if B is None else B.to(dt))
+    rows = min(d_out, max(16, CPU_TILE_BYTES // (d_in * dt.itemsize)))
+    tile = _tile_buffer(rows * d_in, dt).view(rows, d_in)
+    yt = torch.empty(d_out, tokens, dtype=dt)
+    for r0 in range(0, d_out, rows):
+        n = min(rows, d_out - r0)
+        cpu_ext.unpack_rows(values.data_ptr(), idx.data_ptr(), r0, n, d_in, _CPU_DTYPES[x2.dtype], tile.data_ptr(),
+                            dt != x2.dtype, torch.get_num_threads())
+        torch.mm(tile[:n], xb.t(), out=yt[r0:r0 + n])
+    y = block_diag_apply(yt.t(), None if A is None else A.to(dt))
+    y = y if bias is None else y + bias.to(dt)
+    return y.to(x2.dtype)
+
+
 @_linear.register_kernel("cuda")
 def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0):
     d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
@@ -306,6 +415,7 @@ def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto"
     if not _aligned(x2, A, B):  # e.g. a view starting mid-allocation
         x2 = x2.clone()
         A, B = A.clone(), B.clone()
+    LAUNCHES[path] += 1
     if path == "decode":
         S_values, S_meta = (t if _aligned(t) else t.clone() for t in (S.contiguous(), S_idx.contiguous()))
         workspace_bytes, run = _native.decode_workspace_bytes, _native.decode_linear
@@ -325,7 +435,7 @@ def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto"
     return y.reshape(*x.shape[:-1], d_out)
 
 
-def linear(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
+def linear(x: torch.Tensor, A: Optional[torch.Tensor], S: torch.Tensor, B: Optional[torch.Tensor],
            bias: Optional[torch.Tensor] = None, *, S_idx: Optional[torch.Tensor] = None,
            sm90: Optional[Sm90Packed] = None, backend: str = "auto", sm_count: int = 0) -> torch.Tensor:
     """y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias through torch.ops.armor.linear (see the module docstring)."""

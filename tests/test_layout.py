@@ -1,7 +1,7 @@
 """The kernels' layout (layout.py, ops.fused_operands / fused_linear): a layer with any blocks 4…128 and
 any sizes, padded and block-expanded, gives the layer's own output. On the CPU the op runs the reference,
 on exactly the tensors the kernels would read (everything but the sm90 compression, which needs the GPU);
-the nn modules' prepare_fused is exercised here with the device check and the compressor stubbed."""
+the nn modules' prepare is exercised here with the device check and the compressor stubbed."""
 import re
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 from helpers import random_24
 from test_ops import TOL, assert_close, dense_math, factors
 
-from armor_kernels import ArmorLinear, Sparse24Linear, ops, prepare_fused
+from armor_kernels import ArmorLinear, Sparse24Linear, ops, prepare
 from armor_kernels.layout import KERNEL_BLOCK, identity_blocks, layer_layout, side
 from armor_kernels.nn import unfused_reasons
 from armor_kernels.sparse24 import check_24, pack_24, unpack_24
@@ -124,20 +124,20 @@ def test_identity_blocks_cover_any_size():
 
 @pytest.fixture
 def cpu_as_sm90(monkeypatch):
-    """prepare_fused as on an sm_90 GPU, minus the compressor (GPU-only): the CPU op runs the reference on
+    """prepare as on an sm_90 GPU, minus the compressor (GPU-only): the CPU op runs the reference on
     the prepared operands, so what the modules wire up is checked here."""
     monkeypatch.setattr(ops, "fused_unavailable_reason", lambda device, *args: ops.layer_unavailable_reason(*args))
     monkeypatch.setattr(ops, "pack_sm90", lambda S: None)
 
 
 @pytest.mark.parametrize("d_out,d_in,bA,bB", [(576, 576, 96, 96), (192, 576, 64, 32), (256, 384, 128, 128)])
-def test_armor_linear_prepare_fused_keeps_its_output_and_checkpoint(cpu_as_sm90, d_out, d_in, bA, bB):
+def test_armor_linear_prepare_fuses_and_keeps_its_output_and_checkpoint(cpu_as_sm90, d_out, d_in, bA, bB):
     A, S, B, b = factors(d_out, d_in, bA, bB, torch.bfloat16)
     mod = ArmorLinear(A, S, B, b).pack()
     x = torch.randn(4, d_in).to(torch.bfloat16)
     want, state = mod(x), {k: v.clone() for k, v in mod.state_dict().items()}
     mod.materialize()
-    assert mod.prepare_fused() and mod.fused is not None and mod.dense_weight is None
+    assert mod.prepare() == "fused" and mod.fused is not None and mod.dense_weight is None
     assert mod.fused.layout == layer_layout(d_out, d_in, bA, bB)
     y = mod(x)
     assert_close(y, want.double(), torch.bfloat16)
@@ -147,22 +147,24 @@ def test_armor_linear_prepare_fused_keeps_its_output_and_checkpoint(cpu_as_sm90,
 
 @pytest.mark.parametrize("d_out,d_in", [(576, 576), (192, 1536), (256, 256)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_sparse24_linear_prepare_fused_runs_the_op_with_identity_blocks(cpu_as_sm90, d_out, d_in, bias):
+def test_sparse24_linear_prepare_fuses_with_identity_blocks(cpu_as_sm90, d_out, d_in, bias):
     W = random_24(d_out, d_in).to(torch.bfloat16)
     b = torch.randn(d_out).to(torch.bfloat16) if bias else None
     mod = Sparse24Linear.from_weight(W, b).materialize()
     x = torch.randn(3, d_in).to(torch.bfloat16)
     want = torch.nn.functional.linear(x.double(), W.double(), None if b is None else b.double())
-    assert mod.prepare_fused() and mod.dense_weight is None
+    assert mod.prepare() == "fused" and mod.dense_weight is None
     A = torch.block_diag(*mod.fused.A)
     assert torch.equal(A[:d_out, :d_out], torch.eye(d_out, dtype=torch.bfloat16)) and A.count_nonzero() == d_out
     assert_close(mod(x), want, torch.bfloat16)
 
 
-def test_prepare_fused_off_hopper_keeps_the_dense_copy():
+def test_prepare_off_hopper_drops_the_dense_copy_unless_asked_to_keep_it():
     W = random_24(64, 64)
     mod = Sparse24Linear.from_weight(W).materialize()
-    assert not mod.prepare_fused() and mod.fused is None and mod.dense_weight is not None
+    want = "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"
+    assert mod.prepare() == want and mod.fused is None and mod.dense_weight is None
+    assert mod.prepare(keep_dense=True) == "dense" and mod.fused is None and mod.dense_weight is not None
 
 
 @pytest.mark.gpu
@@ -187,10 +189,11 @@ def test_unfused_reasons_name_each_layer_and_why(cpu_as_sm90):
     model = torch.nn.Sequential(ArmorLinear(A, S, B, b), plain,
                                 ArmorLinear(*factors(512, 512, 256, 128, torch.bfloat16)),
                                 ArmorLinear(*factors(512, 512, 128, 128, torch.float32)))
-    assert prepare_fused(model) == 2
+    here = "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"
+    assert prepare(model) == {"0": "fused", "1": "fused", "2": here, "3": here}
     why = unfused_reasons(model)
     assert set(why) == {"2", "3"}
-    assert "d_out blocks of 256: wider than the kernels' 128-blocks" in why["2"]
+    assert "d_out blocks of 256: wider than the kernels' 128-blocks" in why["2"] and why["2"].endswith(f"runs {here}")
     assert "dtype torch.float32" in why["3"]
     model[0].fused = None  # as after a move to another device
-    assert "prepare_fused() has not run" in unfused_reasons(model)["0"]
+    assert "prepare() has not run" in unfused_reasons(model)["0"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from armor_kernels import ActivationStats, ArmorLinear, armor
+from armor_kernels import ActivationStats, ArmorLinear, armor, ops
 
 
 def _layer(d_out, d_in, bias, seed=0):
@@ -45,7 +45,9 @@ def test_packed_and_unpacked_forms_agree_exactly():
     before, dense = mod(x), mod.to_dense()
     mod.pack()
     assert mod.packed and mod.S is None and mod.S_idx.dtype == torch.uint8
-    assert torch.equal(mod(x), before)
+    S_values, S_idx = mod.S_values, mod.S_idx  # through the reference, bit for bit
+    assert torch.equal(ops.linear(x, mod.A, S_values, mod.B, mod.bias, S_idx=S_idx, backend="reference"), before)
+    torch.testing.assert_close(mod(x), before, rtol=1e-5, atol=1e-6)  # the packed kernel: float32 rounding
     assert torch.equal(mod.to_dense(), dense)
     assert set(mod.state_dict()) >= {"A", "B", "S_values", "S_idx", "bias"}
 
@@ -78,7 +80,7 @@ def test_errors_name_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])  # the decode kernels, then the sparse GEMM
-def test_prepare_fused_runs_the_kernels_and_keeps_the_checkpoint(tokens):
+def test_prepare_runs_the_fused_kernels_and_keeps_the_checkpoint(tokens):
     torch.manual_seed(0)
     lin = nn.Linear(512, 256, bias=True)
     st = ActivationStats(512)
@@ -88,7 +90,7 @@ def test_prepare_fused_runs_the_kernels_and_keeps_the_checkpoint(tokens):
     x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
     want = mod(x)  # the reference (nothing prepared yet)
     state = {k: v.clone() for k, v in mod.pack().state_dict().items()}
-    assert mod.prepare_fused() and mod.packed and mod.fused.sm90 is not None and mod.fused.layout.native
+    assert mod.prepare() == "fused" and mod.packed and mod.fused.sm90 is not None and mod.fused.layout.native
     y = mod(x)
     eps = torch.finfo(torch.bfloat16).eps
     assert ((y.float() - want.float()).abs() <= 8 * eps * _abs_chain(mod, x) + 1e-3).all()

@@ -76,7 +76,8 @@ def test_packed_core_is_exactly_the_dense_core(dtype):
     A, S, B, b = factors(256, 384, 128, 128, dtype)
     x = torch.randn(9, 384).to(dtype)
     values, idx = pack_24(S)
-    torch.testing.assert_close(ops.linear(x, A, values, B, b, S_idx=idx), ops.linear(x, A, S, B, b), rtol=0, atol=0)
+    packed = ops.linear(x, A, values, B, b, S_idx=idx, backend="reference")
+    torch.testing.assert_close(packed, ops.linear(x, A, S, B, b), rtol=0, atol=0)
 
 
 def test_block_diag_apply_is_the_block_diagonal_matmul():
@@ -232,7 +233,10 @@ def test_linear_path_rule(monkeypatch):
     values, idx = pack_24(S)
     sm90 = sm90_buffers(256, 256)
     x = torch.randn(5, 256).to(torch.bfloat16)
-    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == "reference"
+    cpu = ops.cpu_unavailable_reason() is None
+    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == ("cpu_decode" if cpu else "reference")
+    assert ops.linear_path(ops.CPU_DECODE_MAX_TOKENS + 1, A, values, B, S_idx=idx) == ("cpu_gemm" if cpu else "reference")
+    assert ops.linear_path(x, A, S, B) == "reference"  # dense S: no packed kernel reads it
     assert ops.linear_path(5, A, S, B, backend="reference") == "reference"
     for backend in ("decode", "sparse_gemm"):
         with pytest.raises(ValueError, match=f"backend='{backend}' does not apply: .*(not built|not a CUDA device)"):

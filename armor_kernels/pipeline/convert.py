@@ -7,7 +7,7 @@ modifiers save dense tensors with zeros since compressed-tensors dropped its spa
 a model of the full dense size that no kernel runs sparse. This reads such a directory one decoder block
 at a time (ModelSource), packs every block linear that is exactly 2:4 along d_in as a Sparse24Linear
 (kept values + 2-bit positions: 0.5625 of its dense bf16 bytes) and writes the same format a pruning run
-writes: `from_pretrained` with the plugin gives the same logits, `prepare_fused` runs it on the sparse
+writes: `from_pretrained` with the plugin gives the same logits, `prepare` runs it on the sparse
 GEMM. A linear that is not exactly 2:4 (any group of 4 with more than two non-zeros) is named in the
 report and kept dense in its block's shard, or, with strict=True, refused before anything is written
 for it. Values are stored in bf16, as in every checkpoint of the format: a bf16 source converts bit for

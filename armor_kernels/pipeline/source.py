@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..nn import materialize, prepare_fused
+from ..nn import prepare
 from .checkpoint import (
     INDEX_FILE,
     QUANT_METHOD,
@@ -156,8 +156,7 @@ class CheckpointSource(ModelSource):
                              f"{sorted(block_linears(block))} under {head!r}")
         modules = modules_from_tensors(local, str(path))
         adopt(block, modules, dtype, device)
-        materialize(block)
-        prepare_fused(block)
+        prepare(block, keep_dense=True)  # the evaluator's figures: the fused kernels where they run, else Ŵ
         return block
 
 

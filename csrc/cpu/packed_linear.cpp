@@ -1,0 +1,362 @@
+// The ARMOR op on the CPU from the packed 2:4 form (see packed_linear.h).
+//
+// Three stages, each an OpenMP loop over rows in one parallel region:
+//   1. xb = x B'ᵀ in float32 (or x itself, converted, without B'): B' is small (bB · d_in values),
+//      and applying it first lets the sparse stage read float32 inputs;
+//   2. ys = xb Sᵀ, one output row at a time: the row's kept values and 2-bit positions are streamed
+//      once per group of up to 4 tokens (from memory for the first group, from cache after), and the
+//      input each kept value multiplies is picked out of its group of 4 by an in-lane vector permute;
+//   3. y = ys A'ᵀ + bias, rounded to the storage dtype once.
+// The sparse stage is where a decode step spends its time (S is ~90 % of the layer's bytes), so it is
+// the one written with intrinsics; the wrappers' dense dot products are left to the compiler.
+#include "packed_linear.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ARMOR_X86 1
+#else
+#define ARMOR_X86 0
+#endif
+
+namespace armor_cpu {
+namespace {
+
+using i64 = std::int64_t;
+
+// --- scalar conversions (round to nearest even, as torch's casts) -------------------------------------
+
+inline float bits_to_f32(std::uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline std::uint32_t f32_to_bits(float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+inline float bf16_to_f32(std::uint16_t h) { return bits_to_f32(std::uint32_t(h) << 16); }
+
+inline std::uint16_t f32_to_bf16(float f) {
+    std::uint32_t u = f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return std::uint16_t((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return std::uint16_t(u >> 16);
+}
+
+inline float f16_to_f32(std::uint16_t h) {
+    const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16, em = h & 0x7fffu;
+    if (em >= 0x7c00u) return bits_to_f32(sign | 0x7f800000u | ((em & 0x3ffu) << 13));  // inf, NaN
+    if (em >= 0x0400u) return bits_to_f32(sign | ((em << 13) + 0x38000000u));          // normal
+    return bits_to_f32(sign | f32_to_bits(float(em) * 0x1p-24f));                      // subnormal
+}
+
+inline std::uint16_t f32_to_f16(float f) {
+    const std::uint32_t u = f32_to_bits(f), sign = (u >> 16) & 0x8000u;
+    std::uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return std::uint16_t(sign | 0x7e00u);  // NaN
+    if (a >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
+    if (a < 0x38800000u) {  // below 2^-14: a half subnormal; adding 0.5 rounds it at 2^-24 in hardware
+        const float r = bits_to_f32(a) + 0.5f;
+        return std::uint16_t(sign | (f32_to_bits(r) - 0x3f000000u));
+    }
+    a += 0xc8000fffu + ((a >> 13) & 1u);  // rebias the exponent by -112 and round to nearest even
+    return std::uint16_t(sign | (a >> 13));
+}
+
+template <Dtype D>
+inline float load1(const void* p, i64 i) {
+    if constexpr (D == Dtype::F32) return static_cast<const float*>(p)[i];
+    if constexpr (D == Dtype::BF16) return bf16_to_f32(static_cast<const std::uint16_t*>(p)[i]);
+    if constexpr (D == Dtype::F16) return f16_to_f32(static_cast<const std::uint16_t*>(p)[i]);
+}
+
+template <Dtype D>
+inline void store1(void* p, i64 i, float v) {
+    if constexpr (D == Dtype::F32) static_cast<float*>(p)[i] = v;
+    if constexpr (D == Dtype::BF16) static_cast<std::uint16_t*>(p)[i] = f32_to_bf16(v);
+    if constexpr (D == Dtype::F16) static_cast<std::uint16_t*>(p)[i] = f32_to_f16(v);
+}
+
+template <Dtype D>
+void to_f32(const void* src, i64 offset, i64 n, float* dst) {
+    for (i64 i = 0; i < n; ++i) dst[i] = load1<D>(src, offset + i);
+}
+
+// The wrappers' dot products: row `offset` … + n of a stored A' or B' with n float32 inputs.
+template <Dtype D>
+float dot_portable(const void* w, i64 offset, const float* x, i64 n) {
+    float s = 0.f;
+    for (i64 i = 0; i < n; ++i) s += load1<D>(w, offset + i) * x[i];
+    return s;
+}
+
+inline i64 kept_position(const std::uint8_t* idx_row, i64 j) {  // input column of kept value j
+    return 4 * (j / 2) + ((idx_row[j / 4] >> (2 * (j % 4))) & 3);
+}
+
+// --- the sparse stage: one output row for TT tokens ------------------------------------------------
+
+// Portable: kept values in order, one float32 sum per token.
+template <Dtype D, int TT>
+void sparse_row_portable(const void* values, const std::uint8_t* idx_row, i64 row, const float* xb, i64 d_in,
+                         float* out) {
+    const i64 kept = d_in / 2, base = row * kept;
+    float acc[TT] = {};
+    for (i64 j = 0; j < kept; ++j) {
+        const float v = load1<D>(values, base + j);
+        const i64 c = kept_position(idx_row, j);
+        for (int t = 0; t < TT; ++t) acc[t] += v * xb[t * d_in + c];
+    }
+    for (int t = 0; t < TT; ++t) out[t] = acc[t];
+}
+
+#if ARMOR_X86
+#define ARMOR_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// 8 kept values (4 groups of 4 inputs) in the order the selection below produces: [v0 v1 v4 v5 | v2 v3 v6 v7]
+// (a 64-bit shuffle, done on the 16-bit values before widening where they are 16-bit).
+template <Dtype D>
+ARMOR_AVX2 inline __m256 load8_paired(const void* p, i64 i) {
+    if constexpr (D == Dtype::F32) {
+        const __m256d v = _mm256_castps_pd(_mm256_loadu_ps(static_cast<const float*>(p) + i));
+        return _mm256_castpd_ps(_mm256_permute4x64_pd(v, _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(p) + i));
+    h = _mm_shuffle_epi32(h, _MM_SHUFFLE(3, 1, 2, 0));
+    if constexpr (D == Dtype::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+ARMOR_AVX2 inline float hsum(__m256 v) {  // a fixed pairwise order
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+template <Dtype D>
+ARMOR_AVX2 inline __m256 load8(const void* p, i64 i) {
+    if constexpr (D == Dtype::F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(p) + i));
+    if constexpr (D == Dtype::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+template <Dtype D>
+ARMOR_AVX2 float dot_avx2(const void* w, i64 offset, const float* x, i64 n) {
+    __m256 acc = _mm256_setzero_ps();
+    i64 i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8<D>(w, offset + i), _mm256_loadu_ps(x + i), acc);
+    float s = hsum(acc);
+    for (; i < n; ++i) s += load1<D>(w, offset + i) * x[i];  // blocks of 4: 4 left over
+    return s;
+}
+
+// The inputs of 8 kept values (4 groups: 16 consecutive columns, one group per 128-bit lane of two
+// registers). A group is one lane, so the in-lane vpermilps picks its inputs by the 2-bit positions as
+// they are (it reads only the low 2 bits of each control element): slots 0-1 of each lane from the first
+// register (groups 0, 1), slots 2-3 from the second (groups 2, 3), joined by an immediate blend.
+ARMOR_AVX2 inline __m256 select8(const float* x, __m256i control) {
+    const __m256 lo = _mm256_permutevar_ps(_mm256_loadu_ps(x), control);
+    const __m256 hi = _mm256_permutevar_ps(_mm256_loadu_ps(x + 8), control);
+    return _mm256_blend_ps(lo, hi, 0xCC);
+}
+
+template <Dtype D, int TT>
+ARMOR_AVX2 void sparse_row_avx2(const void* values, const std::uint8_t* idx_row, i64 row, const float* xb, i64 d_in,
+                                float* out) {
+    const i64 kept = d_in / 2, base = row * kept;
+    constexpr int NACC = TT == 1 ? 2 : 1;  // one token: two chains hide the FMA latency
+    __m256 acc[NACC][TT];
+    for (auto& a : acc)
+        for (auto& v : a) v = _mm256_setzero_ps();
+    // control element k of chunk c (8 kept values = 16 position bits at 16c of the 32-bit word): kept
+    // value 0, 1, 4, 5 | 2, 3, 6, 7 of the chunk, the order of select8's result and of load8_paired
+    const __m256i shift0 = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
+    const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(16));
+    i64 j = 0;
+    for (; j + 16 <= kept; j += 16) {  // 16 kept values: 4 idx bytes, 32 input columns
+        std::uint32_t w;
+        std::memcpy(&w, idx_row + j / 4, 4);
+        const __m256i wv = _mm256_set1_epi32(int(w));
+        const __m256i c0 = _mm256_srlv_epi32(wv, shift0), c1 = _mm256_srlv_epi32(wv, shift1);
+        const __m256 v0 = load8_paired<D>(values, base + j), v1 = load8_paired<D>(values, base + j + 8);
+        for (int t = 0; t < TT; ++t) {
+            const float* x = xb + t * d_in + 2 * j;
+            acc[0][t] = _mm256_fmadd_ps(v0, select8(x, c0), acc[0][t]);
+            acc[NACC - 1][t] = _mm256_fmadd_ps(v1, select8(x + 16, c1), acc[NACC - 1][t]);
+        }
+    }
+    float tail[TT] = {};
+    for (; j < kept; ++j) {  // kept % 16 is 0, 4, 8 or 12
+        const float v = load1<D>(values, base + j);
+        const i64 c = kept_position(idx_row, j);
+        for (int t = 0; t < TT; ++t) tail[t] += v * xb[t * d_in + c];
+    }
+    for (int t = 0; t < TT; ++t) {
+        __m256 s = acc[0][t];
+        if constexpr (NACC == 2) s = _mm256_add_ps(s, acc[1][t]);
+        out[t] = hsum(s) + tail[t];
+    }
+}
+
+bool cpu_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c");
+    return has;
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+using SparseRow = void (*)(const void*, const std::uint8_t*, i64, const float*, i64, float*);
+using Dot = float (*)(const void*, i64, const float*, i64);
+
+template <Dtype D, int TT>
+SparseRow pick_row(bool avx2) {
+#if ARMOR_X86
+    if (avx2) return &sparse_row_avx2<D, TT>;
+#endif
+    (void)avx2;
+    return &sparse_row_portable<D, TT>;
+}
+
+template <Dtype D>
+Dot pick_dot(bool avx2) {
+#if ARMOR_X86
+    if (avx2) return &dot_avx2<D>;
+#endif
+    (void)avx2;
+    return &dot_portable<D>;
+}
+
+constexpr int MAX_TT = 4;  // tokens per pass over a row: 4 accumulators and their inputs fit 16 ymm registers
+
+template <Dtype D>
+void run(const PackedLinearArgs& a, int nt, bool portable) {
+    const i64 T = a.tokens, d_in = a.d_in, d_out = a.d_out, bA = a.block_A, bB = a.block_B;
+    std::vector<float> xf(std::size_t(T * d_in)), xb(a.B ? std::size_t(T * d_in) : 0), ys(std::size_t(T * d_out));
+    float* xin = a.B ? xb.data() : xf.data();
+    const bool avx2 = !portable && cpu_has_avx2();
+    const SparseRow rows[MAX_TT] = {pick_row<D, 1>(avx2), pick_row<D, 2>(avx2), pick_row<D, 3>(avx2),
+                                    pick_row<D, 4>(avx2)};
+    const Dot dot = pick_dot<D>(avx2);
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (i64 t = 0; t < T; ++t) to_f32<D>(a.x, t * d_in, d_in, xf.data() + t * d_in);
+        if (a.B) {
+#pragma omp for schedule(static)
+            for (i64 c = 0; c < d_in; ++c) {  // xb[:, c] = B'[c/bB][c%bB, :] · x[:, block of c]
+                const i64 first = c / bB * bB;
+                for (i64 t = 0; t < T; ++t) xb[std::size_t(t * d_in + c)] = dot(a.B, c * bB, xf.data() + t * d_in + first, bB);
+            }
+        }
+#pragma omp for schedule(static)
+        for (i64 r = 0; r < d_out; ++r) {
+            const std::uint8_t* idx_row = a.idx + r * (d_in / 8);
+            float part[MAX_TT];
+            for (i64 t0 = 0; t0 < T; t0 += MAX_TT) {
+                const int tt = int(std::min<i64>(MAX_TT, T - t0));
+                rows[tt - 1](a.values, idx_row, r, xin + t0 * d_in, d_in, part);
+                for (int t = 0; t < tt; ++t) ys[std::size_t((t0 + t) * d_out + r)] = part[t];
+            }
+        }
+#pragma omp for schedule(static)
+        for (i64 c = 0; c < d_out; ++c) {
+            const float b = a.bias ? load1<D>(a.bias, c) : 0.f;
+            const i64 first = c / std::max<i64>(bA, 1) * bA;
+            for (i64 t = 0; t < T; ++t) {
+                const float* yrow = ys.data() + t * d_out;
+                store1<D>(a.y, t * d_out + c, (a.A ? dot(a.A, c * bA, yrow + first, bA) : yrow[c]) + b);
+            }
+        }
+    }
+}
+
+int threads(int requested) {
+#ifdef _OPENMP
+    return requested > 0 ? requested : omp_get_max_threads();
+#else
+    (void)requested;
+    return 1;
+#endif
+}
+
+std::size_t elem_size(Dtype d) { return d == Dtype::F32 ? 4 : 2; }
+
+}  // namespace
+
+void packed_linear(const PackedLinearArgs& a) {
+    const auto fail = [](const std::string& why) { throw std::invalid_argument("packed_linear: " + why); };
+    if (a.tokens < 0 || a.d_out < 0 || a.d_in < 0 || a.d_in % 8) fail("need tokens, d_out >= 0 and d_in % 8 == 0");
+    if (!a.values || !a.idx || !a.y || (a.tokens && !a.x)) fail("null x, values, idx or y");
+    if (a.A && (a.block_A < 1 || a.d_out % a.block_A)) fail("block_A must divide d_out");
+    if (a.B && (a.block_B < 1 || a.d_in % a.block_B)) fail("block_B must divide d_in");
+    if (a.tokens == 0 || a.d_out == 0) return;
+    const int nt = threads(a.num_threads);
+    const bool portable = a.portable;
+    switch (a.dtype) {
+        case Dtype::F32: return run<Dtype::F32>(a, nt, portable);
+        case Dtype::BF16: return run<Dtype::BF16>(a, nt, portable);
+        case Dtype::F16: return run<Dtype::F16>(a, nt, portable);
+    }
+    fail("unknown dtype");
+}
+
+namespace {
+template <Dtype D>
+void unpack_rows_f32(const void* values, const std::uint8_t* idx, i64 row0, i64 rows, i64 d_in, float* out, int nt) {
+    const i64 kept = d_in / 2;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < rows; ++r) {
+        float* orow = out + r * d_in;
+        std::fill(orow, orow + d_in, 0.f);
+        const std::uint8_t* idx_row = idx + (row0 + r) * (d_in / 8);
+        for (i64 j = 0; j < kept; ++j) orow[kept_position(idx_row, j)] = load1<D>(values, (row0 + r) * kept + j);
+    }
+}
+}  // namespace
+
+void unpack_rows(const void* values, const std::uint8_t* idx, i64 row0, i64 rows, i64 d_in, Dtype dtype, void* out,
+                 bool out_f32, int num_threads) {
+    if (d_in % 8 || rows < 0 || row0 < 0) throw std::invalid_argument("unpack_rows: need d_in % 8 == 0, rows >= 0");
+    const int nt = threads(num_threads);
+    if (out_f32) {
+        auto* o = static_cast<float*>(out);
+        switch (dtype) {
+            case Dtype::F32: return unpack_rows_f32<Dtype::F32>(values, idx, row0, rows, d_in, o, nt);
+            case Dtype::BF16: return unpack_rows_f32<Dtype::BF16>(values, idx, row0, rows, d_in, o, nt);
+            case Dtype::F16: return unpack_rows_f32<Dtype::F16>(values, idx, row0, rows, d_in, o, nt);
+        }
+    }
+    const std::size_t es = elem_size(dtype);
+    const i64 kept = d_in / 2;
+    const auto* v = static_cast<const unsigned char*>(values);
+    auto* o = static_cast<unsigned char*>(out);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < rows; ++r) {
+        unsigned char* orow = o + std::size_t(r * d_in) * es;
+        std::memset(orow, 0, std::size_t(d_in) * es);
+        const std::uint8_t* idx_row = idx + (row0 + r) * (d_in / 8);
+        const unsigned char* vrow = v + std::size_t((row0 + r) * kept) * es;
+        for (i64 j = 0; j < kept; ++j) std::memcpy(orow + std::size_t(kept_position(idx_row, j)) * es, vrow + j * es, es);
+    }
+}
+
+const char* packed_isa() { return cpu_has_avx2() ? "avx2" : "portable"; }
+
+}  // namespace armor_cpu
