@@ -11,9 +11,10 @@ them (floating tensors in the requested dtype, the uint8 ones as they are). Afte
 layer stays packed and `armor_kernels.prepare(model)` puts it on the fastest path of its device (nn.py:
 the fused Hopper kernels, torch's semi-structured 2:4 on other CUDA GPUs, the packed CPU kernels): no
 dense weight is built, so the load's peak is the packed model plus one layer's working set. After a
-`.to(device)` call `prepare(model)` again; `armor_kernels.paths(model)` says what each layer runs. Before any weight loads, every shard
-is checked against the sha256 digests the index records (each file read once more); a damaged shard
-stops the load with an error naming it and the tensor. The format: pipeline/checkpoint.py.
+`.to(device)` call `prepare(model)` again; `armor_kernels.paths(model)` says what each layer runs.
+Before any weight loads, every shard is checked against the sha256 digests the index records (each file
+read once more); a damaged shard stops the load with an error naming it and the tensor. The format:
+pipeline/checkpoint.py.
 """
 from __future__ import annotations
 

@@ -195,8 +195,8 @@ class Sparse24Linear(nn.Module):
         """Pick the fastest path on the layer's device (module docstring): no wrappers, except the identity
         A' and B' (layout.identity_blocks) the fused kernels take; returns the path's name."""
         kw = {"dtype": self.S_values.dtype, "device": self.S_values.device}
-        return _prepare(self, lambda: identity_blocks(self.out_features, **kw), lambda: identity_blocks(self.in_features, **kw),
-                        keep_dense, wrapped=False)
+        return _prepare(self, lambda: identity_blocks(self.out_features, **kw),
+                        lambda: identity_blocks(self.in_features, **kw), keep_dense, wrapped=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -11,7 +11,7 @@ a CUDA GPU where the fused Hopper kernels (ops.py) do not apply.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class SemiStructured(NamedTuple):
     d_in: int
 
 
-def unavailable_reason(device: torch.device | str, dtype: torch.dtype) -> Optional[str]:
+def unavailable_reason(device: torch.device | str, dtype: torch.dtype) -> str | None:
     """Why torch's semi-structured path cannot run a layer of `dtype` on `device` (None when it can)."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -57,8 +57,8 @@ def compress(values: torch.Tensor, idx: torch.Tensor) -> SemiStructured:
     return SemiStructured(torch.sparse.to_sparse_semi_structured(S), d_out, d_in)
 
 
-def linear(x: torch.Tensor, A: Optional[torch.Tensor], semi: SemiStructured, B: Optional[torch.Tensor],
-           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, A: torch.Tensor | None, semi: SemiStructured, B: torch.Tensor | None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias with S on the 2:4 tensor cores (A', B' None: no wrapper)."""
     if x.shape[-1] != semi.d_in:
         raise ValueError(f"x: expected last dimension {semi.d_in}, got shape {tuple(x.shape)}")

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from armor_kernels import hf  # noqa: E402
+from armor_kernels import hf, ops  # noqa: E402
 from armor_kernels.cli import main as cli_main  # noqa: E402
-from armor_kernels.nn import ArmorLinear, Sparse24Linear, materialize  # noqa: E402
+from armor_kernels.nn import ArmorLinear, Sparse24Linear, paths, prepare  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline import checkpoint as ckpt  # noqa: E402
 from armor_kernels.pipeline.model import decoder_layers  # noqa: E402
@@ -49,13 +49,13 @@ def pruned_dirs(tiny, tmp_path_factory):
 
 def cast_like_from_pretrained(model, dtype):
     """A copy in `dtype` as from_pretrained(dtype=...) builds it: parameters and saved buffers cast; the
-    buffers a module computes itself (rotary frequencies) as built, the dense copies recomputed."""
+    buffers a module computes itself (rotary frequencies) as built, each pruned layer prepared."""
     model = copy.deepcopy(model)
     for mod in model.modules():
         for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             if t is not None and t.is_floating_point() and name not in mod._non_persistent_buffers_set:
                 t.data = t.data.to(dtype)
-    materialize(model)
+    prepare(model)
     return model
 
 
@@ -72,7 +72,12 @@ def test_from_pretrained_gives_the_pruned_model_bit_identically(pruned_dirs, tin
     loaded = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     kind = ArmorLinear if method == "armor" else Sparse24Linear
     mods = [m for m in loaded.modules() if isinstance(m, kind)]
-    assert len(mods) == 14 and all(m.dense_weight is not None and m.dense_weight.dtype == dtype for m in mods)
+    assert len(mods) == 14
+    # packed, nothing dense: no tensor of a pruned layer is as large as its dense weight
+    assert all(m.dense_weight is None and m.fused is None and m.semi is None for m in mods)
+    assert all(t.numel() < m.in_features * m.out_features for m in mods for t in m.state_dict().values())
+    want = "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"
+    assert set(paths(loaded).values()) == {want} and len(paths(loaded)) == 14
     assert not any(type(m) is torch.nn.Linear for b in decoder_layers(loaded) for m in b.modules())
     assert torch.equal(logits(loaded, tokens), logits(cast_like_from_pretrained(in_memory, dtype), tokens))
 
@@ -152,6 +157,7 @@ def test_partial_run_refuses_to_load_and_resumes(tiny, tmp_path):
         hf.load_pruned_model(tmp_path)
     model = fresh()
     prune_model(model, tok, calib, "wanda", tmp_path)
+    prepare(model)  # the path from_pretrained's model takes
     assert torch.equal(logits(hf.load_pruned_model(tmp_path)[0], tokens), logits(model, tokens))
 
 
@@ -227,7 +233,7 @@ def test_convert_v1_gives_the_same_model(pruned_dirs, tiny, tmp_path, method):
         hf.load_pruned_model(tmp_path / "v1")
     assert cli_main(["convert", str(tmp_path / "v1"), str(tmp_path / "v2")]) == 0
     loaded, _ = hf.load_pruned_model(tmp_path / "v2")
-    assert torch.equal(logits(loaded, tokens), logits(model, tokens))
+    assert torch.equal(logits(loaded, tokens), logits(cast_like_from_pretrained(model, loaded.dtype), tokens))
 
 
 def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):

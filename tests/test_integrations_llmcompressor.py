@@ -107,7 +107,7 @@ def test_saved_directory_loads_to_the_in_memory_logits_and_generates(pruned, mod
     from transformers import AutoModelForCausalLM
 
     import armor_kernels.hf  # noqa: F401  (registers "armor")
-    from armor_kernels.nn import ArmorLinear
+    from armor_kernels.nn import ArmorLinear, prepare
     from armor_kernels.pipeline.checkpoint import check_complete, index_digests
     from armor_kernels.sparse24 import violations_24
     model, modifier, out = pruned
@@ -115,6 +115,7 @@ def test_saved_directory_loads_to_the_in_memory_logits_and_generates(pruned, mod
     assert index_digests(out) is not None  # the shards' digests are in the index, as in a pruning run's
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    prepare(loaded, keep_dense=True)  # the product oneshot left in the model, one matmul each
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "armor" and len(config["modules"]) == 14  # 2 blocks x 7 linears
     for name, spec in config["modules"].items():

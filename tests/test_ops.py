@@ -235,7 +235,8 @@ def test_linear_path_rule(monkeypatch):
     x = torch.randn(5, 256).to(torch.bfloat16)
     cpu = ops.cpu_unavailable_reason() is None
     assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == ("cpu_decode" if cpu else "reference")
-    assert ops.linear_path(ops.CPU_DECODE_MAX_TOKENS + 1, A, values, B, S_idx=idx) == ("cpu_gemm" if cpu else "reference")
+    many = ops.CPU_DECODE_MAX_TOKENS + 1
+    assert ops.linear_path(many, A, values, B, S_idx=idx) == ("cpu_gemm" if cpu else "reference")
     assert ops.linear_path(x, A, S, B) == "reference"  # dense S: no packed kernel reads it
     assert ops.linear_path(5, A, S, B, backend="reference") == "reference"
     for backend in ("decode", "sparse_gemm"):
@@ -248,6 +249,7 @@ def test_linear_path_rule(monkeypatch):
     torch.testing.assert_close(ops.linear(x, A, S, B, b, backend="reference"), ops.linear(x, A, S, B, b))
 
     monkeypatch.setattr(ops, "fused_unavailable_reason", lambda *args: None)
+    monkeypatch.setattr(ops, "cpu_unavailable_reason", lambda *args: "as on a GPU")
     monkeypatch.setattr(ops, "DECODE_MAX_TOKENS", 16)
     path = ops.linear_path
     assert path(16, A, values, B, S_idx=idx, sm90=sm90) == "decode"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..baselines import BASELINES, SPARSEGPT_BLOCK, SPARSEGPT_DAMP
 from ..factors import ActivationStats, asymmetric_weight, block_sizes
-from ..nn import ArmorLinear, Sparse24Linear, materialize
+from ..nn import ArmorLinear, Sparse24Linear, prepare
 from ..optim import ArmorOptions, armor
 from .budget import BudgetOptions, allocate, layer_options, log_allocation, probe
 from .checkpoint import (
@@ -429,8 +429,8 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
             hidden = dense_hidden if protocol == "dense" else run_block(block, hidden, extra[i])
             free(i)
     dist.write(finish_run, out, len(layers), report, dist.world_size)
-    if not streamed:
-        materialize(model)
+    if not streamed:  # the evaluator's figures: the fused kernels where they run, else the product Ŵ
+        prepare(model, keep_dense=True)
     return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}
 
 
