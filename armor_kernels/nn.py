@@ -26,7 +26,8 @@ first path of PATHS that applies and returns its name:
 Nothing but the packed form is kept by default: the layer holds its stored bytes plus, for "fused" and
 "semi_structured", S once more in the device's compressed layout. The operands prepare builds are
 device-specific and never saved; after a move to another device or dtype the layer runs the op (the
-CPU kernels or the reference) until prepare runs again.
+CPU kernels or the reference) until prepare runs again. A layer nobody prepared (as the pruning pipeline
+builds and calibrates them) runs the reference: the arithmetic every pruning run was made with.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class ArmorLinear(nn.Module):
             return y
         S, S_idx = (self.S_values, self.S_idx) if self.packed else (self.S, None)
         return ops.linear(x, self.A.to(x.dtype), S.to(x.dtype), self.B.to(x.dtype),
-                          None if self.bias is None else self.bias.to(x.dtype), S_idx=S_idx)
+                          None if self.bias is None else self.bias.to(x.dtype), S_idx=S_idx, backend=_backend(self))
 
     def prepare(self, keep_dense: bool = False) -> str:
         """Pick the fastest path on the layer's device (module docstring; S packed first); returns its name."""
@@ -188,8 +189,10 @@ class Sparse24Linear(nn.Module):
         y = _prepared_forward(self, x, None, None)
         if y is not None:
             return y
-        return ops.linear(x, None, self.S_values.to(x.dtype), None,
-                          None if self.bias is None else self.bias.to(x.dtype), S_idx=self.S_idx)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.path is None:  # never prepared: the dense 2:4 weight, one matmul (module docstring)
+            return F.linear(x, self.to_dense(x.dtype), bias)
+        return ops.linear(x, None, self.S_values.to(x.dtype), None, bias, S_idx=self.S_idx, backend=_backend(self))
 
     def prepare(self, keep_dense: bool = False) -> str:
         """Pick the fastest path on the layer's device (module docstring): no wrappers, except the identity
@@ -212,11 +215,23 @@ def _add_marker_and_dense(mod: nn.Module, device) -> None:
     mod.register_buffer("dense_weight", None, persistent=False)
     mod.fused = None  # ops.FusedOperands, set by prepare on an sm_90 GPU
     mod.semi = None   # semi_structured.SemiStructured, set by prepare on other CUDA GPUs
+    mod.path = None   # what prepare chose (PATHS); None: never prepared
+
+
+def _backend(mod: nn.Module) -> str:
+    """The op's backend for a layer whose prepared operands do not apply: "auto" (the CPU kernels on the
+    CPU) once prepared, the reference for a layer never prepared or prepared to it."""
+    return "reference" if mod.path in (None, "reference") else "auto"
 
 
 def _prepare(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool = True) -> str:
     """Both layers' prepare: the first path of PATHS that applies where the layer is (A, B: its wrappers,
-    or callables building the identities the fused kernels need for a plain 2:4 layer)."""
+    or callables building the identities the fused kernels need for a plain 2:4 layer), kept in mod.path."""
+    mod.path = _choose(mod, A, B, keep_dense, wrapped)
+    return mod.path
+
+
+def _choose(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool) -> str:
     values = mod.S_values
     mod.fused = mod.semi = mod.dense_weight = None
     blocks = (A.shape[1], B.shape[1]) if wrapped else (identity_block(mod.out_features),
@@ -295,6 +310,6 @@ def layer_path(m: nn.Module) -> str:
         return "dense"
     if m.semi is not None and m.semi.S.device == core.device:
         return "semi_structured"
-    if m.S_values is not None and ops.cpu_unavailable_reason(core.device) is None:
+    if m.path not in (None, "reference") and m.S_values is not None and ops.cpu_unavailable_reason(core.device) is None:
         return "cpu_packed"
     return "reference"

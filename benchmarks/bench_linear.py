@@ -1,6 +1,7 @@
-"""One ARMOR layer, y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias, against dense and plain 2:4, on one CUDA GPU.
+"""One ARMOR layer, y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias, against dense and plain 2:4, on one CUDA GPU or the CPU.
 
     python benchmarks/bench_linear.py [--shapes 4096x4096,...] [--tokens 1,16,...] [--dtype bf16] [--blocks 128]
+    python benchmarks/bench_linear.py --device cpu          # the packed CPU kernels (see measure_cpu)
     python benchmarks/bench_linear.py --shapes 576x576,192x576,1536x576,576x1536,4096x4096 \
         --blocks 128,64,32,16 --out benchmarks/results/bench_linear_padded.csv   # padded / expanded layouts
 
@@ -124,14 +125,145 @@ def measure(d_out: int, d_in: int, block: int, dtype: torch.dtype, args, device:
     return rows
 
 
+# --- the CPU ------------------------------------------------------------------------------------------
+
+CPU_SHAPES = "576x576,1536x576,576x1536,4096x4096,14336x4096,4096x14336"  # SmolLM2-135M's, Llama-3-8B's
+CPU_TOKENS = "1,4,16,64,512,2048"
+CYCLE_BYTES = 256 << 20  # weights cycled per timing: far over any last-level cache, as a model's decode reads
+
+
+def cpu_name() -> str:
+    import platform
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stream_bandwidth() -> float:
+    """Bytes/s of summing a 256 MiB float32 tensor (written first: untouched pages read as zeros), with
+    torch's threads: the machine's streaming read bandwidth, the ceiling of a memory-bound decode."""
+    from harness import cpu_time_s
+    t = torch.ones(64 << 20)
+    return t.numel() * 4 / cpu_time_s(lambda: t.sum(), reps=7, warmup=2)
+
+
+def cpu_layers(d_out: int, d_in: int, block: int, copies: int, wrapped: bool):
+    """`copies` packed layers (A', S's values and positions, B', bias) in bf16; A' = B' = None unwrapped."""
+    bA, bB = block_sizes((d_out, d_in), block)
+    out = []
+    for _ in range(copies):
+        keep = torch.rand(d_out, d_in // 4, 4).argsort(-1)[..., :2]
+        S = torch.zeros(d_out, d_in // 4, 4).scatter_(-1, keep, torch.randn(d_out, d_in // 4, 2))
+        values, idx = pack_24(S.reshape(d_out, d_in).to(torch.bfloat16))
+        A = (torch.randn(d_out // bA, bA, bA) / bA ** 0.5).to(torch.bfloat16) if wrapped else None
+        B = (torch.randn(d_in // bB, bB, bB) / bB ** 0.5).to(torch.bfloat16) if wrapped else None
+        out.append((A, values, idx, B, torch.randn(d_out).to(torch.bfloat16)))
+    return out
+
+
+def cpu_layer_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for t in layer if t is not None)
+
+
+def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> list[dict]:
+    """One shape's rows at every token count: ARMOR at b = 128 and b = 16 (the op's own choice, and each
+    CPU kernel forced, which is what CPU_DECODE_MAX_TOKENS rests on), plain 2:4 (Sparse24Linear's call),
+    the reference, dense F.linear in bf16 and in float32. Weights are cycled over enough copies to exceed
+    the last-level cache: time = median over reps of (one pass over the copies) / copies."""
+    from harness import cpu_time_s
+    copies = max(2, min(64, -(-CYCLE_BYTES // (2 * d_out * d_in))))
+    dense16 = [torch.randn(d_out, d_in).to(torch.bfloat16) for _ in range(copies)]
+    dense32 = [w.float() for w in dense16]
+    bias = torch.randn(d_out).to(torch.bfloat16)
+    packed = {"armor_b128": cpu_layers(d_out, d_in, 128, copies, True),
+              "armor_b16": cpu_layers(d_out, d_in, 16, copies, True),
+              "sparse24": cpu_layers(d_out, d_in, 128, copies, False)}
+    rows = []
+    for T in map(int, args.tokens.split(",")):
+        x16 = torch.randn(T, d_in).to(torch.bfloat16)
+        x32 = x16.float()
+        fns = {"dense_bf16": (lambda k: F.linear(x16, dense16[k], bias), 2 * d_out * d_in, ""),
+               "dense_fp32": (lambda k: F.linear(x32, dense32[k], bias.float()), 4 * d_out * d_in, "")}
+        for name, layers in packed.items():
+            nbytes = cpu_layer_bytes(layers[0])
+            for backend in ("auto", "cpu_decode", "cpu_gemm"):
+                label = name if backend == "auto" else f"{name}_{backend.removeprefix('cpu_')}"
+                if backend != "auto" and name == "armor_b16":
+                    continue  # the crossover is read off b = 128 and plain 2:4
+                fns[label] = (lambda k, L=layers, be=backend: ops.linear(x16, L[k][0], L[k][1], L[k][3], L[k][4],
+                                                                          S_idx=L[k][2], backend=be),
+                              nbytes, ops.linear_path(T, *[layers[0][i] for i in (0, 1, 3)], S_idx=layers[0][2],
+                                                      backend=backend))
+        ref = packed["armor_b128"]
+        fns["reference_b128"] = (lambda k: ops.linear(x16, ref[k][0], ref[k][1], ref[k][3], ref[k][4], S_idx=ref[k][2],
+                                                      backend="reference"), cpu_layer_bytes(ref[0]), "reference")
+        big = T >= 512  # compute-bound: one copy, few reps
+        times = {}
+        for name, (fn, _, _) in fns.items():
+            n = 1 if big else copies
+            times[name] = cpu_time_s(lambda: [fn(k) for k in range(n)], reps=2 if big else 5) / n
+        best_dense = min(times["dense_bf16"], times["dense_fp32"])
+        for name, (_, wbytes, path) in fns.items():
+            t = times[name]
+            moved = wbytes + T * (d_in + d_out) * 2
+            rows.append(dict(**info, d_out=d_out, d_in=d_in, tokens=T, method=name, path=path,
+                             time_us=round(t * 1e6, 1), bytes=moved, gbps=round(moved / t / 1e9, 2),
+                             bandwidth_fraction=round(moved / t / bandwidth, 3),
+                             speedup_vs_best_dense=round(best_dense / t, 3)))
+        print(" ".join(f"{r['method']}={r['time_us']}us" for r in rows[-len(fns):]), f"[{d_out}x{d_in} T={T}]",
+              flush=True)
+    return rows
+
+
+def main_cpu(args) -> int:
+    from armor_kernels.kernels.tile_sweep import cpu_ext
+    if cpu_ext is None:
+        print(f"bench_linear: {ops.cpu_unavailable_reason()}", file=sys.stderr)
+        return 2
+    bandwidth = stream_bandwidth()
+    info = dict(device="cpu", cpu=cpu_name(), cores=torch.get_num_threads(), torch=torch.__version__,
+                isa=cpu_ext.packed_isa(), gemm_dtype=str(ops.cpu_gemm_dtype(torch.bfloat16)).removeprefix("torch."),
+                stream_gbps=round(bandwidth / 1e9, 2), dtype="bf16")
+    print(f"{info['cpu']}, {info['cores']} threads, torch {info['torch']}, packed kernels {info['isa']}, "
+          f"streaming read {info['stream_gbps']} GB/s")
+    rows = []
+    for shape in args.shapes.split(","):
+        d_out, d_in = map(int, shape.lower().split("x"))
+        rows += measure_cpu(d_out, d_in, args, info, bandwidth)
+    write_csv(rows, args.out)
+    panels = {}
+    for r in rows:
+        if r["method"] in ("armor_b128", "armor_b16", "sparse24", "dense_fp32", "reference_b128",
+                           "armor_b128_decode", "armor_b128_gemm"):
+            panels.setdefault(f"{r['d_out']}x{r['d_in']}", {}).setdefault(r["method"], []).append(
+                (r["tokens"], r["speedup_vs_best_dense"]))
+    plot_lines(panels, args.out.with_suffix(".png"), xlabel="tokens",
+               ylabel="speed-up vs torch's faster dense (bf16/fp32)", xscale="log", yscale="log", hline=1.0,
+               legend_outside=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = bench_args(__doc__.split("\n")[0], "bench_linear")
-    p.add_argument("--shapes", default=SHAPES, help="comma-separated d_outxd_in")
-    p.add_argument("--tokens", default=TOKENS, help="comma-separated token counts")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--shapes", default=None, help=f"comma-separated d_outxd_in (default: {SHAPES} on CUDA, "
+                   f"{CPU_SHAPES} on the CPU)")
+    p.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {TOKENS} / {CPU_TOKENS})")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--blocks", default="128", help="comma-separated nominal ARMOR block sizes (block-size rule)")
     p.add_argument("--reps", type=int, default=50)
     args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.shapes = args.shapes or (CPU_SHAPES if cpu else SHAPES)
+    args.tokens = args.tokens or (CPU_TOKENS if cpu else TOKENS)
+    if cpu:
+        if args.out == p.get_default("out"):
+            args.out = args.out.with_name("bench_linear_cpu.csv")
+        return main_cpu(args)
     if not torch.cuda.is_available():
         print("bench_linear: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
               file=sys.stderr)

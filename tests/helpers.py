@@ -38,3 +38,10 @@ def prune_interrupted(*args, **kwargs) -> list[int]:
     finally:
         prune.save_block = real
     return written
+
+
+def cpu_path() -> str:
+    """The path `prepare` picks for a pruned layer on the CPU: the packed kernels where the C++ extension is
+    built, else the reference."""
+    from armor_kernels import ops
+    return "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"

@@ -25,12 +25,13 @@ from architectures import (
     save_sharded,
     tiny_model,
 )
+from helpers import cpu_path
 from safetensors import safe_open
 from torch import nn
 
 from armor_kernels.factors import ActivationStats, block_sizes
 from armor_kernels.hf import load_pruned_model
-from armor_kernels.nn import ArmorLinear, Sparse24Linear
+from armor_kernels.nn import ArmorLinear, Sparse24Linear, paths, prepare
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import prune
 from armor_kernels.pipeline.checkpoint import INDEX_FILE
@@ -96,9 +97,14 @@ def test_prune_save_reload_evaluate(source, tmp_path, arch, method):
     out = tmp_path / "out"
     prune.prune_model(model, tok, CALIB, method, out, options=ARMOR_OPTS if method == "armor" else None)
 
-    # the checkpoint loads through from_pretrained into the model pruned in memory, bit for bit
+    # the checkpoint loads through from_pretrained packed (no dense copy), and, given the same dense
+    # product the pruning run evaluates with, into the model pruned in memory bit for bit
     loaded, _ = load_pruned_model(out)
+    assert set(paths(loaded).values()) == {cpu_path()}, f"{arch}: {paths(loaded)}"
+    packed_logits = logits(loaded, EVAL)
+    prepare(loaded, keep_dense=True)
     assert torch.equal(logits(model, EVAL), logits(loaded, EVAL)), f"{arch}: logits after save → reload differ"
+    torch.testing.assert_close(packed_logits, logits(model, EVAL), rtol=1e-4, atol=1e-4)
 
     # every linear of every decoder block was replaced, by the method's kind, in memory and reloaded
     kind = ArmorLinear if method == "armor" else Sparse24Linear
@@ -201,6 +207,7 @@ def test_calibration_sees_the_models_own_activations(tmp_path, monkeypatch, arch
     assert not wrong, f"{arch}: calibration inputs differ from the model's own activations in " + ", ".join(wrong)
 
     loaded, _ = load_pruned_model(tmp_path / "out")
+    prepare(loaded, keep_dense=True)  # the dense product: the same matmul as the dense model's
     assert torch.equal(logits(loaded, CALIB), dense_logits), f"{arch}: the fixed point did not survive pruning"
 
 

@@ -8,13 +8,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers import prune_interrupted
+from helpers import cpu_path, prune_interrupted
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from armor_kernels import hf, ops  # noqa: E402
+from armor_kernels import hf  # noqa: E402
 from armor_kernels.cli import main as cli_main  # noqa: E402
 from armor_kernels.nn import ArmorLinear, Sparse24Linear, paths, prepare  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
@@ -76,8 +76,7 @@ def test_from_pretrained_gives_the_pruned_model_bit_identically(pruned_dirs, tin
     # packed, nothing dense: no tensor of a pruned layer is as large as its dense weight
     assert all(m.dense_weight is None and m.fused is None and m.semi is None for m in mods)
     assert all(t.numel() < m.in_features * m.out_features for m in mods for t in m.state_dict().values())
-    want = "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"
-    assert set(paths(loaded).values()) == {want} and len(paths(loaded)) == 14
+    assert set(paths(loaded).values()) == {cpu_path()} and len(paths(loaded)) == 14
     assert not any(type(m) is torch.nn.Linear for b in decoder_layers(loaded) for m in b.modules())
     assert torch.equal(logits(loaded, tokens), logits(cast_like_from_pretrained(in_memory, dtype), tokens))
 

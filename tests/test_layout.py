@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from helpers import random_24
+from helpers import cpu_path, random_24
 from test_ops import TOL, assert_close, dense_math, factors
 
 from armor_kernels import ArmorLinear, Sparse24Linear, ops, prepare
@@ -162,8 +162,7 @@ def test_sparse24_linear_prepare_fuses_with_identity_blocks(cpu_as_sm90, d_out, 
 def test_prepare_off_hopper_drops_the_dense_copy_unless_asked_to_keep_it():
     W = random_24(64, 64)
     mod = Sparse24Linear.from_weight(W).materialize()
-    want = "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"
-    assert mod.prepare() == want and mod.fused is None and mod.dense_weight is None
+    assert mod.prepare() == cpu_path() and mod.fused is None and mod.dense_weight is None
     assert mod.prepare(keep_dense=True) == "dense" and mod.fused is None and mod.dense_weight is not None
 
 
@@ -189,7 +188,7 @@ def test_unfused_reasons_name_each_layer_and_why(cpu_as_sm90):
     model = torch.nn.Sequential(ArmorLinear(A, S, B, b), plain,
                                 ArmorLinear(*factors(512, 512, 256, 128, torch.bfloat16)),
                                 ArmorLinear(*factors(512, 512, 128, 128, torch.float32)))
-    here = "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"
+    here = cpu_path()
     assert prepare(model) == {"0": "fused", "1": "fused", "2": here, "3": here}
     why = unfused_reasons(model)
     assert set(why) == {"2", "3"}

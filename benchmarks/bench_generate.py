@@ -1,0 +1,159 @@
+"""Whole models on the CPU, dense against pruned: memory after load, decode tokens/s, prefill time.
+
+    python benchmarks/bench_generate.py --checkpoint runs/main/armor [--models smollm2,llama1b]
+
+Models (each variant measured in a fresh process, so that its resident memory is its own):
+- smollm2: the bundled SmolLM2-135M-Instruct, dense (bf16 and float32, as load_model gives it) against the
+  checkpoint the main job writes (`python -m armor_kernels main`), loaded by `from_pretrained` in bf16:
+  packed, every pruned linear on the path `prepare` picks (the packed CPU kernels).
+- llama1b: a Llama-shaped model of Llama-3.2-1B's configuration (hidden 2048, 16 layers, intermediate 8192,
+  32 heads / 8 KV heads, its 128 256-token vocabulary, tied head), random weights; pruned: every decoder
+  linear an ArmorLinear with random factors (b = 128) and a random 2:4 core. Speed and memory do not
+  depend on the values, only on the shapes and paths, so no pruning run is needed for it.
+Per variant: peak and final resident memory of the process after load (VmHWM, VmRSS), the bytes of its
+parameters and buffers, the 512-token prefill time (batch 1, logits of the last position, as generate's
+prefill), and decode tokens/s of `generate` (greedy, a fixed number of new tokens) at batch 1 and 8.
+CSV (--out, default benchmarks/results/generate_cpu.csv) and a plot beside it; each row carries the CPU
+model, thread count and torch version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from bench_linear import cpu_name
+from harness import bench_args, plot_lines, write_csv
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
+PROMPT, NEW_TOKENS, PREFILL = 8, {"smollm2": 32, "llama1b": 8}, 512
+VARIANTS = {"smollm2": ("dense_bf16", "dense_fp32", "pruned_bf16"),
+            "llama1b": ("dense_bf16", "dense_fp32", "pruned_bf16")}
+
+
+def memory_mib() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MiB."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+
+
+def random_packed_armor(d_out: int, d_in: int, dtype: torch.dtype):
+    from armor_kernels import ArmorLinear
+    from armor_kernels.sparse24 import pack_24
+    keep = torch.rand(d_out, d_in // 4, 4).argsort(-1)[..., :2]
+    S = torch.zeros(d_out, d_in // 4, 4, dtype=dtype).scatter_(-1, keep, torch.randn(d_out, d_in // 4, 2, dtype=dtype))
+    values, idx = pack_24(S.reshape(d_out, d_in) / d_in ** 0.5)
+    eye = lambda d: torch.eye(128, dtype=dtype) + 0.02 * torch.randn(d // 128, 128, 128, dtype=dtype)
+    return ArmorLinear.from_packed(eye(d_out), values, idx, eye(d_in))
+
+
+def build(model: str, variant: str, checkpoint: str | None):
+    """(model, vocabulary size) of one variant, loaded or built the way a user would."""
+    dtype = torch.float32 if variant.endswith("fp32") else torch.bfloat16
+    if model == "smollm2":
+        if variant.startswith("dense"):
+            from armor_kernels.pipeline.model import load_model
+            m, _ = load_model(dtype=dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            import armor_kernels.hf  # noqa: F401  (registers the format)
+            m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+        return m, m.config.vocab_size
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from armor_kernels import prepare
+    from armor_kernels.pipeline.model import decoder_layers, replace_module
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype).eval()
+    if variant.startswith("pruned"):
+        for block in decoder_layers(m):
+            for name, lin in list(block.named_modules()):
+                if isinstance(lin, torch.nn.Linear):
+                    replace_module(block, name, random_packed_armor(lin.out_features, lin.in_features, dtype))
+        prepare(m)
+    return m, LLAMA_1B["vocab_size"]
+
+
+def child(model: str, variant: str, checkpoint: str | None) -> dict:
+    from armor_kernels import paths
+    t0 = time.perf_counter()
+    m, vocab = build(model, variant, checkpoint)
+    load_s = time.perf_counter() - t0
+    rss, peak = memory_mib()
+    held = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ids = torch.randint(0, vocab, (1, PREFILL), generator=g)
+        m(ids[:, :16], logits_to_keep=1)  # warm-up
+        prefill = []
+        for _ in range(2 if model == "smollm2" else 1):
+            t0 = time.perf_counter()
+            m(ids, logits_to_keep=1)
+            prefill.append(time.perf_counter() - t0)
+        decode = {}
+        n = NEW_TOKENS[model]
+        for batch in (1, 8):
+            prompt = torch.randint(0, vocab, (batch, PROMPT), generator=g)
+            kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            m.generate(prompt, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+            t0 = time.perf_counter()
+            m.generate(prompt, **kw)
+            decode[batch] = batch * n / (time.perf_counter() - t0)
+    return dict(model=model, variant=variant, load_s=round(load_s, 1), rss_mib=round(rss, 1),
+                peak_rss_mib=round(peak, 1), param_buffer_mib=round(held / 2 ** 20, 1),
+                prefill_512_s=round(min(prefill), 3),
+                decode_tok_s_b1=round(decode[1], 2), decode_tok_s_b8=round(decode[8], 2),
+                paths=" ".join(f"{p}:{c}" for p, c in sorted(_count(paths(m).values()).items())) or "dense")
+
+
+def _count(values) -> dict:
+    out = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def main(argv=None) -> int:
+    p = bench_args(__doc__.split("\n")[0], "generate_cpu")
+    p.add_argument("--checkpoint", default="runs/main/armor", help="the pruned SmolLM2 checkpoint (the main job's)")
+    p.add_argument("--models", default="smollm2,llama1b")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # MODEL:VARIANT, in a fresh process
+    args = p.parse_args(argv)
+    if args.child:
+        model, variant = args.child.split(":")
+        print("RESULT " + json.dumps(child(model, variant, args.checkpoint)), flush=True)
+        return 0
+    info = dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__)
+    rows = []
+    for model in args.models.split(","):
+        for variant in VARIANTS[model]:
+            done = subprocess.run([sys.executable, __file__, "--child", f"{model}:{variant}", "--checkpoint",
+                                   args.checkpoint], capture_output=True, text=True)
+            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not result:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"bench_generate: {model}:{variant} failed (exit {done.returncode})")
+            rows.append({**info, **json.loads(result[0].removeprefix("RESULT "))})
+            print({k: v for k, v in rows[-1].items() if k not in info}, flush=True)
+    for r in rows:  # against the model's faster dense variant at batch 1
+        dense = [d for d in rows if d["model"] == r["model"] and d["variant"].startswith("dense")]
+        best = max(dense, key=lambda d: d["decode_tok_s_b1"])
+        r["decode_b1_vs_best_dense"] = round(r["decode_tok_s_b1"] / best["decode_tok_s_b1"], 3)
+        bf16 = next(d for d in dense if d["variant"] == "dense_bf16")
+        r["rss_vs_dense_bf16"] = round(r["rss_mib"] / bf16["rss_mib"], 3)
+        r["values"] = "random (speed and memory do not depend on them)" if r["model"] == "llama1b" else "pruned"
+    write_csv(rows, args.out)
+    panels = {m: {r["variant"]: [(1, r["decode_tok_s_b1"]), (8, r["decode_tok_s_b8"])] for r in rows if r["model"] == m}
+              for m in args.models.split(",")}
+    plot_lines(panels, args.out.with_suffix(".png"), xlabel="batch", ylabel="decode tokens/s", xscale="log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
