@@ -251,6 +251,9 @@ def _choose(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool) -> str:
 
 def _prepared_forward(mod: nn.Module, x: torch.Tensor, A, B) -> torch.Tensor | None:
     """y through what prepare built, where it applies to x (its device and dtype), else None (the op)."""
+    if (mod.path == "cpu_packed" and x.device.type == "cpu" and x.dtype == mod.S_values.dtype
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)):
+        return ops.cpu_packed_linear(x, A, mod.S_values, mod.S_idx, B, mod.bias)  # the op's CPU kernel, undispatched
     if mod.dense_weight is not None and mod.dense_weight.dtype == x.dtype:
         return F.linear(x, mod.dense_weight, None if mod.bias is None else mod.bias.to(x.dtype))
     f = mod.fused

@@ -346,10 +346,24 @@ def _linear_cpu(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto",
     path = _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend)
     if path == "reference":
         return _reference_kernel(x, A, S, B, bias, S_idx)
+    A, S, S_idx, B = (None if t is None else t.contiguous() for t in (A, S, S_idx, B))
+    return _cpu_packed(path, x, A, S, S_idx, B, None if bias is None else bias.contiguous())
+
+
+def cpu_packed_linear(x: torch.Tensor, A: Optional[torch.Tensor], S_values: torch.Tensor, S_idx: torch.Tensor,
+                      B: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`linear` on the packed CPU kernels ("cpu_decode" or "cpu_gemm" by token count) without the op's
+    dispatch and argument checks: for a layer whose tensors were checked when it was built (nn.py's eager
+    forward; a torch op call costs tens of microseconds, a decode step of a small layer not many more).
+    Operands contiguous, on the CPU, in x's dtype."""
+    tokens = x.numel() // x.shape[-1]
+    return _cpu_packed("cpu_decode" if tokens <= CPU_DECODE_MAX_TOKENS else "cpu_gemm", x, A, S_values, S_idx, B, bias)
+
+
+def _cpu_packed(path, x, A, S, S_idx, B, bias):
+    d_out, d_in = S.shape[0], x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
     x2 = x.reshape(tokens, d_in).contiguous()
-    A, S, S_idx, B = (None if t is None else t.contiguous() for t in (A, S, S_idx, B))
-    bias = None if bias is None else bias.contiguous()
     LAUNCHES[path] += 1
     if path == "cpu_decode":
         y = x2.new_empty(tokens, d_out)

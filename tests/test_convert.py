@@ -10,7 +10,7 @@ from architectures import linear_names, make_fixed_point, save_sharded, tiny_mod
 pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from armor_kernels import Sparse24Linear  # noqa: E402
+from armor_kernels import Sparse24Linear, prepare  # noqa: E402
 from armor_kernels.cli import main  # noqa: E402
 from armor_kernels.hf import load_pruned_model  # noqa: E402
 from armor_kernels.layout import identity_block, layer_layout  # noqa: E402
@@ -49,6 +49,7 @@ def test_same_logits_as_the_dense_source(converted, dtype):
     dense = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     want = logits(dense, tokens)
     model, _ = load_pruned_model(dst, dtype=dtype)
+    prepare(model, keep_dense=True)  # the unpacked 2:4 weights: the dense model's own matmuls
     pruned = {n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)}
     assert pruned | {odd} == set(linear_names(dense)) and odd not in pruned
     assert type(model.get_submodule(odd)) is torch.nn.Linear

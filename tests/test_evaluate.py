@@ -7,7 +7,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 from armor_kernels.hf import load_pruned_model  # noqa: E402
-from armor_kernels.nn import PRUNED_LINEARS  # noqa: E402
+from armor_kernels.nn import PRUNED_LINEARS, prepare  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline.evaluate import perplexity, streamed_perplexity  # noqa: E402
 from armor_kernels.pipeline.model import decoder_layers, load_model  # noqa: E402
@@ -34,6 +34,7 @@ def test_streamed_equals_in_memory_perplexity_of_the_checkpoint(tiny, tmp_path, 
     opts = ArmorOptions(block_size=16, iters=2) if method == "armor" else None
     prune_model(fresh(), tok, calib, method, tmp_path, options=opts)
     loaded, _ = load_pruned_model(tmp_path)
+    prepare(loaded, keep_dense=True)  # what the streamed evaluator runs (source.py)
     for batch_size in (1, 3):  # a last batch smaller than the others
         expected = perplexity(loaded, tokens, seq_len=32, batch_size=batch_size)
         got = streamed_perplexity(CheckpointSource(tmp_path), tokens, seq_len=32, batch_size=batch_size)
