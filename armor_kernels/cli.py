@@ -105,7 +105,9 @@ def _budget_options(args) -> BudgetOptions | None:
 
 
 def with_preset(argv: list[str]) -> list[str]:
-    """argv with its --preset NAME replaced by the preset's flags, put before the user's own so these win."""
+    """argv with its --preset NAME (or --preset=NAME) replaced by the preset's flags, put before the user's own
+    so these win. The parsers take no abbreviations (allow_abbrev=False), so no other spelling reaches them."""
+    argv = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--preset=") else [arg])]
     if "--preset" not in argv:
         return argv
     k = argv.index("--preset")
@@ -293,6 +295,9 @@ def cmd_inspect(args) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):  # no abbreviations: `--pre quality` must not pass for a flag it is not
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, as for every other mistake
         self.exit(2, f"armor-kernels: error: {message} (see `{self.prog} --help`)\n")
 
@@ -364,6 +369,8 @@ def main(argv=None) -> int:
         return (lm_eval.main if argv[0] == "lm-eval" else lm_eval.write_task_main)(argv[1:])
     try:
         args = parser().parse_args(with_preset(argv))
+        if getattr(args, "preset", None) is not None:  # with_preset replaces every spelling it accepts
+            raise ValueError(f"--preset {args.preset}: not applied (give it as --preset NAME or --preset=NAME)")
         torch.manual_seed(getattr(args, "seed", 0))
         COMMANDS[args.cmd](args)
     except USER_ERRORS as e:

@@ -187,6 +187,28 @@ def test_the_preset_expands_before_the_users_flags():
     assert args.recon_steps == 3  # the user's flag wins
 
 
+@pytest.mark.parametrize("spelling", [["--preset", "quality"], ["--preset=quality"]])
+def test_every_accepted_spelling_of_the_preset_applies_it(spelling):
+    args = parser().parse_args(with_preset(["prune", "--method", "armor", "--out", "x", *spelling]))
+    assert args.preset is None and args.budget == 0.05 and args.recon_steps == 42
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pre", "quality"], "unrecognized arguments: --pre quality"),      # no abbreviations
+    (["--preset", "qualty"], "--preset: expected one of ['quality'], got 'qualty'"),
+    (["--preset=qualty"], "--preset: expected one of ['quality'], got 'qualty'"),
+])
+def test_any_other_spelling_of_the_preset_fails_with_one_line(argv, message, capsys, tmp_path):
+    from armor_kernels.cli import main
+    try:
+        code = main(["prune", "--method", "armor", "--out", str(tmp_path / "never"), *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "phi3"])
 def test_streamed_architectures(arch, tmp_path):
     """Gemma 2 (per-block attention masks) and Phi-3 (fused qkv and gate_up projections), streamed, with the
