@@ -231,22 +231,33 @@ def _prepare(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool = True) -> st
     return mod.path
 
 
+def path_for(device, dtype: torch.dtype, d_out: int, d_in: int, blocks: tuple[int, int],
+             keep_dense: bool = False) -> str:
+    """The path `prepare` picks on `device` for a layer of this dtype, shape and blocks (the fused kernels'
+    blocks: Sparse24Linear's identities, layout.identity_block), from the layer's description alone."""
+    if ops.fused_supported(device, dtype, d_out, d_in, *blocks):
+        return "fused"
+    if keep_dense:
+        return "dense"
+    if semi_structured.unavailable_reason(device, dtype) is None:
+        return "semi_structured"
+    return "cpu_packed" if ops.cpu_unavailable_reason(device) is None else "reference"
+
+
 def _choose(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool) -> str:
     values = mod.S_values
     mod.fused = mod.semi = mod.dense_weight = None
     blocks = (A.shape[1], B.shape[1]) if wrapped else (identity_block(mod.out_features),
                                                        identity_block(mod.in_features))
-    if ops.fused_supported(values.device, values.dtype, mod.out_features, mod.in_features, *blocks):
+    path = path_for(values.device, values.dtype, mod.out_features, mod.in_features, blocks, keep_dense)
+    if path == "fused":
         A, B = (A, B) if wrapped else (A(), B())
         mod.fused = ops.fused_operands(A, values, mod.S_idx, B, mod.bias)
-        return "fused"
-    if keep_dense:
+    elif path == "dense":
         mod.materialize()
-        return "dense"
-    if semi_structured.unavailable_reason(values.device, values.dtype) is None:
+    elif path == "semi_structured":
         mod.semi = semi_structured.compress(values, mod.S_idx)
-        return "semi_structured"
-    return "cpu_packed" if ops.cpu_unavailable_reason(values.device) is None else "reference"
+    return path
 
 
 def _prepared_forward(mod: nn.Module, x: torch.Tensor, A, B) -> torch.Tensor | None:

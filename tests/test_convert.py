@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from architectures import linear_names, make_fixed_point, save_sharded, tiny_model
+from helpers import cpu_path
 
 pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -80,9 +81,11 @@ def test_packed_linears_store_nine_sixteenths_and_inspect_says_how_they_run(conv
             fused = not isinstance(layout, str)
             assert r["path"] == ("fused" if fused else "reference")
             assert ("sparse GEMM" if fused else "at least the dense layer's work") in r["detail"]
+            assert torch.cuda.is_available() or r["here"] == cpu_path()
     pure = [r for r in rows.values() if r["kind"] == "sparse24" and r["dense_bf16_bytes"] == 2 * r["d_out"] * r["d_in"]]
     assert pure and all(r["stored_bytes"] / r["dense_bf16_bytes"] == 0.5625 for r in pure)
     assert report["method"] == "from_dense_24" and report["totals"]["paths"]["dense"] == 1
+    assert report["totals"]["paths_here"]["dense"] == 1
 
 
 def test_strict_refuses_by_name_and_leaves_nothing(tmp_path):

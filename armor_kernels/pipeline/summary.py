@@ -2,11 +2,12 @@
 
     python -m armor_kernels inspect CKPT [--json] [--dtype bfloat16]
 
-Per pruned (or kept-dense) linear: kind, shape, blocks, stored bytes against its dense bf16 bytes, and
-the path it takes after `prepare_fused` on an sm_90 GPU with the extension built, in the dtype it is
-loaded in: the fused kernels (decode up to ops.DECODE_MAX_TOKENS tokens, the sparse GEMM above), in the
-kernels' own layout or padded into it (layout.py: how, and the sparse GEMM's extra FLOPs), or the
-reference with the reason. Also the run's options and the package version that wrote it.
+Per pruned (or kept-dense) linear: kind, shape, blocks, stored bytes against its dense bf16 bytes, the
+path it takes after `prepare` on an sm_90 GPU with the extension built, in the dtype it is loaded in:
+the fused kernels (decode up to ops.DECODE_MAX_TOKENS tokens, the sparse GEMM above), in the kernels' own
+layout or padded into it (layout.py: how, and the sparse GEMM's extra FLOPs), or the reference with the
+reason; and the path `prepare` picks on this machine (`here`: its GPU when it has one, else the CPU;
+nn.path_for). Also the run's options and the package version that wrote it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..layout import identity_block, layer_layout
+from ..nn import path_for
 from ..ops import layer_unavailable_reason
 from .checkpoint import INDEX_FILE, RUN_FILE, _itemsize, check_complete
 
@@ -51,6 +53,7 @@ def inspect_checkpoint(out: str | Path, dtype: torch.dtype = torch.bfloat16) -> 
     """The report `inspect` prints (module docstring) as a dict: run, layers, totals."""
     out = Path(out)
     check_complete(out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = json.loads((out / "config.json").read_text())
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") != "armor":
@@ -73,14 +76,17 @@ def inspect_checkpoint(out: str | Path, dtype: torch.dtype = torch.bfloat16) -> 
         has_bias = "bias" in own
         stored = sum(b for _, b, _ in own.values())
         path, detail = _path(spec["kind"], d_out, d_in, blocks, dtype)
+        here = "dense" if spec["kind"] == "dense" else path_for(device, dtype, d_out, d_in, blocks)
         layers.append({"name": name, "kind": spec["kind"], "d_out": d_out, "d_in": d_in,
                        "blocks": list(blocks) if spec["kind"] == "armor" else None, "stored_bytes": stored,
-                       "dense_bf16_bytes": 2 * d_out * (d_in + has_bias), "path": path, "detail": detail})
+                       "dense_bf16_bytes": 2 * d_out * (d_in + has_bias), "path": path, "detail": detail,
+                       "here": here})
     totals = {"stored_bytes": sum(r["stored_bytes"] for r in layers),
               "dense_bf16_bytes": sum(r["dense_bf16_bytes"] for r in layers),
-              "paths": dict(Counter(r["path"] for r in layers))}
+              "paths": dict(Counter(r["path"] for r in layers)), "paths_here": dict(Counter(r["here"] for r in layers))}
     totals["ratio"] = round(totals["stored_bytes"] / totals["dense_bf16_bytes"], 4) if layers else None
-    return {"checkpoint": str(out), "dtype": str(dtype).removeprefix("torch."), "method": quant.get("method"),
+    return {"checkpoint": str(out), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "method": quant.get("method"),
             "format_version": quant.get("format_version"), "package_version": run.get("package_version"),
             "options": run.get("options"), "protocol": run.get("protocol"), "calibration": run.get("calibration"),
             "model_source": run.get("model_source"), "layers": layers, "totals": totals}
@@ -96,15 +102,16 @@ def format_report(report: dict) -> str:
     head = [f"checkpoint {report['checkpoint']}: method {report['method']}, format v{report['format_version']}, "
             f"written by armor-kernels {report['package_version']}",
             f"options: {json.dumps(report['options'], sort_keys=True)}" if report["options"] is not None else "",
-            f"paths on an sm_90 GPU (extension built) after prepare_fused, loaded in {report['dtype']}:", ""]
-    rows = [["layer", "kind", "shape", "blocks", "stored bytes", "/ dense bf16", "path", "detail"]]
+            f"paths after prepare, loaded in {report['dtype']}: on an sm_90 GPU (extension built), and here "
+            f"({report['device']}):", ""]
+    rows = [["layer", "kind", "shape", "blocks", "stored bytes", "/ dense bf16", "here", "sm_90 path", "detail"]]
     for r in report["layers"]:
         rows.append([r["name"], r["kind"], f"{r['d_out']}x{r['d_in']}",
                      "" if r["blocks"] is None else "x".join(map(str, r["blocks"])), str(r["stored_bytes"]),
-                     f"{r['stored_bytes'] / r['dense_bf16_bytes']:.4f}", r["path"], r["detail"]])
+                     f"{r['stored_bytes'] / r['dense_bf16_bytes']:.4f}", r["here"], r["path"], r["detail"]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
     t = report["totals"]
     tail = ["", f"total: {len(report['layers'])} linears, {t['stored_bytes']} bytes stored, {t['ratio']} of their "
-                f"dense bf16 bytes; paths: {t['paths']}"]
+                f"dense bf16 bytes; paths on sm_90: {t['paths']}, here: {t['paths_here']}"]
     return "\n".join([h for h in head if h != ""][:3] + [""] + lines + tail)
