@@ -10,14 +10,15 @@
 #
 # Nothing passes by skipping: `build` and `bench` fail unless the fused path is usable on this machine's
 # device (ops.fused_unavailable_reason says why not), and `test` and `sanitize` run with
-# ARMOR_REQUIRE_FUSED=1, under which a gpu-marked test that skips fails, and so does a run in which no
-# gpu-marked test passed (tests/conftest.py). `sanitize` runs the tests marked sanitize(TOOL) under
+# ARMOR_REQUIRE_FUSED=1 and ARMOR_REQUIRE_CUDA=1, under which a gpu- or cuda-marked test that skips fails,
+# and so does a run in which none of either passed (tests/conftest.py). `test` runs every gpu- and
+# cuda-marked test (the fused kernels, torch's semi-structured path), in every file. `sanitize` runs the tests marked sanitize(TOOL) under
 # each compute-sanitizer TOOL. Every stage writes its log, and the benchmark its CSV and plot, into OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$1"; shift
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ARMOR_REQUIRE_FUSED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ARMOR_REQUIRE_FUSED=1 ARMOR_REQUIRE_CUDA=1
 lib=build/ci-csrc/libarmor_cuda.so
 status=0
 
@@ -38,7 +39,7 @@ for stage in "$@"; do
       require_fused || exit 1
       ;;
     test)
-      python3 -m pytest -q -rs tests/test_ops.py tests/test_nn.py 2>&1 | tee "$out/pytest.log" | tail -15
+      python3 -m pytest -q -rs -m "gpu or cuda" tests 2>&1 | tee "$out/pytest.log" | tail -15
       status=$((status | PIPESTATUS[0]))
       ;;
     sanitize)  # memcheck on one case per kernel family and path; racecheck on the decode kernels' smem

@@ -9,6 +9,9 @@ Markers (registered in pyproject.toml):
   is skipped, with ops.fused_unavailable_reason(), where they cannot run. With ARMOR_REQUIRE_FUSED=1
   (.ci/gpu_check.sh sets it) nothing passes by skipping: a `gpu` test that skips, for that or any other
   reason, fails instead, and a session in which no `gpu` test passed fails.
+- `cuda`: needs a CUDA GPU with 2:4 sparse tensor cores (sm_80 or later) and nothing built by this package
+  (torch's semi-structured path); skipped elsewhere, and ARMOR_REQUIRE_CUDA=1 (.ci/gpu_check.sh) makes a
+  skip of one a failure, as ARMOR_REQUIRE_FUSED does for `gpu`.
 - `llmcompressor`: the llm-compressor integration; such a test skips without llm-compressor (as in .venv,
   whose transformers 5.24 llm-compressor 0.14 does not allow) and runs in .venv-llmc
   (.ci/setup_llmcompressor.sh). ARMOR_REQUIRE_LLMCOMPRESSOR=1 (.ci/run sets it there) makes a skip of
@@ -58,7 +61,8 @@ def tiny_llama():
 # --- The `gpu` and `sanitize` markers (see the module docstring) ---------------------------------
 
 # marker -> the variable that, set, forbids its tests to pass by skipping
-REQUIRING = {"gpu": "ARMOR_REQUIRE_FUSED", "llmcompressor": "ARMOR_REQUIRE_LLMCOMPRESSOR"}
+REQUIRING = {"gpu": "ARMOR_REQUIRE_FUSED", "cuda": "ARMOR_REQUIRE_CUDA",
+             "llmcompressor": "ARMOR_REQUIRE_LLMCOMPRESSOR"}
 REQUIRED = {marker: var for marker, var in REQUIRING.items() if os.environ.get(var, "") not in ("", "0")}
 SANITIZERS = ("memcheck", "racecheck")
 _PASSED = pytest.StashKey[dict]()  # marker -> how many of its tests passed
@@ -95,6 +99,11 @@ def pytest_runtest_setup(item):
         reason = ops.fused_unavailable_reason("cuda")
         if reason is not None:
             pytest.skip(f"needs the fused kernels: {reason}")
+    if item.get_closest_marker("cuda") is not None:
+        from armor_kernels import semi_structured
+        reason = semi_structured.unavailable_reason("cuda", torch.bfloat16)
+        if reason is not None:
+            pytest.skip(f"needs a CUDA GPU with 2:4 tensor cores: {reason}")
 
 
 @pytest.hookimpl(wrapper=True)
