@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
-from helpers import prune_interrupted
+from helpers import cpu_path, prune_interrupted
 from safetensors.torch import load_file, save_file
 
 import armor_kernels
 from armor_kernels.factors import block_overhead, block_size_under_overhead, block_sizes
 from armor_kernels.hf import load_pruned_model
-from armor_kernels.nn import ArmorLinear
+from armor_kernels.nn import ArmorLinear, paths, prepare
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.optim import options as options_mod
 from armor_kernels.pipeline import prune as prune_mod
@@ -41,9 +41,13 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
     with torch.no_grad():
         before = model(tokens[None, :32]).logits
     loaded, _ = load_pruned_model(tmp_path)
+    assert set(paths(loaded).values()) <= {cpu_path()}  # loaded packed
     with torch.no_grad():
+        packed = loaded(tokens[None, :32]).logits
+        prepare(loaded, keep_dense=True)  # the dense product the in-memory model evaluates with
         after = loaded(tokens[None, :32]).logits
     assert torch.equal(before, after), "logits after save → load differ"
+    torch.testing.assert_close(packed, before, rtol=1e-4, atol=1e-4)
     ppl = perplexity(loaded, tokens, seq_len=32)
     assert ppl > 0 and (ppl == dense_ppl) == (method == "dense")
     if method == "dense":
@@ -305,5 +309,6 @@ def test_output_objective_prunes_from_full_statistics_and_reloads(tiny, tmp_path
     assert reports and all(r["loss"] <= r["start_loss"] for r in reports.values())
     assert {r["start"] for r in reports.values()} <= ({"nowag_p"} if start == "nowag_p" else {"nowag_p", "sparsegpt"})
     loaded, _ = load_pruned_model(tmp_path)
+    prepare(loaded, keep_dense=True)  # the dense product, as in memory
     x = calib[:2]
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
