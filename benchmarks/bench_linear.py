@@ -128,7 +128,7 @@ def measure(d_out: int, d_in: int, block: int, dtype: torch.dtype, args, device:
 # --- the CPU ------------------------------------------------------------------------------------------
 
 CPU_SHAPES = "576x576,1536x576,576x1536,4096x4096,14336x4096,4096x14336"  # SmolLM2-135M's, Llama-3-8B's
-CPU_TOKENS = "1,4,16,64,512,2048"
+CPU_TOKENS = "1,4,16,32,64,512,2048"
 CYCLE_BYTES = 256 << 20  # weights cycled per timing: far over any last-level cache, as a model's decode reads
 
 
@@ -205,7 +205,7 @@ def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> li
         times = {}
         for name, (fn, _, _) in fns.items():
             n = 1 if big else copies
-            times[name] = cpu_time_s(lambda: [fn(k) for k in range(n)], reps=2 if big else 5) / n
+            times[name] = cpu_time_s(lambda: [fn(k) for k in range(n)], reps=2 if big else 7) / n
         best_dense = min(times["dense_bf16"], times["dense_fp32"])
         for name, (_, wbytes, path) in fns.items():
             t = times[name]

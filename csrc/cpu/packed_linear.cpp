@@ -126,18 +126,37 @@ void sparse_row_portable(const void* values, const std::uint8_t* idx_row, i64 ro
 #if ARMOR_X86
 #define ARMOR_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-// 8 kept values (4 groups of 4 inputs) in the order the selection below produces: [v0 v1 v4 v5 | v2 v3 v6 v7]
-// (a 64-bit shuffle, done on the 16-bit values before widening where they are 16-bit).
+// 16 kept values (8 groups g0…g7, 32 input columns) as two float32 registers in the order of the 128-bit
+// unpack of their 16-bit form: [v0…v3 | v8…v11] (groups g0 g1 | g4 g5) and [v4…v7 | v12…v15] (g2 g3 | g6 g7).
+// One load and two unpacks for 16 bf16 values (the bf16 bits are the high half of the float's).
 template <Dtype D>
-ARMOR_AVX2 inline __m256 load8_paired(const void* p, i64 i) {
-    if constexpr (D == Dtype::F32) {
-        const __m256d v = _mm256_castps_pd(_mm256_loadu_ps(static_cast<const float*>(p) + i));
-        return _mm256_castpd_ps(_mm256_permute4x64_pd(v, _MM_SHUFFLE(3, 1, 2, 0)));
+ARMOR_AVX2 inline void load16(const void* p, i64 i, __m256& a, __m256& b) {
+    if constexpr (D == Dtype::BF16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(p) + i));
+        a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
+        b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
+        return;
     }
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(p) + i));
-    h = _mm_shuffle_epi32(h, _MM_SHUFFLE(3, 1, 2, 0));
-    if constexpr (D == Dtype::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
+    __m256 lo, hi;
+    if constexpr (D == Dtype::F32) {
+        lo = _mm256_loadu_ps(static_cast<const float*>(p) + i);
+        hi = _mm256_loadu_ps(static_cast<const float*>(p) + i + 8);
+    } else {
+        const auto* q = static_cast<const std::uint16_t*>(p) + i;
+        lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 8)));
+    }
+    a = _mm256_permute2f128_ps(lo, hi, 0x20);
+    b = _mm256_permute2f128_ps(lo, hi, 0x31);
+}
+
+// The AVX2 path reads the sparse stage's inputs with each 32 columns' groups stored in the order
+// g0 g4 g1 g5 g2 g6 g3 g7 (load16's order, so that each register of inputs is one aligned load); the
+// columns after the last whole 32 keep their place. Column c's place:
+inline i64 avx2_column(i64 c, i64 d_in) {
+    if (c >= d_in / 32 * 32) return c;
+    const i64 g = c % 32 / 4;
+    return c / 32 * 32 + (g % 4 * 2 + g / 4) * 4 + c % 4;
 }
 
 ARMOR_AVX2 inline float hsum(__m256 v) {  // a fixed pairwise order
@@ -165,35 +184,39 @@ ARMOR_AVX2 float dot_avx2(const void* w, i64 offset, const float* x, i64 n) {
     return s;
 }
 
-// The inputs of 8 kept values (4 groups: 16 consecutive columns, one group per 128-bit lane of two
-// registers). A group is one lane, so the in-lane vpermilps picks its inputs by the 2-bit positions as
-// they are (it reads only the low 2 bits of each control element): slots 0-1 of each lane from the first
-// register (groups 0, 1), slots 2-3 from the second (groups 2, 3), joined by an immediate blend.
-ARMOR_AVX2 inline __m256 select8(const float* x, __m256i control) {
-    const __m256 lo = _mm256_permutevar_ps(_mm256_loadu_ps(x), control);
-    const __m256 hi = _mm256_permutevar_ps(_mm256_loadu_ps(x + 8), control);
-    return _mm256_blend_ps(lo, hi, 0xCC);
+// The inputs of 8 kept values (4 groups, one per 128-bit lane of two registers of inputs: p holds the
+// groups of slots 0-1 of each lane, q those of slots 2-3). A group is one lane, so the in-lane vpermilps
+// picks its inputs by the 2-bit positions as they are (it reads only the low 2 bits of each control
+// element); an immediate blend joins the two.
+ARMOR_AVX2 inline __m256 select8(const float* pq, __m256i control) {
+    const __m256 p = _mm256_permutevar_ps(_mm256_loadu_ps(pq), control);
+    const __m256 q = _mm256_permutevar_ps(_mm256_loadu_ps(pq + 8), control);
+    return _mm256_blend_ps(p, q, 0xCC);
 }
 
 template <Dtype D, int TT>
 ARMOR_AVX2 void sparse_row_avx2(const void* values, const std::uint8_t* idx_row, i64 row, const float* xb, i64 d_in,
                                 float* out) {
     const i64 kept = d_in / 2, base = row * kept;
+    constexpr i64 ES = D == Dtype::F32 ? 4 : 2;  // bytes per stored value
     constexpr int NACC = TT == 1 ? 2 : 1;  // one token: two chains hide the FMA latency
     __m256 acc[NACC][TT];
     for (auto& a : acc)
         for (auto& v : a) v = _mm256_setzero_ps();
-    // control element k of chunk c (8 kept values = 16 position bits at 16c of the 32-bit word): kept
-    // value 0, 1, 4, 5 | 2, 3, 6, 7 of the chunk, the order of select8's result and of load8_paired
-    const __m256i shift0 = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
-    const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(16));
+    // control element k: the position of the kept value in that slot of load16's order (2 bits each in
+    // the 32-bit word of 16 positions): [p0 p1 p2 p3 | p8 … p11] and [p4 … p7 | p12 … p15]
+    const __m256i shift0 = _mm256_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22);
+    const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(8));
     i64 j = 0;
-    for (; j + 16 <= kept; j += 16) {  // 16 kept values: 4 idx bytes, 32 input columns
+    for (; j + 16 <= kept; j += 16) {  // 16 kept values: 4 idx bytes, 32 input columns (avx2_column's order)
         std::uint32_t w;
         std::memcpy(&w, idx_row + j / 4, 4);
         const __m256i wv = _mm256_set1_epi32(int(w));
         const __m256i c0 = _mm256_srlv_epi32(wv, shift0), c1 = _mm256_srlv_epi32(wv, shift1);
-        const __m256 v0 = load8_paired<D>(values, base + j), v1 = load8_paired<D>(values, base + j + 8);
+        __m256 v0, v1;
+        // the hardware prefetcher alone leaves one core at ~half its streaming rate here: ask 2 KiB ahead
+        _mm_prefetch(static_cast<const char*>(values) + (base + j) * ES + 2048, _MM_HINT_T0);
+        load16<D>(values, base + j, v0, v1);
         for (int t = 0; t < TT; ++t) {
             const float* x = xb + t * d_in + 2 * j;
             acc[0][t] = _mm256_fmadd_ps(v0, select8(x, c0), acc[0][t]);
@@ -201,7 +224,7 @@ ARMOR_AVX2 void sparse_row_avx2(const void* values, const std::uint8_t* idx_row,
         }
     }
     float tail[TT] = {};
-    for (; j < kept; ++j) {  // kept % 16 is 0, 4, 8 or 12
+    for (; j < kept; ++j) {  // kept % 16 is 0, 4, 8 or 12: columns in their place
         const float v = load1<D>(values, base + j);
         const i64 c = kept_position(idx_row, j);
         for (int t = 0; t < TT; ++t) tail[t] += v * xb[t * d_in + c];
@@ -248,21 +271,31 @@ constexpr int MAX_TT = 4;  // tokens per pass over a row: 4 accumulators and the
 template <Dtype D>
 void run(const PackedLinearArgs& a, int nt, bool portable) {
     const i64 T = a.tokens, d_in = a.d_in, d_out = a.d_out, bA = a.block_A, bB = a.block_B;
+    // xf: x in float32; xin: the sparse stage's inputs (x B'ᵀ, or x), in avx2_column's order on that path
     std::vector<float> xf(std::size_t(T * d_in)), xb(a.B ? std::size_t(T * d_in) : 0), ys(std::size_t(T * d_out));
     float* xin = a.B ? xb.data() : xf.data();
     const bool avx2 = !portable && cpu_has_avx2();
+    const auto place = [&](i64 c) { return avx2 ? avx2_column(c, d_in) : c; };
     const SparseRow rows[MAX_TT] = {pick_row<D, 1>(avx2), pick_row<D, 2>(avx2), pick_row<D, 3>(avx2),
                                     pick_row<D, 4>(avx2)};
     const Dot dot = pick_dot<D>(avx2);
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
-        for (i64 t = 0; t < T; ++t) to_f32<D>(a.x, t * d_in, d_in, xf.data() + t * d_in);
+        for (i64 t = 0; t < T; ++t) {
+            float* row = xf.data() + t * d_in;
+            if (a.B) {
+                to_f32<D>(a.x, t * d_in, d_in, row);  // in place: B' reads whole blocks of it
+            } else {
+                for (i64 c = 0; c < d_in; ++c) row[place(c)] = load1<D>(a.x, t * d_in + c);
+            }
+        }
         if (a.B) {
 #pragma omp for schedule(static)
             for (i64 c = 0; c < d_in; ++c) {  // xb[:, c] = B'[c/bB][c%bB, :] · x[:, block of c]
                 const i64 first = c / bB * bB;
-                for (i64 t = 0; t < T; ++t) xb[std::size_t(t * d_in + c)] = dot(a.B, c * bB, xf.data() + t * d_in + first, bB);
+                for (i64 t = 0; t < T; ++t)
+                    xb[std::size_t(t * d_in + place(c))] = dot(a.B, c * bB, xf.data() + t * d_in + first, bB);
             }
         }
 #pragma omp for schedule(static)
