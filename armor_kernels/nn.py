@@ -277,15 +277,8 @@ def _prepared_forward(mod: nn.Module, x: torch.Tensor, A, B) -> torch.Tensor | N
 
 
 def pruned_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> module of every ArmorLinear / Sparse24Linear in `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, PRUNED_LINEARS)}
-
-
-def materialize(model: nn.Module) -> int:
-    """`materialize()` on every pruned linear of a model, each in its own dtype; returns how many."""
-    mods = pruned_linears(model).values()
-    for m in mods:
-        m.materialize()
-    return len(mods)
 
 
 def prepare(model: nn.Module, keep_dense: bool = False) -> dict[str, str]:

@@ -351,13 +351,15 @@ def _linear_cpu(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto",
 
 
 def cpu_packed_linear(x: torch.Tensor, A: Optional[torch.Tensor], S_values: torch.Tensor, S_idx: torch.Tensor,
-                      B: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """`linear` on the packed CPU kernels ("cpu_decode" or "cpu_gemm" by token count) without the op's
-    dispatch and argument checks: for a layer whose tensors were checked when it was built (nn.py's eager
-    forward; a torch op call costs tens of microseconds, a decode step of a small layer not many more).
-    Operands contiguous, on the CPU, in x's dtype."""
-    tokens = x.numel() // x.shape[-1]
-    return _cpu_packed("cpu_decode" if tokens <= CPU_DECODE_MAX_TOKENS else "cpu_gemm", x, A, S_values, S_idx, B, bias)
+                      B: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      path: Optional[str] = None) -> torch.Tensor:
+    """`linear` on the packed CPU kernels without the op's dispatch and argument checks, for a layer whose
+    tensors were checked when it was built (nn.py's eager forward: a torch op call costs ~0.1 ms here, a
+    decode step of a 576-wide layer not much more). path: "cpu_decode" or "cpu_gemm"; None: by token count
+    as `linear_path` decides. Operands contiguous, on the CPU, in x's dtype."""
+    if path is None:
+        path = "cpu_decode" if x.numel() // x.shape[-1] <= CPU_DECODE_MAX_TOKENS else "cpu_gemm"
+    return _cpu_packed(path, x, A, S_values, S_idx, B, bias)
 
 
 def _cpu_packed(path, x, A, S, S_idx, B, bias):

@@ -172,7 +172,8 @@ def cpu_layer_bytes(layer) -> int:
 def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> list[dict]:
     """One shape's rows at every token count: ARMOR at b = 128 and b = 16 (the op's own choice, and each
     CPU kernel forced, which is what CPU_DECODE_MAX_TOKENS rests on), plain 2:4 (Sparse24Linear's call),
-    the reference, dense F.linear in bf16 and in float32. Weights are cycled over enough copies to exceed
+    each as a prepared layer runs it in eager mode (ops.cpu_packed_linear), the reference (through the
+    op), dense F.linear in bf16 and in float32. Weights are cycled over enough copies to exceed
     the last-level cache: time = median over reps of (one pass over the copies) / copies."""
     from harness import cpu_time_s
     copies = max(2, min(64, -(-CYCLE_BYTES // (2 * d_out * d_in))))
@@ -194,10 +195,10 @@ def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> li
                 label = name if backend == "auto" else f"{name}_{backend.removeprefix('cpu_')}"
                 if backend != "auto" and name == "armor_b16":
                     continue  # the crossover is read off b = 128 and plain 2:4
-                fns[label] = (lambda k, L=layers, be=backend: ops.linear(x16, L[k][0], L[k][1], L[k][3], L[k][4],
-                                                                          S_idx=L[k][2], backend=be),
-                              nbytes, ops.linear_path(T, *[layers[0][i] for i in (0, 1, 3)], S_idx=layers[0][2],
-                                                      backend=backend))
+                path = ops.linear_path(T, *[layers[0][i] for i in (0, 1, 3)], S_idx=layers[0][2], backend=backend)
+                # the kernels as a prepared layer's eager forward calls them (without the op's dispatch)
+                fns[label] = (lambda k, L=layers, p=path: ops.cpu_packed_linear(x16, L[k][0], L[k][1], L[k][2], L[k][3],
+                                                                                L[k][4], path=p), nbytes, path)
         ref = packed["armor_b128"]
         fns["reference_b128"] = (lambda k: ops.linear(x16, ref[k][0], ref[k][1], ref[k][3], ref[k][4], S_idx=ref[k][2],
                                                       backend="reference"), cpu_layer_bytes(ref[0]), "reference")
