@@ -85,11 +85,13 @@ if _native is not None:  # csrc/armor_cuda.h's constants, as the binding exports
 else:
     DECODE_MAX_TOKENS, _FUSED_DTYPES = 0, {}
 
-# The CPU crossover from the streamed kernel to tiles on torch's GEMM, measured by
-# benchmarks/bench_linear.py --device cpu (its CSV under benchmarks/results/ holds the rows it rests on).
+# The CPU crossover from the streamed kernel to tiles on torch's GEMM: at 16 tokens the streamed kernel
+# is faster on all six shapes of benchmarks/results/bench_linear_cpu.csv (1.2-2x), at 32 the tiles are
+# faster or even on five of them (`python benchmarks/bench_linear.py --device cpu`, rows *_decode, *_gemm).
 CPU_DECODE_MAX_TOKENS = 16
 # Dense tile of S per GEMM in "cpu_gemm": torch's GEMM needs ~1000 rows of a 4096-wide layer to run at
-# full speed (1 MiB tiles took 1.5x the dense time at 512 tokens, 16 MiB 0.97x: bench_linear.py's rows).
+# full speed (4096 x 4096 bf16 layer, 512 tokens, 2-core AVX2 machine: 1 MiB tiles took 1.5x the dense
+# float32 time, 4 MiB 1.1x, 16 MiB 0.97x, timing ops.linear(backend="cpu_gemm") with only the size varied).
 CPU_TILE_BYTES = 16 << 20
 _CPU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/packed_linear.h's Dtype
 LAUNCHES: collections.Counter = collections.Counter()  # kernel family -> native calls since import

@@ -43,13 +43,15 @@ def memory_mib() -> tuple[float, float]:
 
 
 def random_packed_armor(d_out: int, d_in: int, dtype: torch.dtype):
+    """An ArmorLinear of random factors (b = 128) and a random 2:4 core, built packed (values and 2-bit
+    positions drawn directly: one of the 6 position pairs per group of 4)."""
     from armor_kernels import ArmorLinear
-    from armor_kernels.sparse24 import pack_24
-    keep = torch.rand(d_out, d_in // 4, 4).argsort(-1)[..., :2]
-    S = torch.zeros(d_out, d_in // 4, 4, dtype=dtype).scatter_(-1, keep, torch.randn(d_out, d_in // 4, 2, dtype=dtype))
-    values, idx = pack_24(S.reshape(d_out, d_in) / d_in ** 0.5)
-    eye = lambda d: torch.eye(128, dtype=dtype) + 0.02 * torch.randn(d // 128, 128, 128, dtype=dtype)
-    return ArmorLinear.from_packed(eye(d_out), values, idx, eye(d_in))
+    pairs = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], dtype=torch.uint8)
+    p = pairs[torch.randint(0, 6, (d_out, d_in // 8, 2))]  # two groups per byte
+    idx = p[..., 0, 0] | p[..., 0, 1] << 2 | p[..., 1, 0] << 4 | p[..., 1, 1] << 6
+    values = (torch.randn(d_out, d_in // 2) / d_in ** 0.5).to(dtype)
+    eye = lambda d: (torch.eye(128) + 0.02 * torch.randn(d // 128, 128, 128)).to(dtype)
+    return ArmorLinear.from_packed(eye(d_out), values, idx.contiguous(), eye(d_in))
 
 
 def build(model: str, variant: str, checkpoint: str | None):
