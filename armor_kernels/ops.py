@@ -328,6 +328,12 @@ def _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend):
     return linear_path(x, A, S, B, S_idx=S_idx, sm90=sm90, backend=backend)
 
 
+def _checked_path(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count) -> tuple[int, int, str]:
+    """What every device kernel starts with: the checks, then the path: (d_out, d_in, path)."""
+    d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
+    return d_out, d_in, _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend)
+
+
 def _reference_kernel(x, A, S, B, bias, S_idx):
     return reference(x, A, S if S_idx is None else unpack_24(S, S_idx), B, bias)
 
@@ -344,8 +350,7 @@ def _aligned(*ts) -> bool:
 
 @_linear.register_kernel("cpu")
 def _linear_cpu(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0):
-    d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
-    path = _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend)
+    _, _, path = _checked_path(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
     if path == "reference":
         return _reference_kernel(x, A, S, B, bias, S_idx)
     A, S, S_idx, B = (None if t is None else t.contiguous() for t in (A, S, S_idx, B))
@@ -422,8 +427,7 @@ def _cpu_gemm(x2, A, values, idx, B, bias):
 
 @_linear.register_kernel("cuda")
 def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0):
-    d_out, d_in = _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
-    path = _path(x, A, S, B, S_idx, sm90_values, sm90_meta, backend)
+    d_out, d_in, path = _checked_path(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
     if path == "reference":
         return _reference_kernel(x, A, S, B, bias, S_idx)
     tokens = x.numel() // d_in
