@@ -133,7 +133,7 @@ def test_cli(converted, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["totals"]["paths"]["dense"] == 1
     assert main(["inspect", str(dst)]) == 0
     table = capsys.readouterr().out
-    assert odd in table and "from_dense_24" in table and "paths on an sm_90 GPU" in table
+    assert odd in table and "from_dense_24" in table and "on an sm_90 GPU (extension built), and here" in table
 
 
 def test_streamed_evaluation_of_the_converted_directory(converted):
