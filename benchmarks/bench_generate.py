@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         r["decode_b1_vs_best_dense"] = round(r["decode_tok_s_b1"] / best["decode_tok_s_b1"], 3)
         bf16 = next(d for d in dense if d["variant"] == "dense_bf16")
         r["rss_vs_dense_bf16"] = round(r["rss_mib"] / bf16["rss_mib"], 3)
-        r["values"] = "random (speed and memory do not depend on them)" if r["model"] == "llama1b" else "pruned"
+        r["values"] = ("random (speed and memory do not depend on them)" if r["model"] == "llama1b" else
+                       "the main job's checkpoint" if r["variant"].startswith("pruned") else "the bundled model")
     write_csv(rows, args.out)
     panels = {m: {r["variant"]: [(1, r["decode_tok_s_b1"]), (8, r["decode_tok_s_b8"])] for r in rows if r["model"] == m}
               for m in args.models.split(",")}
