@@ -219,7 +219,10 @@ def test_same_factors_as_the_cli(integ, model_dir, text_and_calib, tmp_path, pro
             assert modifier._reports[name] == reports[f"{i}.{local}"]
             continue
         W, W_mod = r.to_dense(torch.float32), layer.to_dense(torch.float32)
-        assert ((W - W_mod).norm() / W.norm()).item() < 1e-2, name
+        # a few flipped mask choices move a layer's factors visibly: block 1's down_proj (sequential) on a
+        # 2-core AVX2 EPYC, at the commit before this bound too: factors 0.017 apart, loss 4e-4 relative, the
+        # same layer below 0.01 and 1e-4 on other CPUs
+        assert ((W - W_mod).norm() / W.norm()).item() < 3e-2, name
         assert ((r.sparse_core() != 0) != (layer.sparse_core() != 0)).float().mean().item() < 0.01, name
         loss, loss_mod = reports[f"{i}.{local}"]["loss"], modifier._reports[name]["loss"]
-        assert abs(loss_mod - loss) <= 1e-4 * loss, name
+        assert abs(loss_mod - loss) <= 1e-3 * loss, name
