@@ -152,7 +152,7 @@ def test_modules_run_the_packed_kernel_without_a_dense_copy():
         check(y, x, a, S, b, bias, torch.float32, 8)
 
 
-def test_opcheck_and_compile_on_the_packed_kernel():
+def test_opcheck_compile_and_export_on_the_packed_kernel():
     A, S, B, bias = layer(64, 128, 16, 32, torch.bfloat16)
     values, idx = pack_24(S)
     x = torch.randn(4, 128).to(torch.bfloat16)
@@ -160,3 +160,8 @@ def test_opcheck_and_compile_on_the_packed_kernel():
     torch.library.opcheck(torch.ops.armor.linear.default, (x, None, values, None, None, idx, None, None, "auto", 0))
     compiled = torch.compile(lambda x: ops.linear(x, A, values, B, bias, S_idx=idx), fullgraph=True)
     assert torch.equal(compiled(x), ops.linear(x, A, values, B, bias, S_idx=idx))
+    mod = ArmorLinear.from_packed(A, values, idx, B, bias)
+    mod.prepare()  # the eager shortcut past the op must not hide it from export
+    exported = torch.export.export(mod, (x,))
+    assert any(n.target == torch.ops.armor.linear.default for n in exported.graph.nodes)
+    assert torch.equal(exported.module()(x), mod(x))
