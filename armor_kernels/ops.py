@@ -353,8 +353,7 @@ def _linear_cpu(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto",
     _, _, path = _checked_path(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend, sm_count)
     if path == "reference":
         return _reference_kernel(x, A, S, B, bias, S_idx)
-    A, S, S_idx, B = (None if t is None else t.contiguous() for t in (A, S, S_idx, B))
-    return _cpu_packed(path, x, A, S, S_idx, B, None if bias is None else bias.contiguous())
+    return cpu_packed_linear(x, A, S, S_idx, B, bias, path)
 
 
 def cpu_packed_linear(x: torch.Tensor, A: Optional[torch.Tensor], S_values: torch.Tensor, S_idx: torch.Tensor,
@@ -363,13 +362,11 @@ def cpu_packed_linear(x: torch.Tensor, A: Optional[torch.Tensor], S_values: torc
     """`linear` on the packed CPU kernels without the op's dispatch and argument checks, for a layer whose
     tensors were checked when it was built (nn.py's eager forward: a torch op call costs ~0.1 ms here, a
     decode step of a 576-wide layer not much more). path: "cpu_decode" or "cpu_gemm"; None: by token count
-    as `linear_path` decides. Operands contiguous, on the CPU, in x's dtype."""
+    as `linear_path` decides. Operands on the CPU, in x's dtype (made contiguous: the kernels read raw memory)."""
     if path is None:
         path = "cpu_decode" if x.numel() // x.shape[-1] <= CPU_DECODE_MAX_TOKENS else "cpu_gemm"
-    return _cpu_packed(path, x, A, S_values, S_idx, B, bias)
-
-
-def _cpu_packed(path, x, A, S, S_idx, B, bias):
+    S = S_values
+    A, S, S_idx, B, bias = (None if t is None else t.contiguous() for t in (A, S, S_idx, B, bias))
     d_out, d_in = S.shape[0], x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
     x2 = x.reshape(tokens, d_in).contiguous()
