@@ -470,7 +470,7 @@ def on_cores(jobs: dict[str, Callable[[], Any]], sizes: dict[str, int]) -> dict[
     """Each job's result, the jobs run one per CPU core, each single-threaded, largest `sizes` first.
 
     Why: the optimizer's small matmuls and per-tile sweeps scale poorly across threads within one layer,
-    so whole layers in parallel finish a block sooner (SmolLM2 on 2 cores: see README). Results are
+    so whole layers in parallel finish a block sooner (SmolLM2 on 2 cores: docs/DESIGN.md §9). Results are
     returned in `jobs`' order; with one thread the jobs simply run in turn."""
     workers = min(torch.get_num_threads(), len(jobs))
     if workers < 2:
