@@ -89,10 +89,12 @@ else:
 # is faster on all six shapes of benchmarks/results/bench_linear_cpu.csv (1.2-2x), at 32 the tiles are
 # faster or even on five of them (`python benchmarks/bench_linear.py --device cpu`, rows *_decode, *_gemm).
 CPU_DECODE_MAX_TOKENS = 16
-# Dense tile of S per GEMM in "cpu_gemm": torch's GEMM needs ~1000 rows of a 4096-wide layer to run at
-# full speed (4096 x 4096 bf16 layer, 512 tokens, 2-core AVX2 machine: 1 MiB tiles took 1.5x the dense
-# float32 time, 4 MiB 1.1x, 16 MiB 0.97x, timing ops.linear(backend="cpu_gemm") with only the size varied).
-CPU_TILE_BYTES = 16 << 20
+# Dense tile of S per GEMM in "cpu_gemm": large enough for torch's GEMM to run near full speed, small enough
+# to stay in the last-level cache between the unpack and the GEMM. 2-core AVX2 machine, bf16 layer, median
+# of 5 (time / dense float32 F.linear), tiles of 1 / 4 / 16 / 32 MiB: 4096 x 4096 at 512 tokens 1.27 / 1.12 /
+# 1.15 / 1.16, 14336 x 4096 at 2048 tokens 1.24 / 1.09 / 1.17 / 1.36, 4096 x 14336 at 64 tokens 1.04 / 1.09 /
+# 1.18 / 1.12 (ops._cpu_gemm timed with only the size varied; expect the best size to move with the cache).
+CPU_TILE_BYTES = 4 << 20
 _CPU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/packed_linear.h's Dtype
 LAUNCHES: collections.Counter = collections.Counter()  # kernel family -> native calls since import
 
@@ -391,35 +393,56 @@ def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if native.get(dtype, True) else torch.float32
 
 
-_TILES = threading.local()  # each calling thread's tile buffer, kept: a fresh one costs its page faults per call
+_WORKSPACE = threading.local()  # each calling thread's buffers, kept: a fresh large one costs its page faults
 
 
-def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = getattr(_TILES, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = _TILES.buf = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
+def _workspace(name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, cols) buffer of this thread's, reused across calls. The allocator hands every tensor of 32 MiB
+    or more fresh pages, and touching them costs more than the block matmuls that fill them (measured: 20 ms to
+    convert a 2048 × 4096 input to float32 into a new tensor, 0.3 ms at a quarter of the size)."""
+    bufs = _WORKSPACE.__dict__
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < rows * cols:
+        buf = bufs[name] = torch.empty(rows * cols, dtype=dtype)
+    return buf[:rows * cols].view(rows, cols)
 
 
 def _cpu_gemm(x2, A, values, idx, B, bias):
-    """"cpu_gemm": B' on x as batched block matmuls, S unpacked CPU_TILE_BYTES at a time into one buffer and
-    multiplied by torch's GEMM (into the rows of yᵀ, so every output slice is contiguous), A' and bias; in
-    cpu_gemm_dtype, rounded to x's dtype at the end."""
+    """"cpu_gemm", all in transposed form (tokens along rows' length, so every block is a contiguous slab):
+    xbᵀ = B'·xᵀ block by block, then per tile of S (CPU_TILE_BYTES, whole blocks of A' rows) unpacked into one
+    buffer: tile·xbᵀ by torch's GEMM, A' block by block on its rows, bias; in cpu_gemm_dtype, rounded to x's
+    dtype once, in the final transposing copy. The dense S is never whole."""
     tokens, d_in = x2.shape
     d_out = values.shape[0]
     dt = cpu_gemm_dtype(x2.dtype)
-    xb = block_diag_apply(x2.to(dt), None if B is None else B.to(dt))
-    rows = min(d_out, max(16, CPU_TILE_BYTES // (d_in * dt.itemsize)))
-    tile = _tile_buffer(rows * d_in, dt).view(rows, d_in)
-    yt = torch.empty(d_out, tokens, dtype=dt)
+    threads = torch.get_num_threads()
+    x = x2 if dt == x2.dtype else _workspace("x", tokens, d_in, dt).copy_(x2)
+    if B is None:
+        xbt = x.t()
+    else:
+        Bd, b = B.to(dt), B.shape[1]
+        xbt = _workspace("xbt", d_in, tokens, dt)
+        for j in range(0, d_in, b):
+            torch.mm(Bd[j // b], x[:, j:j + b].t(), out=xbt[j:j + b])
+    a = d_out if A is None else A.shape[1]  # tiles hold whole blocks of A'
+    rows = min(d_out, max(a, CPU_TILE_BYTES // (d_in * dt.itemsize) // a * a))
+    tile = _workspace("tile", rows, d_in, dt)
+    yt = _workspace("yt", d_out, tokens, dt)
+    sy = None if A is None else _workspace("sy", rows, tokens, dt)
+    Ad = None if A is None else A.to(dt)
     for r0 in range(0, d_out, rows):
         n = min(rows, d_out - r0)
         cpu_ext.unpack_rows(values.data_ptr(), idx.data_ptr(), r0, n, d_in, _CPU_DTYPES[x2.dtype], tile.data_ptr(),
-                            dt != x2.dtype, torch.get_num_threads())
-        torch.mm(tile[:n], xb.t(), out=yt[r0:r0 + n])
-    y = block_diag_apply(yt.t(), None if A is None else A.to(dt))
-    y = y if bias is None else y + bias.to(dt)
-    return y.to(x2.dtype)
+                            dt != x2.dtype, threads)
+        if A is None:
+            torch.mm(tile[:n], xbt, out=yt[r0:r0 + n])
+            continue
+        torch.mm(tile[:n], xbt, out=sy[:n])
+        for i in range(0, n, a):
+            torch.mm(Ad[(r0 + i) // a], sy[i:i + a], out=yt[r0 + i:r0 + i + a])
+    if bias is not None:
+        yt.add_(bias.to(dt)[:, None])
+    return x2.new_empty(tokens, d_out).copy_(yt.t())
 
 
 @_linear.register_kernel("cuda")
