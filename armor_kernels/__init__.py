@@ -1,32 +1,37 @@
-"""armor-kernels: ARMOR 2:4 pruning (Liu et al., 2025), its baselines, a fast optimizer and a
-fused Hopper inference op.
+"""armor-kernels: ARMOR 2:4 pruning (Liu et al., 2025), its baselines, a fast optimizer and runtime paths that
+run a pruned model from its packed form.
 
-    from armor_kernels import ActivationStats, armor, ArmorLinear
-    stats = ActivationStats(d_in); stats.update(x)          # calibration inputs of one layer
-    res = armor(W, stats)                                   # factors, pruned weight, loss history
-    layer = ArmorLinear.from_linear(linear, res.factors)    # y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias
+    import armor_kernels
+    model = armor_kernels.prune(model, texts, tokenizer=tokenizer)   # a transformers causal LM, the "quality" preset
+    armor_kernels.paths(model)                                        # what each pruned layer runs on its device
+
+    from armor_kernels import ActivationStats, armor, ArmorLinear     # one layer, as a library
+    stats = ActivationStats(d_in); stats.update(x)                    # calibration inputs of one layer
+    res = armor(W, stats)                                             # factors, pruned weight, loss history
+    layer = ArmorLinear.from_linear(linear, res.factors)              # y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias
 """
 __version__ = "0.1.0"  # recorded in every pruning run's configuration; setup.py reads it from here
 
-from .baselines import BASELINES, Pruned, magnitude, nowag_p, sparsegpt, wanda
-from .factors import (
-                      ActivationStats,
-                      ArmorFactors,
-                      block_size_for,
-                      block_sizes,
-                      denormalize,
-                      normalize,
-                      output_error,
-                      proxy_loss,
-                      tile_losses,
-)
+from .baselines import BASELINES, magnitude, nowag_p, sparsegpt, wanda
+from .factors import ActivationStats
 from .nn import ArmorLinear, Sparse24Linear, paths, prepare
 from .optim import ArmorOptions, ArmorResult, armor
-from .sparse24 import check_24, pack_24, unpack_24
+
+# The model-level API reads through the pipeline (and transformers): imported on first use, so that
+# `import armor_kernels` stays as light as the layer-level library.
+_LAZY = {"prune": "api", "PruneConfig": "pipeline.config", "PRESETS": "pipeline.config",
+         "ReconOptions": "pipeline.reconstruct", "BudgetOptions": "pipeline.budget"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "ActivationStats", "ArmorFactors", "ArmorLinear", "ArmorOptions", "ArmorResult", "BASELINES", "Pruned", "armor",
-    "block_size_for", "block_sizes", "check_24", "denormalize", "magnitude", "normalize", "nowag_p",
-    "output_error", "pack_24", "paths", "prepare", "proxy_loss", "sparsegpt", "Sparse24Linear", "tile_losses",
-    "unpack_24", "wanda",
+    "ActivationStats", "ArmorLinear", "ArmorOptions", "ArmorResult", "BASELINES", "BudgetOptions", "PRESETS",
+    "PruneConfig", "ReconOptions", "Sparse24Linear", "armor", "magnitude", "nowag_p", "paths", "prepare", "prune",
+    "sparsegpt", "wanda",
 ]

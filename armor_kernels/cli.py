@@ -30,10 +30,11 @@ from .optim import ArmorOptions
 from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
 from .pipeline.budget import BudgetOptions
 from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
+from .pipeline.config import METHODS, PRESETS, PROTOCOLS, PruneConfig
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
 from .pipeline.evaluate import streamed_perplexity
-from .pipeline.prune import METHODS, PROTOCOLS, prune_model
+from .pipeline.prune import prune_model
 from .pipeline.reconstruct import TARGETS, ReconOptions
 from .pipeline.source import CheckpointSource, ModelSource, checkpoint_source, model_source
 
@@ -42,13 +43,6 @@ COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "d
 
 
 CHOICES = {"optimizer": OPTIMIZERS, "objective": OBJECTIVES, "start": STARTS}  # the str-valued ArmorOptions
-# Named configurations of ARMOR (README, "The preset": what it measured, and why these flags)
-PRESETS = {
-    "quality": ["--budget", "0.05", "--recon-steps", "42", "--recon-batch", "2", "--recon-check", "7",
-                "--recon-lr", "3e-3"],
-}
-
-
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local HF directory (safetensors) or .gguf; default: bundled SmolLM2-135M")
@@ -57,7 +51,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help=f"tokens per window (default {SEQ_LEN})")
     p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help=f"evaluation tokens (default {EVAL_TOKENS})")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and ARMOR's seed (default 0)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto: cuda when present, else cpu")
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -82,8 +76,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-probe-iters", type=int, default=BudgetOptions.probe_iters,
                    help=f"iterations of each budget probe (default {BudgetOptions.probe_iters})")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named configuration of ARMOR (prune: --method armor implied): " + "; ".join(
-                       f"{k}: {' '.join(v)}" for k, v in PRESETS.items()) + ". Flags given besides it win")
+                   help="a named configuration of ARMOR (pipeline/config.py's PRESETS; prune: --method armor "
+                        "implied): its values become the defaults, flags given besides it win")
     _recon_args(p)
 
 
@@ -104,24 +98,25 @@ def _budget_options(args) -> BudgetOptions | None:
     return None if args.budget is None else BudgetOptions(args.budget, args.budget_probe_iters)
 
 
-def with_preset(argv: list[str]) -> list[str]:
-    """argv with its --preset NAME (or --preset=NAME) replaced by the preset's flags, put before the user's own
-    so these win. The parsers take no abbreviations (allow_abbrev=False), so no other spelling reaches them."""
-    argv = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--preset=") else [arg])]
-    if "--preset" not in argv:
-        return argv
-    k = argv.index("--preset")
-    name = argv[k + 1] if k + 1 < len(argv) else None
-    if name not in PRESETS:
-        raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {name!r}")
-    rest = argv[:k] + argv[k + 2:]
-    method = []
-    if rest[:1] == ["prune"]:
-        given = rest[rest.index("--method") + 1] if "--method" in rest[:-1] else "armor"
-        if given != "armor":
-            raise ValueError(f"--preset {name}: is a configuration of method armor, got --method {given}")
-        method = [] if "--method" in rest else ["--method", "armor"]
-    return rest[:1] + method + PRESETS[name] + rest[1:]
+def _prune_config(args, method: str) -> PruneConfig:
+    """The PruneConfig of the flags (a preset's values are their defaults: _preset_defaults)."""
+    if args.preset is not None and method != PRESETS[args.preset].method:
+        raise ValueError(f"--preset {args.preset}: is a configuration of method {PRESETS[args.preset].method}, "
+                         f"got --method {method}")
+    recon = _recon_options(args)
+    return PruneConfig(method, options=_armor_options(args) if method == "armor" else None, protocol=args.protocol,
+                       recon=recon if recon.enabled else None, asymmetric=args.asymmetric,
+                       budget=_budget_options(args))
+
+
+def _preset_defaults(config: PruneConfig) -> dict:
+    """The flags' values (argparse dests) that give `config`: _prune_config's inverse, seeds aside (--seed)."""
+    recon = config.recon or ReconOptions()
+    return {"method": config.method, "protocol": config.protocol, "asymmetric": config.asymmetric,
+            "budget": None if config.budget is None else config.budget.fraction,
+            "budget_probe_iters": (config.budget or BudgetOptions(1.0)).probe_iters,
+            **{f.name: getattr(config.options, f.name) for f in dataclasses.fields(ArmorOptions) if f.name != "seed"},
+            **{"recon_" + f.name: getattr(recon, f.name) for f in dataclasses.fields(ReconOptions) if f.name != "seed"}}
 
 
 def _recon_options(args) -> ReconOptions:
@@ -195,12 +190,9 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
     if method == "dense":  # nothing to prune
         report = {"layers": {}, "seconds": 0.0}
     else:
-        opts = _armor_options(args) if method == "armor" else None
-        report = prune_model(dense.source, dense.tokenizer, splits.calibration, method, out, options=opts,
+        report = prune_model(dense.source, dense.tokenizer, splits.calibration, _prune_config(args, method), out,
                              device=args.device, source=args.model or "bundled SmolLM2-135M-Instruct",
-                             protocol=args.protocol, dtype=getattr(torch, args.dtype),
-                             offload=args.offload_activations, dist=dist, recon=_recon_options(args),
-                             asymmetric=args.asymmetric, budget=_budget_options(args))
+                             dtype=getattr(torch, args.dtype), offload=args.offload_activations, dist=dist)
         if not dist.is_writer:
             return None
     sizes = checkpoint_sizes(out, skeleton) if method != "dense" else {}
@@ -245,6 +237,9 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> str:
 
 
 def cmd_compare(args, methods) -> None:
+    for m in methods:  # a flag that does not fit a method fails before anything is read
+        if m != "dense":
+            _prune_config(args, m)
     out = Path(args.out)
     t0 = time.perf_counter()
     dense = Dense(args)
@@ -254,6 +249,9 @@ def cmd_compare(args, methods) -> None:
 
 
 def cmd_prune(args) -> None:
+    if args.method is None:
+        raise ValueError("prune: --method is required (or --preset NAME)")
+    _prune_config(args, args.method)  # a flag that does not fit the method fails before anything is read
     if run_method(args.method, args, Path(args.out), Dense(args)) is not None:
         print(json.dumps(json.loads((Path(args.out) / "result.json").read_text()), indent=2))
 
@@ -302,24 +300,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"armor-kernels: error: {message} (see `{self.prog} --help`)\n")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with a preset's name, that preset's values are the pruning flags' defaults."""
     ap = _Parser(prog="armor-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error (anywhere on the line)")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    pruning = []
     p = sub.add_parser("main", help="ARMOR-prune the bundled model with defaults; perplexity beside dense")
     p.add_argument("--out", default="runs/main")
-    _data_args(p), _pipeline_args(p), _prune_args(p)
+    _data_args(p), _pipeline_args(p), _prune_args(p), pruning.append(p)
     p = sub.add_parser("prune", help="prune a model with one method into a checkpoint directory")
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=METHODS, default=None, help="required unless --preset gives it")
     p.add_argument("--out", required=True)
-    _data_args(p), _pipeline_args(p), _prune_args(p)
+    _data_args(p), _pipeline_args(p), _prune_args(p), pruning.append(p)
     p = sub.add_parser("eval", help="perplexity and size of a checkpoint (or of a dense model)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory; without it the dense --model")
     _data_args(p)
     p = sub.add_parser("compare", help="every method on one model: results.csv + results.md")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    _data_args(p), _pipeline_args(p), _prune_args(p)
+    _data_args(p), _pipeline_args(p), _prune_args(p), pruning.append(p)
     p = sub.add_parser("export-dense", help="write a pruned checkpoint as a plain dense Hugging Face checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out")
@@ -342,6 +342,10 @@ def parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("lm-eval-task", add_help=False,
                    help="write the offline lm-eval task of eval's windows: lm-eval-task DIR [--model M]")
+    if preset is not None:
+        defaults = _preset_defaults(PRESETS[preset])
+        for p in pruning:
+            p.set_defaults(**{k: v for k, v in defaults.items() if k != "method" or p.prog.endswith(" prune")})
     return ap
 
 
@@ -359,22 +363,28 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _early(argv: list[str]) -> argparse.Namespace:
+    """--debug and --preset, wherever they are on the line (the full parse checks --preset's place and name)."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--debug", action="store_true")
+    early.add_argument("--preset", default=None)
+    return early.parse_known_args(argv)[0]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv[:1]
-    if debug:
-        argv = argv[1:]
     if argv[:1] in (["lm-eval"], ["lm-eval-task"]):  # everything after it is lm-eval's / the task writer's
         from . import lm_eval
         return (lm_eval.main if argv[0] == "lm-eval" else lm_eval.write_task_main)(argv[1:])
+    early = _early(argv)
     try:
-        args = parser().parse_args(with_preset(argv))
-        if getattr(args, "preset", None) is not None:  # with_preset replaces every spelling it accepts
-            raise ValueError(f"--preset {args.preset}: not applied (give it as --preset NAME or --preset=NAME)")
+        args = parser(early.preset if early.preset in PRESETS else None).parse_args(argv)
+        if getattr(args, "device", None) == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(getattr(args, "seed", 0))
         COMMANDS[args.cmd](args)
     except USER_ERRORS as e:
-        if debug:
+        if early.debug:
             raise
         _say(f"armor-kernels: error: {e}")
         return 2

@@ -35,6 +35,7 @@ from armor_kernels.nn import ArmorLinear, Sparse24Linear, paths, prepare
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import prune
 from armor_kernels.pipeline.checkpoint import INDEX_FILE
+from armor_kernels.pipeline.config import PruneConfig
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import decoder_layers, layers_prefix, load_model
 from armor_kernels.pipeline.source import ModelSource
@@ -95,7 +96,7 @@ def test_prune_save_reload_evaluate(source, tmp_path, arch, method):
     dense = {n: (m.out_features, m.in_features, m.bias is not None) for n, m in linear_names(model).items()}
     dense_ppl = perplexity(model, EVAL, seq_len=SEQ)
     out = tmp_path / "out"
-    prune.prune_model(model, tok, CALIB, method, out, options=ARMOR_OPTS if method == "armor" else None)
+    prune.prune_model(model, tok, CALIB, PruneConfig(method, options=ARMOR_OPTS if method == "armor" else None), out)
 
     # the checkpoint loads through from_pretrained packed (no dense copy), and, given the same dense
     # product the pruning run evaluates with, into the model pruned in memory bit for bit
@@ -143,8 +144,9 @@ def test_streamed_run_gives_the_in_memory_checkpoint(source, tmp_path, arch, met
     tensors in the same shards, bit for bit, and the same run metadata."""
     opts = ARMOR_OPTS if method == "armor" else None
     model, tok = load_model(source(arch))
-    prune.prune_model(model, tok, CALIB, method, tmp_path / "memory", options=opts, source=arch)
-    prune.prune_model(ModelSource(source(arch)), tok, CALIB, method, tmp_path / "stream", options=opts, source=arch)
+    prune.prune_model(model, tok, CALIB, PruneConfig(method, options=opts), tmp_path / "memory", source=arch)
+    prune.prune_model(ModelSource(source(arch)), tok, CALIB, PruneConfig(method, options=opts), tmp_path / "stream",
+                      source=arch)
     a, b = stored(tmp_path / "memory"), stored(tmp_path / "stream")
     assert a.keys() == b.keys()
     differ = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
@@ -192,8 +194,8 @@ def test_calibration_sees_the_models_own_activations(tmp_path, monkeypatch, arch
 
     monkeypatch.setattr(prune, "collect_stats", recording)
     prefix, n_blocks = layers_prefix(model), len(decoder_layers(model))
-    prune.prune_model(model if how == "memory" else ModelSource(src), tok, CALIB, "magnitude", tmp_path / "out",
-                      protocol=protocol)
+    prune.prune_model(model if how == "memory" else ModelSource(src), tok, CALIB, PruneConfig("magnitude",
+                      protocol=protocol), tmp_path / "out")
 
     assert len(seen) == n_blocks, f"collect_stats ran {len(seen)} times for {n_blocks} blocks"
     wrong = []

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from armor_kernels.factors import ActivationStats, asymmetric_weight
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import prune
+from armor_kernels.pipeline.config import PruneConfig
 from armor_kernels.pipeline.distributed import Dist, StatsRecorder, combine_stats
 from armor_kernels.pipeline.model import sublayers
 
@@ -117,13 +118,13 @@ def test_asymmetric_weight_refuses_statistics_without_the_cross_term():
 
 def test_run_config_records_it_and_refuses_what_it_cannot_take():
     model, _ = tiny_model("llama")
-    plain = prune.run_config("armor", OPTS, CALIB, model, None, 8)
-    on = prune.run_config("armor", OPTS, CALIB, model, None, 8, asymmetric=DAMP)
+    plain = prune.run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
+    on = prune.run_config(PruneConfig("armor", options=OPTS, asymmetric=DAMP), CALIB, model, None)
     assert on == {**plain, "asymmetric": {"damp": DAMP}}
     with pytest.raises(ValueError, match="protocol 'sequential', got method 'armor', protocol 'dense'"):
-        prune.run_config("armor", OPTS, CALIB, model, None, 8, protocol="dense", asymmetric=DAMP)
+        prune.run_config(PruneConfig("armor", options=OPTS, protocol="dense", asymmetric=DAMP), CALIB, model, None)
     with pytest.raises(ValueError, match="got method 'dense'"):
-        prune.run_config("dense", None, CALIB, model, None, 8, asymmetric=DAMP)
+        prune.run_config(PruneConfig("dense", asymmetric=DAMP), CALIB, model, None)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def asym_run(tmp_path_factory):
     seen, real = [], prune.asymmetric_weight
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prune, "asymmetric_weight", lambda W, stats, damp: seen.append(stats) or real(W, stats, damp))
-        prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", out, options=OPTS, asymmetric=DAMP)
+        prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, asymmetric=DAMP), out)
     return out, seen
 
 
@@ -166,9 +167,10 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_checkpoint(asym_run, 
     out, _ = asym_run
     run = tmp_path / "run"
     model, _ = tiny_model("llama")
-    assert prune_interrupted(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, asymmetric=DAMP) == [0]
+    assert prune_interrupted(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, asymmetric=DAMP),
+                             run) == [0]
     model, _ = tiny_model("llama")
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, asymmetric=DAMP)
+    prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, asymmetric=DAMP), run)
     for f in sorted(out.glob("model-block-*.safetensors")):
         a, b = load_file(f), load_file(run / f.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,12 +18,13 @@ import torch
 from architectures import VOCAB, save_sharded, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
-from armor_kernels.cli import PRESETS, parser, with_preset
+from armor_kernels.cli import _early, _prune_config, parser
 from armor_kernels.factors import block_sizes
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import budget as budget_mod
 from armor_kernels.pipeline import prune
 from armor_kernels.pipeline.budget import CURVES_FILE, BudgetOptions, ab_params, allocate, candidates
+from armor_kernels.pipeline.config import PRESETS, PruneConfig
 from armor_kernels.pipeline.reconstruct import ReconOptions
 from armor_kernels.pipeline.source import ModelSource
 
@@ -110,20 +111,20 @@ def test_options_and_run_config():
     with pytest.raises(ValueError, match="probe_iters: expected an int ≥ 1, got 0"):
         BudgetOptions(0.05, probe_iters=0)
     model, _ = tiny_model("llama")
-    plain = prune.run_config("armor", OPTS, CALIB, model, None, 8)
-    assert prune.run_config("armor", OPTS, CALIB, model, None, 8, budget=BUDGET) == {
+    plain = prune.run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
+    assert prune.run_config(PruneConfig("armor", options=OPTS, budget=BUDGET), CALIB, model, None) == {
         **plain, "budget": {"fraction": 0.3, "probe_iters": 2}}
     with pytest.raises(ValueError, match="without a per-layer overhead, got method 'armor', overhead 0.05"):
-        prune.run_config("armor", ArmorOptions(overhead=0.05), CALIB, model, None, 8, budget=BUDGET)
+        prune.run_config(PruneConfig("armor", options=ArmorOptions(overhead=0.05), budget=BUDGET), CALIB, model, None)
     with pytest.raises(ValueError, match="got method 'sparsegpt'"):
-        prune.run_config("sparsegpt", None, CALIB, model, None, 8, budget=BUDGET)
+        prune.run_config(PruneConfig("sparsegpt", budget=BUDGET), CALIB, model, None)
 
 
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory):
     model, _ = tiny_model("llama")
     out = tmp_path_factory.mktemp("budget") / "run"
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", out, options=OPTS, budget=BUDGET)
+    prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, budget=BUDGET), out)
     return out
 
 
@@ -161,11 +162,11 @@ def test_an_interrupted_probe_resumes_from_its_saved_curves(budget_run, tmp_path
     monkeypatch.setattr(budget_mod, "probe_block", stop_in_block_1)
     model, _ = tiny_model("llama")
     with pytest.raises(KeyboardInterrupt):
-        prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, budget=BUDGET)
+        prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, budget=BUDGET), run)
     assert len(json.loads((run / CURVES_FILE).read_text())["curves"]) == 7
     monkeypatch.setattr(budget_mod, "probe_block", lambda *a: probed.append("again") or real(*a))
     model, _ = tiny_model("llama")
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, budget=BUDGET)
+    prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, budget=BUDGET), run)
     assert probed.count("again") == 1
     assert (run / CURVES_FILE).read_text() == (budget_run / CURVES_FILE).read_text()
     for f in sorted(budget_run.glob("model-block-*.safetensors")):
@@ -173,35 +174,39 @@ def test_an_interrupted_probe_resumes_from_its_saved_curves(budget_run, tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_preset_expands_before_the_users_flags():
-    assert with_preset(["prune", "--out", "x", "--preset", "quality"]) == [
-        "prune", "--method", "armor", *PRESETS["quality"], "--out", "x"]
-    assert with_preset(["main", "--preset", "quality", "--iters", "3"]) == ["main", *PRESETS["quality"], "--iters", "3"]
-    with pytest.raises(ValueError, match="--preset quality: is a configuration of method armor, got --method wanda"):
-        with_preset(["prune", "--method", "wanda", "--preset", "quality"])
-    with pytest.raises(ValueError, match=r"--preset: expected one of \['quality'\], got 'best'"):
-        with_preset(["prune", "--preset", "best"])
-    assert "--overhead" not in PRESETS["quality"]  # the budget replaces it
-    args = parser().parse_args(with_preset(["prune", "--out", "x", "--preset", "quality", "--recon-steps", "3"]))
-    assert args.method == "armor" and args.overhead is None and 0 < args.budget <= 0.05
-    assert args.recon_steps == 3  # the user's flag wins
+def _config(argv):
+    args = parser(_early(argv).preset).parse_args(argv)
+    return _prune_config(args, args.method)
 
 
 @pytest.mark.parametrize("spelling", [["--preset", "quality"], ["--preset=quality"]])
-def test_every_accepted_spelling_of_the_preset_applies_it(spelling):
-    args = parser().parse_args(with_preset(["prune", "--method", "armor", "--out", "x", *spelling]))
-    assert args.preset is None and args.budget == 0.05 and args.recon_steps == 42
+def test_every_accepted_spelling_of_the_preset_gives_its_config(spelling):
+    assert _config(["prune", "--out", "x", *spelling]) == PRESETS["quality"]  # --method armor implied
+    assert _config(["prune", *spelling, "--method", "armor", "--out", "x"]) == PRESETS["quality"]
+    assert _config(["prune", "--method", "armor", "--out", "x"]) == PruneConfig("armor")  # no preset: the defaults
+
+
+def test_flags_given_besides_the_preset_win():
+    cfg = _config(["prune", "--out", "x", "--preset", "quality", "--recon-steps", "3", "--iters", "5"])
+    assert cfg.recon.steps == 3 and cfg.options.iters == 5
+    assert cfg.budget == PRESETS["quality"].budget and cfg.recon.lr == PRESETS["quality"].recon.lr
+    assert PRESETS["quality"].options.overhead is None  # the budget replaces it
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--pre", "quality"], "unrecognized arguments: --pre quality"),      # no abbreviations
-    (["--preset", "qualty"], "--preset: expected one of ['quality'], got 'qualty'"),
-    (["--preset=qualty"], "--preset: expected one of ['quality'], got 'qualty'"),
+    (["prune", "--method", "armor", "--pre", "quality"], "unrecognized arguments: --pre quality"),  # no abbreviations
+    (["prune", "--method", "armor", "--preset", "qualty"], "argument --preset: invalid choice: 'qualty'"),
+    (["prune", "--method", "armor", "--preset=qualty"], "argument --preset: invalid choice: 'qualty'"),
+    (["prune", "--method", "wanda", "--preset", "quality"],
+     "--preset quality: is a configuration of method armor, got --method wanda"),
+    (["eval", "--preset", "quality"], "unrecognized arguments: --preset quality"),  # only where it applies
+    (["prune"], "--method is required (or --preset NAME)"),
 ])
 def test_any_other_spelling_of_the_preset_fails_with_one_line(argv, message, capsys, tmp_path):
     from armor_kernels.cli import main
+    out = [] if argv[0] == "eval" else ["--out", str(tmp_path / "never")]
     try:
-        code = main(["prune", "--method", "armor", "--out", str(tmp_path / "never"), *argv])
+        code = main([*argv, *out])
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
@@ -217,8 +222,8 @@ def test_streamed_architectures(arch, tmp_path):
     model, _ = tiny_model(arch)
     src = save_sharded(model, tmp_path / "src")
     out = tmp_path / "out"
-    prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, "armor", out, options=OPTS, budget=BUDGET,
-                      asymmetric=0.1, source=arch)
+    prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, budget=BUDGET,
+                      asymmetric=0.1), out, source=arch)
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
     shapes = {k: tuple(model.get_submodule(k).weight.shape) for k in modules}
     used = sum(o * bA + i * bB for k, ((o, i), (bA, bB)) in
@@ -246,8 +251,8 @@ def test_torchrun_two_processes_give_the_one_process_checkpoint(tmp_path):
 
 
 def worker(src: str, out: str) -> None:
-    prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, "armor", out, options=OPTS, batch_size=2,
-                      recon=RECON, asymmetric=0.1, budget=BUDGET, source="llama")
+    prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, batch_size=2,
+                      recon=RECON, asymmetric=0.1, budget=BUDGET), out, source="llama")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from armor_kernels.cli import main as cli_main  # noqa: E402
 from armor_kernels.hf import load_pruned_model  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline import checkpoint as ckpt  # noqa: E402
+from armor_kernels.pipeline.config import PruneConfig  # noqa: E402
 from armor_kernels.pipeline.lock import LOCK_FILE, RunLocked  # noqa: E402
 from armor_kernels.pipeline.prune import prune_model  # noqa: E402
 
@@ -41,7 +42,7 @@ def pruned(tiny, tmp_path_factory):
     """A finished ARMOR checkpoint (not to be modified: tests copy it)."""
     tok, calib, fresh = tiny
     d = tmp_path_factory.mktemp("pruned") / "armor"
-    prune_model(fresh(), tok, calib, "armor", d, options=ARMOR_OPTS)
+    prune_model(fresh(), tok, calib, PruneConfig("armor", options=ARMOR_OPTS), d)
     return d
 
 
@@ -122,11 +123,11 @@ def test_resume_prunes_a_damaged_finished_block_again(tiny, tmp_path, caplog):
     """The damaged block is pruned again (with a warning naming shard and tensor): every block before it is
     read back as written, so the result is bit-identical to a run that was never interrupted."""
     tok, calib, fresh = tiny
-    prune_model(fresh(), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
-    assert prune_interrupted(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS) == [0]
+    prune_model(fresh(), tok, calib, PruneConfig("armor", options=ARMOR_OPTS), tmp_path / "straight")
+    assert prune_interrupted(fresh(), tok, calib, PruneConfig("armor", options=ARMOR_OPTS), tmp_path / "resumed") == [0]
     flip_byte(ckpt.block_shard(tmp_path / "resumed", 0), DAMAGED.replace("layers.1", "layers.0"))
     with caplog.at_level("WARNING", logger="armor_kernels"):
-        prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+        prune_model(fresh(), tok, calib, PruneConfig("armor", options=ARMOR_OPTS), tmp_path / "resumed")
     assert any("model-block-00000.safetensors' is damaged: tensor 'model.layers.0.mlp.up_proj.S_values'" in m
                and "pruning block 0 again" in m for m in caplog.messages), caplog.messages
     for i in range(2):

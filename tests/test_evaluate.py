@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from armor_kernels.hf import load_pruned_model  # noqa: E402
 from armor_kernels.nn import PRUNED_LINEARS, prepare  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
+from armor_kernels.pipeline.config import PruneConfig  # noqa: E402
 from armor_kernels.pipeline.evaluate import perplexity, streamed_perplexity  # noqa: E402
 from armor_kernels.pipeline.model import decoder_layers, load_model  # noqa: E402
 from armor_kernels.pipeline.prune import prune_model  # noqa: E402
@@ -32,7 +33,7 @@ def tiny(bundled, tiny_llama, tmp_path_factory):
 def test_streamed_equals_in_memory_perplexity_of_the_checkpoint(tiny, tmp_path, method):
     tok, calib, tokens, _, fresh = tiny
     opts = ArmorOptions(block_size=16, iters=2) if method == "armor" else None
-    prune_model(fresh(), tok, calib, method, tmp_path, options=opts)
+    prune_model(fresh(), tok, calib, PruneConfig(method, options=opts), tmp_path)
     loaded, _ = load_pruned_model(tmp_path)
     prepare(loaded, keep_dense=True)  # what the streamed evaluator runs (source.py)
     for batch_size in (1, 3):  # a last batch smaller than the others

@@ -19,8 +19,9 @@ from armor_kernels.cli import main as cli_main  # noqa: E402
 from armor_kernels.nn import ArmorLinear, Sparse24Linear, paths, prepare  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline import checkpoint as ckpt  # noqa: E402
+from armor_kernels.pipeline.config import METHODS, PruneConfig  # noqa: E402
 from armor_kernels.pipeline.model import decoder_layers  # noqa: E402
-from armor_kernels.pipeline.prune import METHODS, prune_model  # noqa: E402
+from armor_kernels.pipeline.prune import prune_model  # noqa: E402
 
 PRUNED = [m for m in METHODS if m != "dense"]
 
@@ -42,7 +43,7 @@ def pruned_dirs(tiny, tmp_path_factory):
         d = tmp_path_factory.mktemp(method)
         model = fresh()
         opts = ArmorOptions(block_size=16, iters=2) if method == "armor" else None
-        prune_model(model, tok, calib, method, d, options=opts)
+        prune_model(model, tok, calib, PruneConfig(method, options=opts), d)
         out[method] = d, model
     return out
 

@@ -18,6 +18,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="needs lm-eval (pip install '.[e
 pytest.importorskip("lm_eval.models.huggingface", reason="needs lm-eval[hf]")
 
 from armor_kernels import lm_eval as ak_lm_eval  # noqa: E402
+from armor_kernels.pipeline.config import PruneConfig  # noqa: E402
 from armor_kernels.pipeline.evaluate import perplexity  # noqa: E402
 
 SEQ_LEN, N_WINDOWS = 512, 3  # eval's window length; 3 windows keep a run within seconds on 2 cores
@@ -38,7 +39,7 @@ def armor_directory(model, tokenizer, path):
     from armor_kernels.pipeline.prune import prune_model
     model = copy.deepcopy(model)
     calib = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    prune_model(model, tokenizer, calib, "armor", path, options=ArmorOptions(block_size=16, iters=1))
+    prune_model(model, tokenizer, calib, PruneConfig("armor", options=ArmorOptions(block_size=16, iters=1)), path)
     return model
 
 

@@ -14,9 +14,10 @@ from armor_kernels.optim import ArmorOptions
 from armor_kernels.optim import options as options_mod
 from armor_kernels.pipeline import prune as prune_mod
 from armor_kernels.pipeline.checkpoint import block_shard
+from armor_kernels.pipeline.config import METHODS, PruneConfig
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
-from armor_kernels.pipeline.prune import METHODS, calibration_inputs, collect_stats, prune_block_linears, prune_model
+from armor_kernels.pipeline.prune import calibration_inputs, collect_stats, prune_block_linears, prune_model
 from armor_kernels.pipeline.source import ModelSource
 from armor_kernels.sparse24 import unpack_24
 
@@ -37,7 +38,7 @@ def test_prune_save_load_eval(tiny, tmp_path, method):
     model = fresh()
     tokens = torch.randint(0, config.vocab_size, (96,), generator=torch.Generator().manual_seed(1))
     dense_ppl = perplexity(model, tokens, seq_len=32)
-    prune_model(model, tok, calib, method, tmp_path, options=ARMOR_OPTS if method == "armor" else None)
+    prune_model(model, tok, calib, PruneConfig(method, options=ARMOR_OPTS if method == "armor" else None), tmp_path)
     with torch.no_grad():
         before = model(tokens[None, :32]).logits
     loaded, _ = load_pruned_model(tmp_path)
@@ -93,11 +94,11 @@ def test_layers_pruned_in_parallel_equal_layers_pruned_one_by_one(tiny):
 
 def test_resume_after_interruption_gives_the_same_files(tiny, tmp_path, monkeypatch):
     _, tok, calib, fresh = tiny
-    straight = prune_model(fresh(), tok, calib, "armor", tmp_path / "straight", options=ARMOR_OPTS)
+    straight = prune_model(fresh(), tok, calib, PruneConfig("armor", options=ARMOR_OPTS), tmp_path / "straight")
 
-    calls = prune_interrupted(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    calls = prune_interrupted(fresh(), tok, calib, PruneConfig("armor", options=ARMOR_OPTS), tmp_path / "resumed")
     assert calls == [0] and not block_shard(tmp_path / "resumed", 1).exists()
-    resumed = prune_model(fresh(), tok, calib, "armor", tmp_path / "resumed", options=ARMOR_OPTS)
+    resumed = prune_model(fresh(), tok, calib, PruneConfig("armor", options=ARMOR_OPTS), tmp_path / "resumed")
     assert resumed["layers"] == straight["layers"]  # block 0's losses come back from its file
     for i in range(2):
         a, b = load_file(block_shard(tmp_path / "straight", i)), load_file(block_shard(tmp_path / "resumed", i))
@@ -117,7 +118,7 @@ def test_refuses_to_resume_after_a_default_changed(tiny, tmp_path, monkeypatch, 
     run's hash: a resumed run after it changed must not append blocks computed differently."""
     _, tok, calib, fresh = tiny
     method, opts = ("sparsegpt", None) if change == "sparsegpt damping" else ("armor", ArmorOptions(block_size=16))
-    prune_interrupted(fresh(), tok, calib, method, tmp_path, options=opts)
+    prune_interrupted(fresh(), tok, calib, PruneConfig(method, options=opts), tmp_path)
     if change == "optimizer default":
         monkeypatch.setitem(options_mod.OPTIMIZER_DEFAULTS, "fast", {"iters": 81, "tol": 1e-4})
     elif change == "package version":
@@ -125,18 +126,19 @@ def test_refuses_to_resume_after_a_default_changed(tiny, tmp_path, monkeypatch, 
     else:
         monkeypatch.setattr(prune_mod, "SPARSEGPT_DAMP", 0.02)
     with pytest.raises(ValueError, match="different configuration"):
-        prune_model(fresh(), tok, calib, method, tmp_path, options=opts)
+        prune_model(fresh(), tok, calib, PruneConfig(method, options=opts), tmp_path)
 
 
 def test_run_config_records_every_option_with_its_default(tiny):
     config_, _, calib, fresh = tiny
-    config = prune_mod.run_config("armor", None, calib, fresh(), None, 8)
+    config = prune_mod.run_config(PruneConfig("armor"), calib, fresh(), None)
     assert config["options"] == {"optimizer": "fast", "block_size": 128, "overhead": None, "seed": 0,
                                  "objective": "proxy", "start": "nowag_p", "iters": 80,
                                  "tol": 1e-4,
                                  "passes": 1, "extrapolation": True, "time_budget": None}
     assert config["package_version"] == armor_kernels.__version__ and config["format_version"] >= 1
-    ref = prune_mod.run_config("armor", ArmorOptions(optimizer="reference"), calib, fresh(), None, 8)["options"]
+    ref = prune_mod.run_config(PruneConfig("armor", options=ArmorOptions(optimizer="reference")), calib, fresh(),
+                               None)["options"]
     assert ref == {"optimizer": "reference", "block_size": 128, "overhead": None, "seed": 0,
                    "objective": "proxy", "start": "nowag_p", "iters": 20_000,
                    "tol": 1e-6,
@@ -210,8 +212,9 @@ def _shards(d):
 def test_streaming_and_in_memory_runs_give_identical_checkpoints(tiny, tiny_dir, tmp_path, method):
     _, tok, calib, fresh = tiny
     opts = ARMOR_OPTS if method == "armor" else None
-    prune_model(fresh(), tok, calib, method, tmp_path / "memory", options=opts, source="tiny")
-    prune_model(ModelSource(tiny_dir), tok, calib, method, tmp_path / "stream", options=opts, source="tiny")
+    prune_model(fresh(), tok, calib, PruneConfig(method, options=opts), tmp_path / "memory", source="tiny")
+    prune_model(ModelSource(tiny_dir), tok, calib, PruneConfig(method, options=opts), tmp_path / "stream",
+                source="tiny")
     a, b = _shards(tmp_path / "memory"), _shards(tmp_path / "stream")
     assert a.keys() == b.keys() and len(a) == 3
     for name in a:
@@ -234,7 +237,7 @@ def test_dense_protocol_calibrates_every_block_on_the_dense_model(tiny, tiny_dir
 
     monkeypatch.setattr(prune_mod, "collect_stats", spy)
     for protocol in ("sequential", "dense"):
-        prune_model(ModelSource(tiny_dir), tok, calib, "magnitude", tmp_path / protocol, protocol=protocol)
+        prune_model(ModelSource(tiny_dir), tok, calib, PruneConfig("magnitude", protocol=protocol), tmp_path / protocol)
         assert json.loads((tmp_path / protocol / "armor_run.json").read_text())["run"]["protocol"] == protocol
     model = fresh()
     with torch.no_grad():
@@ -277,7 +280,7 @@ def test_parameter_budget_picks_each_layers_largest_block_within_it(tiny, tmp_pa
     most F of its parameters; the choice is in the run configuration and in the stored shapes."""
     _, tok, calib, fresh = tiny
     opts = ArmorOptions(overhead=0.3, iters=1)
-    prune_model(fresh(), tok, calib, "armor", tmp_path, options=opts)
+    prune_model(fresh(), tok, calib, PruneConfig("armor", options=opts), tmp_path)
     run = json.loads((tmp_path / "armor_run.json").read_text())["run"]
     assert run["options"]["overhead"] == 0.3
     specs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules"]
@@ -304,7 +307,8 @@ def test_output_objective_prunes_from_full_statistics_and_reloads(tiny, tmp_path
     pruned model's logits."""
     _, tok, calib, fresh = tiny
     model = fresh()
-    prune_model(model, tok, calib, "armor", tmp_path, options=ArmorOptions(objective="output", start=start, iters=3))
+    prune_model(model, tok, calib, PruneConfig("armor", options=ArmorOptions(objective="output", start=start,
+                iters=3)), tmp_path)
     reports = json.loads((tmp_path / "armor_run.json").read_text())["reports"]
     assert reports and all(r["loss"] <= r["start_loss"] for r in reports.values())
     assert {r["start"] for r in reports.values()} <= ({"nowag_p"} if start == "nowag_p" else {"nowag_p", "sparsegpt"})

@@ -24,6 +24,7 @@ from test_distributed import free_port
 from armor_kernels.hf import load_pruned_model
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import prune
+from armor_kernels.pipeline.config import PruneConfig
 from armor_kernels.pipeline.model import decoder_layers
 from armor_kernels.pipeline.reconstruct import ReconOptions, Reconstruction
 from armor_kernels.pipeline.source import ModelSource
@@ -86,7 +87,7 @@ def llama_run(tmp_path_factory):
     model, _ = tiny_model("llama")
     out = tmp_path_factory.mktemp("recon") / "dense-target"
     with capturing() as calls:
-        prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", out, options=OPTS, recon=RECON)
+        prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, recon=RECON), out)
     return out, calls
 
 
@@ -99,15 +100,15 @@ def test_options_refuse_bad_values(tmp_path):
         ReconOptions(steps=1, lr=0)
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match=r"holdout: expected fewer windows than the calibration's 8, got 8"):
-        prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", tmp_path / "x", options=OPTS,
-                          recon=ReconOptions(steps=1, holdout=8))
+        prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS,
+                          recon=ReconOptions(steps=1, holdout=8)), tmp_path / "x")
 
 
 def test_off_by_default_keeps_the_config_hash():
     model, _ = tiny_model("llama")
-    plain = prune.run_config("armor", OPTS, CALIB, model, None, 8)
-    assert prune.run_config("armor", OPTS, CALIB, model, None, 8, recon=ReconOptions()) == plain
-    on = prune.run_config("armor", OPTS, CALIB, model, None, 8, recon=RECON)
+    plain = prune.run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
+    assert prune.run_config(PruneConfig("armor", options=OPTS, recon=ReconOptions()), CALIB, model, None) == plain
+    on = prune.run_config(PruneConfig("armor", options=OPTS, recon=RECON), CALIB, model, None)
     assert on["reconstruction"] == asdict(RECON) and {k: v for k, v in on.items() if k != "reconstruction"} == plain
 
 
@@ -121,7 +122,7 @@ def test_a_baselines_kept_values_are_tuned(tmp_path):
     """Method magnitude: Sparse24Linear, whose only continuous parameters are its kept values."""
     model, _ = tiny_model("llama")
     with capturing() as calls:
-        prune.prune_model(model, tiny_tokenizer(), CALIB, "magnitude", tmp_path / "out", recon=RECON)
+        prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("magnitude", recon=RECON), tmp_path / "out")
     check_tuned(calls, 2)
     assert all(set(m) == {"S_values", "S_idx", "weight"} for before, _, _ in calls for m in before.values())
 
@@ -152,11 +153,11 @@ def test_a_diverging_descent_keeps_the_layer_wise_result(tmp_path):
     stores, bit for bit, what it stores without reconstruction."""
     model, _ = tiny_model("llama")
     plain = tmp_path / "plain"
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", plain, options=OPTS)
+    prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS), plain)
     model, _ = tiny_model("llama")
     wild = tmp_path / "wild"
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", wild, options=OPTS,
-                      recon=replace(RECON, lr=1.0, steps=4, patience=1))
+    prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, recon=replace(RECON, lr=1.0,
+                      steps=4, patience=1)), wild)
     reports = recon_reports(wild)
     assert len(reports) == 2 and all(r["kept_step"] == 0 and r["heldout_after"] == r["heldout_before"]
                                      for r in reports.values()), reports
@@ -171,8 +172,8 @@ def test_local_target_equals_dense_on_the_first_block_only(llama_run, tmp_path):
     out, _ = llama_run
     model, _ = tiny_model("llama")
     local = tmp_path / "local"
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", local, options=OPTS,
-                      recon=replace(RECON, target="local"))
+    prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, recon=replace(RECON,
+                      target="local")), local)
     a, b = shards(out), shards(local)
     first = "model-block-00000.safetensors"
     assert all(torch.equal(a[first][k], b[first][k]) for k in a[first])
@@ -187,9 +188,10 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_checkpoint(llama_run,
     out, _ = llama_run
     model, _ = tiny_model("llama")
     run = tmp_path / "run"
-    assert prune_interrupted(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, recon=RECON) == [0]
+    assert prune_interrupted(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, recon=RECON),
+                             run) == [0]
     model, _ = tiny_model("llama")
-    prune.prune_model(model, tiny_tokenizer(), CALIB, "armor", run, options=OPTS, recon=RECON)
+    prune.prune_model(model, tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, recon=RECON), run)
     a, b = shards(out), shards(run)
     assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
     assert recon_reports(out) == recon_reports(run)
@@ -203,8 +205,8 @@ def test_streamed_architectures(arch, tmp_path):
     src = save_sharded(model, tmp_path / "src")
     out = tmp_path / "out"
     with capturing() as calls:
-        prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, "armor", out, options=OPTS, recon=RECON,
-                          source=arch)
+        prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, recon=RECON),
+                          out, source=arch)
     check_tuned(calls, len(decoder_layers(model)))
     pruned, _ = load_pruned_model(out)
     with torch.no_grad():
@@ -242,8 +244,8 @@ def test_torchrun_two_processes_give_the_one_process_checkpoint(tmp_path):
 def worker(src: str, out: str) -> None:
     """One process of the torchrun test (or the one-process run): 4 calibration batches of 2 windows, split
     2 / 2 over 2 ranks; the writer tunes every block on all 8 windows."""
-    prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, "armor", out, options=OPTS, batch_size=2,
-                      recon=RECON, source="llama")
+    prune.prune_model(ModelSource(src), tiny_tokenizer(), CALIB, PruneConfig("armor", options=OPTS, batch_size=2,
+                      recon=RECON), out, source="llama")
 
 
 if __name__ == "__main__":

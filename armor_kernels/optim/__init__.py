@@ -63,7 +63,6 @@ def armor(W: torch.Tensor, stats, options: ArmorOptions | None = None, *, device
                          f"an ActivationStats(full=True); got {type(stats).__name__}"
                          + (" without it" if isinstance(stats, ActivationStats) else ""))
     h = stats.h() if isinstance(stats, ActivationStats) else stats
-    torch.manual_seed(options.seed)
     p = Problem.from_weight(W, h, options.layer_block_size(tuple(W.shape)), device)
     kwargs = options.optimizer_kwargs()
     if options.optimizer == "reference":

@@ -41,7 +41,7 @@ class ArmorOptions:
     passes         fast: S-sweeps over every group per outer iteration
     extrapolation  fast: try the jump along the two-iteration displacement
     lr, patience   reference: Adam's learning rate; iterations without improvement before stopping
-    seed           the reference loop's group sampling (and torch's global seed)
+    seed           the reference loop's group sampling (its own generator; torch's global one is untouched)
     time_budget    seconds per layer, None = unlimited (a budget makes the result machine-dependent)
     objective      "proxy": the paper's Σ h_j (W̄ − A S B)²_ij (diagonal statistics); "output": the layer's
                    output error tr(ΔW H ΔWᵀ) with the full, dampened H (optim/output.py; fast optimizer only)

@@ -158,12 +158,13 @@ def probe_block(linears: dict[str, nn.Linear], stats: dict, options: ArmorOption
 
 def probe(n_blocks: int, load: Callable[[int], nn.Module], free: Callable[[int], None],
           stats_of: Callable[[int, nn.Module, dict[str, int]], dict], advance: Callable[[int, nn.Module], None],
-          options: ArmorOptions, budget: BudgetOptions, dist: Dist, out: Path) -> dict[str, dict[int, float]]:
-    """"i.name" -> curve for every linear of the model (module docstring), resumed from out/CURVES_FILE.
+          options: ArmorOptions, budget: BudgetOptions, dist: Dist, out: Path | None) -> dict[str, dict[int, float]]:
+    """"i.name" -> curve for every linear of the model (module docstring), resumed from out/CURVES_FILE (out
+    None: a run in memory, nothing saved).
     load(i) / free(i): block i on the device and off it; stats_of(i, block, owners): this rank's linears'
     statistics on the dense stream; advance(i, block): the dense stream past the block."""
-    path = out / CURVES_FILE
-    saved = json.loads(path.read_text()) if dist.is_writer and path.exists() else {}
+    path = None if out is None else out / CURVES_FILE
+    saved = json.loads(path.read_text()) if dist.is_writer and path is not None and path.exists() else {}
     saved = dist.agree(saved, "reading the budget's saved curves")
     curves = {k: {int(b): loss for b, loss in c.items()} for k, c in saved.get("curves", {}).items()}
     probed_with = probe_options(options, budget).to_config()  # not the fraction
@@ -179,7 +180,7 @@ def probe(n_blocks: int, load: Callable[[int], nn.Module], free: Callable[[int],
                 part = dist.broadcast_object(own if src == dist.rank else None, src,
                                              f"receiving block {i}'s budget curves from rank {src}")
                 curves.update({f"{i}.{n}": c for n, c in part.items()})
-            if dist.is_writer:
+            if dist.is_writer and path is not None:
                 save_json(path, {"probed_with": probed_with, "curves": curves})
         advance(i, block)
         free(i)

@@ -208,11 +208,21 @@ def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None
         evaluation = ids[name][:eval_tokens]
         pool = [t for n, t in ids.items() if n != name]
 
-    windows = torch.cat([t[:len(t) // seq_len * seq_len].view(-1, seq_len) for t in pool])
+    calibration, validation = calibration_windows(pool, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                                  n_validation=n_validation)
+    return TokenSplits(calibration, evaluation, validation)
+
+
+def calibration_windows(documents: list[torch.Tensor], *, n_samples: int = N_SAMPLES, seq_len: int = SEQ_LEN,
+                        seed: int = 0, n_validation: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(calibration, validation): `n_samples` distinct non-overlapping windows of `seq_len` tokens drawn at
+    random (`seed`) from the documents' (1-D token tensors) windows, none crossing a document boundary, and
+    the next `n_validation` windows of the same draw (None when 0)."""
+    windows = torch.cat([t[:len(t) // seq_len * seq_len].view(-1, seq_len) for t in documents])
     if len(windows) < n_samples + n_validation:
         asked = f"n_samples={n_samples}" + (f" + n_validation={n_validation}" if n_validation else "")
         raise ValueError(f"calibration text holds {len(windows)} windows of seq_len={seq_len} tokens, "
                          f"fewer than {asked}")
     pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
     validation = windows[pick[n_samples:n_samples + n_validation]] if n_validation else None
-    return TokenSplits(windows[pick[:n_samples]], evaluation, validation)
+    return windows[pick[:n_samples]], validation

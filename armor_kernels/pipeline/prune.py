@@ -43,6 +43,7 @@ from .checkpoint import (
     save_block,
     start_run,
 )
+from .config import PruneConfig, prune_config
 from .distributed import Dist, StatsRecorder, assign, combine_stats, on_cores, share_modules
 from .lock import RunLock, RunLocked
 from .model import (
@@ -54,15 +55,10 @@ from .model import (
     sublayers,
     swapped,
 )
-from .reconstruct import ReconOptions, reconstruction
+from .reconstruct import reconstruction
 from .source import ModelSource
 
 log = logging.getLogger("armor_kernels")
-
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
-
-
-PROTOCOLS = ("sequential", "dense")
 
 
 class _Captured(Exception):
@@ -203,39 +199,22 @@ def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, Activati
     return {n: m for n, (m, _) in done.items()}, {n: r for n, (_, r) in done.items()}
 
 
-def method_options(method: str, options: ArmorOptions | None) -> dict:
+def method_options(config: PruneConfig) -> dict:
     """The options that decide a method's output, defaults included: ARMOR's ArmorOptions, SparseGPT's
     block and dampening, nothing for the scoring baselines."""
-    if method == "armor":
-        return (options or ArmorOptions()).to_config()
-    if options is not None:
-        raise ValueError(f"options: ArmorOptions are for method 'armor', got them with method {method!r}")
-    return {"block": SPARSEGPT_BLOCK, "damp": SPARSEGPT_DAMP} if method == "sparsegpt" else {}
+    if config.method == "armor":
+        return config.options.to_config()
+    return {"block": SPARSEGPT_BLOCK, "damp": SPARSEGPT_DAMP} if config.method == "sparsegpt" else {}
 
 
-def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, model: nn.Module,
-               source: str | None, batch_size: int, protocol: str = "sequential", recon: ReconOptions | None = None,
-               asymmetric: float | None = None, budget: BudgetOptions | None = None) -> dict:
+def run_config(config: PruneConfig, calib: torch.Tensor, model: nn.Module, source: str | None) -> dict:
     """Everything that decides a run's output, defaults included: a resumed run must match it exactly.
     Reconstruction, asymmetric calibration and a budget are recorded only when on, so a run without them
     keeps the hash it always had."""
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
-    tuned = recon is not None and recon.enabled
-    if tuned and method == "dense":
-        raise ValueError("recon: block-wise reconstruction tunes pruned blocks, got it with method 'dense'")
-    if asymmetric is not None and (method == "dense" or protocol != "sequential"):
-        raise ValueError("asymmetric: fits the pruned model's inputs to the dense model's outputs, so it needs a "
-                         f"pruning method and protocol 'sequential', got method {method!r}, protocol {protocol!r}")
-    if budget is not None and (method != "armor" or (options is not None and options.overhead is not None)):
-        raise ValueError("budget: allocates ARMOR's block sizes model-wide; it takes method 'armor' without a "
-                         f"per-layer overhead, got method {method!r}"
-                         + (f", overhead {options.overhead}" if options is not None and options.overhead else ""))
-    config = {
-        "package_version": __version__, "format_version": FORMAT_VERSION, "method": method,
-        "options": method_options(method, options), "batch_size": batch_size, "protocol": protocol,
+    c = config
+    recorded = {
+        "package_version": __version__, "format_version": FORMAT_VERSION, "method": c.method,
+        "options": method_options(c), "batch_size": c.batch_size, "protocol": c.protocol,
         "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "calibration": {"n_samples": calib.shape[0], "seq_len": calib.shape[1],
@@ -243,11 +222,11 @@ def run_config(method: str, options: ArmorOptions | None, calib: torch.Tensor, m
         "model_source": source or "bundled SmolLM2-135M-Instruct",
         # where it was read from is model_source's business; the architecture is the model's class
         "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
-        **({"reconstruction": recon.to_config()} if tuned else {}),
-        **({"asymmetric": {"damp": asymmetric}} if asymmetric is not None else {}),
-        **({"budget": budget.to_config()} if budget is not None else {}),
+        **({"reconstruction": c.recon.to_config()} if c.tuned else {}),
+        **({"asymmetric": {"damp": c.asymmetric}} if c.asymmetric is not None else {}),
+        **({"budget": c.budget.to_config()} if c.budget is not None else {}),
     }
-    return json.loads(json.dumps(config))  # the form it has when read back from config.json
+    return json.loads(json.dumps(recorded))  # the form it has when read back from config.json
 
 
 def _refuse_foreign_directory(out: Path) -> None:
@@ -261,40 +240,39 @@ def _refuse_foreign_directory(out: Path) -> None:
                              f"(no {RUN_FILE}); use a new directory")
 
 
-def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, method: str, out: str | Path, *,
-                options: ArmorOptions | None = None, device="cpu", batch_size: int = 8, source: str | None = None,
-                protocol: str = "sequential", dtype: torch.dtype | None = None, offload: bool = False,
-                dist: Dist | None = None, recon: ReconOptions | None = None, asymmetric: float | None = None,
-                budget: BudgetOptions | None = None) -> dict:
-    """Prune every decoder block's linears and write each block to `out` as it finishes; when the last is
-    done, `out` is a Hugging Face model directory (checkpoint.py).
+def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, config: PruneConfig | str,
+                out: str | Path | None, *, device=None, source: str | None = None, dtype: torch.dtype | None = None,
+                offload: bool = False, dist: Dist | None = None) -> dict:
+    """Prune every decoder block's linears as `config` says (a PruneConfig, a preset's or a method's name:
+    config.prune_config) and, with `out`, write each block to it as it finishes; when the last is done, `out`
+    is a Hugging Face model directory (checkpoint.py).
 
-    model: a model in memory (pruned in place: afterwards it is what `from_pretrained(out)` builds, same
+    model: a model in memory, pruned in place (afterwards it is what `from_pretrained(out)` builds, same
            modules, same values, dense copies materialised), or a ModelSource, streamed: one decoder
            block is read, pruned, written and freed at a time, the blocks run in `dtype` (default float32).
-    protocol: "sequential" calibrates each block on the outputs of the already-pruned blocks before it;
-           "dense" (the paper's) on the dense model's, so every linear sees the dense model's statistics.
+    out: the checkpoint directory; None (a model in memory only): nothing written, nothing resumed.
+    device: where the blocks are pruned (default: the model's own device; a source's: "cpu"). A model in
+           memory elsewhere keeps its blocks there: each visits `device` while it is pruned.
     offload: keep the calibration activations in host memory, moving each batch to `device` in turn.
     dist: the processes sharing the run (distributed.py; default: from torchrun's environment, else one).
            Each holds a share of the calibration batches; the statistics are combined in batch order, so
            every rank sees exactly the one-process statistics; a block's linears are spread over the
            ranks by size and their results shared; rank 0 writes. The checkpoint is bit-identical to a
            one-process run's.
-    recon: block-wise reconstruction after each block's layer-wise pruning (reconstruct.py; default off).
-    asymmetric: fit each linear, on the pruned model's inputs, to the dense model's output on the dense
-           model's inputs (protocol "sequential"): the dense model's stream runs beside the pruned one and
-           each linear is pruned in the form factors.asymmetric_weight gives it, this value its damp (its
-           shrinkage toward W); a block is then pruned one sublayer at a time (model.sublayers), each
-           calibrated after the ones feeding it. Default None: off.
-    budget: ARMOR's block sizes allocated model-wide under one parameter budget (budget.py; default off).
     Returns the run report: config, per-linear losses (ARMOR), time spent. Resumes a run in `out`
     with the same configuration; refuses one with a different configuration.
     """
-    out = Path(out)
+    config = prune_config(config)
+    if device is None:
+        device = "cpu" if isinstance(model, ModelSource) else next(model.parameters()).device
     dist = dist or Dist.from_env(device)
+    if out is None:
+        if isinstance(model, ModelSource):
+            raise ValueError("out: a streamed model (ModelSource) is pruned into a checkpoint directory, got None")
+        return _prune(model, tokenizer, calib, config, None, torch.device(device), source, dtype, offload, dist)
+    out = Path(out)
     with _single_writer(out, dist):
-        return _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype,
-                      offload, dist, recon, asymmetric, budget)
+        return _prune(model, tokenizer, calib, config, out, torch.device(device), source, dtype, offload, dist)
 
 
 @contextmanager
@@ -317,8 +295,9 @@ def _single_writer(out: Path, dist: Dist):
             lock.release()
 
 
-def _prune(model, tokenizer, calib, method, out, options, device, batch_size, source, protocol, dtype, offload,
-           dist, recon, asymmetric, budget) -> dict:
+def _prune(model, tokenizer, calib, cfg: PruneConfig, out: Path | None, device: torch.device, source, dtype, offload,
+           dist) -> dict:
+    method, options, budget, protocol = cfg.method, cfg.options, cfg.budget, cfg.protocol
     streamed = isinstance(model, ModelSource)
     if streamed:
         src, model = model, model.skeleton(dtype or torch.float32)
@@ -328,14 +307,14 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
     else:
         check_supported(model)
     dtype = next(model.parameters()).dtype if not streamed else (dtype or torch.float32)
-    config = run_config(method, options, calib, model, source, batch_size, protocol, recon, asymmetric, budget)
-    options = options or ArmorOptions()
+    config = run_config(cfg, calib, model, source)
     chash = config_hash(config)
     layers, prefix = decoder_layers(model), layers_prefix(model)
     if streamed and method == "dense":  # the unpruned model as it is: read every block
         for i in range(len(layers)):
             src.load_block(model, i, device, dtype)
-    fresh = dist.agree(not (out / RUN_FILE).exists())
+    write = (lambda *a: dist.write(*a)) if out is not None else (lambda *a: None)  # noqa: E731
+    fresh = out is None or dist.agree(not (out / RUN_FILE).exists())
     if not fresh:
         old = read_run(out)
         if config_hash(old["run"]) != chash:
@@ -343,20 +322,24 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
                              f"(method {old['run'].get('method')!r}); use a new directory")
     if method == "dense":
         if fresh:
-            dist.write(_start, out, model, tokenizer, config, chash, None)
+            write(_start, out, model, tokenizer, config, chash, None)
         return {"config": config, "layers": {}, "seconds": 0.0}
     if fresh:
-        dist.write(_refuse_foreign_directory, out)
+        write(_refuse_foreign_directory, out)
 
     t0 = time.perf_counter()
     report = {}
-    batches = calib.split(batch_size)
+    batches = calib.split(cfg.batch_size)
     mine = dist.my_batches(len(batches))
-    load = (lambda i: src.load_block(model, i, device, dtype)) if streamed else (lambda i: layers[i].to(device))
-    free = (lambda i: src.free_block(model, i)) if streamed else (lambda i: None)
+    home = None if streamed else next(model.parameters()).device  # where an in-memory model's blocks live
+    if streamed:
+        load, free = (lambda i: src.load_block(model, i, device, dtype)), (lambda i: src.free_block(model, i))
+    else:
+        load, free = (lambda i: layers[i].to(device)), (lambda i: layers[i].to(home))
+        _rest_to(model, device)
     with torch.no_grad():
         if mine:
-            hidden, extra = calibration_inputs(model, torch.cat([batches[b] for b in mine]), batch_size, device)
+            hidden, extra = calibration_inputs(model, torch.cat([batches[b] for b in mine]), cfg.batch_size, device)
         else:  # more processes than calibration batches: this one only prunes its share of the linears
             hidden, extra = [], [[] for _ in layers]
         if offload:
@@ -365,7 +348,7 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
         log.info("calibration activations: %d of %d batches on this process, %.1f MB held %s (twice while a "
                  "block runs%s)", len(hidden), len(batches), act / 2**20,
                  "in host memory" if offload else f"on {device}",
-                 "; once more for the dense stream" if asymmetric is not None else "")
+                 "; once more for the dense stream" if cfg.asymmetric is not None else "")
         layer_opts = lambda key: options  # noqa: E731
         blocks_for = options.layer_blocks_for if method == "armor" else None
         if budget is not None:
@@ -375,18 +358,18 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
             layer_opts = layer_options(options, blocks)
             blocks_for = lambda key, shape: block_sizes(shape, blocks[key])  # noqa: E731
         if fresh:
-            dist.write(_start, out, model, tokenizer, config, chash, blocks_for)
-        tuner = reconstruction(recon, protocol, calib, lambda w: calibration_inputs(model, w, recon.batch, device),
-                               offload, dist, device)
+            write(_start, out, model, tokenizer, config, chash, blocks_for)
+        tuner = reconstruction(cfg.recon, protocol, calib,
+                               lambda w: calibration_inputs(model, w, cfg.recon.batch, device), offload, dist, device)
         # the dense model's stream: the inputs of protocol "dense", the partner stream of asymmetric calibration
-        paired = asymmetric is not None
+        paired = cfg.asymmetric is not None
         dense_hidden = list(hidden) if protocol == "dense" or paired else None
         bar = tqdm(range(len(layers)), desc=f"prune {method}", unit="block", disable=not dist.is_writer)
         for i in bar:
             block = load(i)
             if tuner is not None:
                 tuner.dense_pass(block, i)
-            finished = _resumed_block(dist, out, i, prefix, chash)
+            finished = None if out is None else _resumed_block(dist, out, i, prefix, chash)
             if finished is not None:
                 pruned, block_report = finished
                 bar.set_postfix_str("resumed")
@@ -409,7 +392,7 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
                                               linears={n: linears[n] for n in group}, dense=linears)
                         own, own_report = prune_block_linears({n: linears[n] for n in stats}, stats, method,
                                                               {n: layer_opts(f"{i}.{n}") for n in stats},
-                                                              torch.device(device), asymmetric)
+                                                              device, cfg.asymmetric)
                         got, got_report = share_modules(dist, own, owners, own_report)
                         pruned.update(got)
                         block_report.update(got_report)
@@ -419,7 +402,7 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
                 block_report = {n: block_report[n] for n in linears}
                 if tuner is not None:
                     pruned, block_report = tuner.tune(block, pruned, block_report)
-                dist.write(save_block, out, i, f"{prefix}.{i}", pruned, chash, block_report)
+                write(save_block, out, i, f"{prefix}.{i}", pruned, chash, block_report)
             if dense_hidden is not None:  # the block is still dense here
                 dense_hidden = run_block(block, dense_hidden, extra[i])
             adopt(block, pruned, dtype, device)
@@ -428,10 +411,24 @@ def _prune(model, tokenizer, calib, method, out, options, device, batch_size, so
             report.update({f"{i}.{name}": r for name, r in block_report.items()})
             hidden = dense_hidden if protocol == "dense" else run_block(block, hidden, extra[i])
             free(i)
-    dist.write(finish_run, out, len(layers), report, dist.world_size)
+    write(finish_run, out, len(layers), report, dist.world_size)
     if not streamed:  # the evaluator's figures: the fused kernels where they run, else the product Ŵ
+        _rest_to(model, home)
         prepare(model, keep_dense=True)
     return {"config": config, "layers": report, "seconds": time.perf_counter() - t0}
+
+
+def _rest_to(model: nn.Module, device) -> None:
+    """Everything of the model but its decoder blocks (embeddings, final norm, head, rotary tables) to device."""
+    layers = decoder_layers(model)
+    held = list(layers)
+    for i in range(len(layers)):
+        layers[i] = nn.Identity()
+    try:
+        model.to(device)
+    finally:
+        for i, block in enumerate(held):
+            layers[i] = block
 
 
 def _resumed_block(dist: Dist, out: Path, i: int, prefix: str, chash: str) -> tuple[dict, dict] | None:

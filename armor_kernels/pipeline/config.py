@@ -1,0 +1,86 @@
+"""One pruning run's configuration: every choice that decides its output besides the model and the
+calibration tokens. The CLI's flags, the run hash (prune.run_config), the named presets, the benchmarks
+and llm-compressor's ArmorModifier are all built from a PruneConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..optim import ArmorOptions
+from .budget import BudgetOptions
+from .reconstruct import ReconOptions
+
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
+PROTOCOLS = ("sequential", "dense")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """method      one of METHODS ("dense": nothing pruned, the reference point)
+    options     ARMOR's optimizer (ArmorOptions; method "armor" only; None: the defaults)
+    protocol    "sequential": each block calibrated on the pruned blocks before it; "dense" (the paper's):
+                on the dense model's outputs
+    recon       block-wise reconstruction after each block's layer-wise pruning (ReconOptions; None: off)
+    asymmetric  fit each linear, on the pruned model's inputs, to the dense model's outputs; the value is
+                the damp of factors.asymmetric_weight (None: off; protocol "sequential" only)
+    budget      ARMOR's block sizes allocated model-wide under one parameter budget (BudgetOptions; None: off)
+    batch_size  calibration windows per forward
+    """
+
+    method: str = "armor"
+    options: ArmorOptions | None = field(default_factory=ArmorOptions)
+    protocol: str = "sequential"
+    recon: ReconOptions | None = None
+    asymmetric: float | None = None
+    budget: BudgetOptions | None = None
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.options is None:
+            object.__setattr__(self, "options", ArmorOptions())
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.method != "armor" and self.options != ArmorOptions():
+            raise ValueError(f"options: ArmorOptions are for method 'armor', got them with method {self.method!r}")
+        if self.tuned and self.method == "dense":
+            raise ValueError("recon: block-wise reconstruction tunes pruned blocks, got it with method 'dense'")
+        if self.asymmetric is not None and (self.method == "dense" or self.protocol != "sequential"):
+            raise ValueError("asymmetric: fits the pruned model's inputs to the dense model's outputs, so it needs "
+                             f"a pruning method and protocol 'sequential', got method {self.method!r}, protocol "
+                             f"{self.protocol!r}")
+        if self.budget is not None and (self.method != "armor" or self.options.overhead is not None):
+            raise ValueError("budget: allocates ARMOR's block sizes model-wide; it takes method 'armor' without a "
+                             f"per-layer overhead, got method {self.method!r}"
+                             + (f", overhead {self.options.overhead}" if self.options.overhead else ""))
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected an int ≥ 1, got {self.batch_size!r}")
+
+    @property
+    def tuned(self) -> bool:
+        """Block-wise reconstruction is on."""
+        return self.recon is not None and self.recon.enabled
+
+    def with_seed(self, seed: int) -> PruneConfig:
+        """The same configuration with every seed it holds (ARMOR's, reconstruction's) set to `seed`."""
+        return replace(self, options=replace(self.options, seed=seed),
+                       recon=None if self.recon is None else replace(self.recon, seed=seed))
+
+
+# The recommended configuration: ARMOR under a model-wide budget of 5 % of the linears' parameters for A' and
+# B', then block-wise reconstruction (docs/results.md gives its perplexity and bytes beside the alternatives).
+PRESETS: dict[str, PruneConfig] = {
+    "quality": PruneConfig(budget=BudgetOptions(0.05), recon=ReconOptions(steps=42, lr=3e-3, batch=2, check=7)),
+}
+
+
+def prune_config(config: PruneConfig | str) -> PruneConfig:
+    """A PruneConfig as given, a preset by name (PRESETS), or a method's defaults by its name (METHODS)."""
+    if isinstance(config, PruneConfig):
+        return config
+    if config in PRESETS:
+        return PRESETS[config]
+    if config in METHODS:
+        return PruneConfig(method=config)
+    raise ValueError(f"config: expected a PruneConfig, a preset in {sorted(PRESETS)} or a method in {METHODS}, "
+                     f"got {config!r}")
