@@ -91,6 +91,7 @@ else:
 
 setup(
     name="armor-kernels",
+    license="Apache-2.0",
     version=VERSION,
     description="ARMOR 2:4 pruning: block-diagonal x 2:4 sparse x block-diagonal factorisation, "
     "its optimizer, baselines and a fused Hopper inference op",
