@@ -45,13 +45,12 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib
 import threading
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
+from . import extensions
 from .factors import block_right
 from .kernels.tile_sweep import cpu_ext
 from .layout import KERNEL_BLOCK, MAX_DIM, FusedOperands, layer_layout, pad_core
@@ -62,21 +61,9 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels take (csrc/armor_cuda.h), known without them
 
 
-def _load_native():
-    """(module, None) or (None, why it is not loaded)."""
-    name = f"{__package__}._armor_cuda"
-    try:  # built by setup.py only with nvcc and a CUDA build of torch
-        return importlib.import_module(name), None
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name == name:
-            return None, (f"the native extension {name} is not built (pip install with nvcc and a CUDA build of "
-                          "torch, or ARMOR_BUILD_CUDA=1)")
-        why = f"the native extension {name} is built but failed to load: {type(e).__name__}: {e}"
-        warnings.warn(why, RuntimeWarning, stacklevel=2)
-        return None, why
-
-
-_native, NATIVE_IMPORT_ERROR = _load_native()
+# built by setup.py only with nvcc and a CUDA build of torch
+_native, NATIVE_IMPORT_ERROR = extensions.load(
+    "_armor_cuda", "pip install with nvcc and a CUDA build of torch, or ARMOR_BUILD_CUDA=1")
 if _native is not None:  # csrc/armor_cuda.h's constants, as the binding exports them
     if _native.BLOCK != KERNEL_BLOCK:  # layout.py plans for the mirrored value: a rebuilt header must match it
         raise ImportError(f"{_native.__name__}: block {_native.BLOCK}, layout.KERNEL_BLOCK is {KERNEL_BLOCK}")

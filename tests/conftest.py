@@ -16,6 +16,8 @@ Markers (registered in pyproject.toml):
   whose transformers 5.24 llm-compressor 0.14 does not allow) and runs in .venv-llmc
   (.ci/setup_llmcompressor.sh). ARMOR_REQUIRE_LLMCOMPRESSOR=1 (.ci/run sets it there) makes a skip of
   one a failure, and a session in which none passed fails, as ARMOR_REQUIRE_FUSED does for `gpu`.
+- ARMOR_REQUIRE_EXTRAS=1 (.ci/run sets it): the optional components CI installs (transformers, rdata, lm-eval,
+  triton) must import, so no test of them passes by skipping.
 - `sanitize(*tools)`: a case .ci/gpu_check.sh runs under compute-sanitizer; `--sanitizer TOOL` keeps
   only the cases marked for TOOL (memcheck, racecheck) and deselects everything else.
 """
@@ -25,18 +27,26 @@ import os
 import pytest
 import torch
 
+if os.environ.get("ARMOR_REQUIRE_EXTRAS") == "1":  # a missing or broken extra fails the session at once
+    import lm_eval.models.huggingface  # noqa: F401
+    import rdata  # noqa: F401
+    import transformers  # noqa: F401
+    import triton  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def austen(tmp_path_factory):
     """Title -> text of the six novels, really fetched and extracted into a fresh cache."""
-    data = pytest.importorskip("armor_kernels.pipeline.data", reason="needs rdata (pip install '.[models]')")
+    pytest.importorskip("rdata", reason="needs rdata (pip install '.[models]')")
+    from armor_kernels.pipeline import data  # an error of ours fails, never skips
     return data.austen_novels(tmp_path_factory.mktemp("armor_cache"))
 
 
 @pytest.fixture(scope="session")
 def bundled():
     """(model, tokenizer) of the bundled SmolLM2-135M-Instruct; loading takes ~40 s on 2 cores."""
-    model = pytest.importorskip("armor_kernels.pipeline.model", reason="needs transformers")
+    pytest.importorskip("transformers", reason="needs transformers (pip install '.[models]')")
+    from armor_kernels.pipeline import model  # an error of ours fails, never skips
     return model.load_model()
 
 

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .. import extensions
 from . import triton_switch
 from .group_solve import pattern_inverses, solve_group_reference
 from .triton_switch import jit, next_pow2, tl
@@ -56,17 +57,14 @@ def sweep_tiles_reference(R, A, Bt, S, passes: int = 1):
 
 
 def load_cpu_ext():
-    """armor_kernels._armor_cpu (csrc/cpu, built by setup.py), or None: the reference then serves.
+    """armor_kernels._armor_cpu (csrc/cpu, built by setup.py), or None: the reference then serves (a built
+    one that fails to load warns: extensions.py).
 
     ARMOR_CPU_EXT=0 in the environment skips it (unset or any other value: load it when built).
     """
     if os.environ.get("ARMOR_CPU_EXT", "").strip() == "0":
         return None
-    try:
-        from .. import _armor_cpu
-    except ImportError:
-        return None
-    return _armor_cpu
+    return extensions.load("_armor_cpu", "pip install the package: setup.py builds it")[0]
 
 
 cpu_ext = load_cpu_ext()

@@ -7,16 +7,22 @@ are the guarded imports (None without triton), `jit` is `triton.jit` or, without
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 
 import torch
 
+IMPORT_ERROR: str | None = None  # why an installed triton failed to import (tests fail on it)
 try:  # triton is optional: without it every dispatch point runs its reference
     import triton
     import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment
+except Exception as e:  # noqa: BLE001 - any failure of an installed triton is reported, never swallowed
     triton = None
     tl = None
+    if importlib.util.find_spec("triton") is not None:
+        IMPORT_ERROR = f"triton is installed but failed to import: {type(e).__name__}: {e}"
+        warnings.warn(IMPORT_ERROR, RuntimeWarning, stacklevel=1)
 
 __all__ = ["interpreting", "jit", "next_pow2", "tl", "triton", "use_triton"]
 
