@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError
 from .nn import prepare
 from .pipeline.config import PruneConfig, prune_config
 from .pipeline.data import N_SAMPLES, SEQ_LEN, calibration_windows
@@ -40,7 +41,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | str = "quality", 
     """
     cfg = prune_config(config)
     if out is not None and tokenizer is None:
-        raise ValueError("tokenizer: a checkpoint directory (out) holds the model's tokenizer; got None")
+        raise InputError("tokenizer: a checkpoint directory (out) holds the model's tokenizer; got None")
     calib = calibration_tokens(calibration, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
     prune_model(model, tokenizer, calib, cfg, out, device=device)
     prepare(model)
@@ -56,10 +57,10 @@ def calibration_tokens(calibration, tokenizer=None, *, n_samples: int = N_SAMPLE
         return _windows(calibration, "calibration")
     batches = list(calibration)
     if not batches:
-        raise ValueError("calibration: expected texts, token windows or batches, got an empty sequence")
+        raise InputError("calibration: expected texts, token windows or batches, got an empty sequence")
     if all(isinstance(b, str) for b in batches):
         if tokenizer is None:
-            raise ValueError("tokenizer: calibration texts need the model's tokenizer, got None")
+            raise InputError("tokenizer: calibration texts need the model's tokenizer, got None")
         docs = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in batches]
         return calibration_windows(docs, n_samples=n_samples, seq_len=seq_len, seed=seed)[0]
     windows = []
@@ -67,19 +68,19 @@ def calibration_tokens(calibration, tokenizer=None, *, n_samples: int = N_SAMPLE
         if isinstance(b, Mapping):
             mask = b.get("attention_mask")
             if mask is not None and not bool(torch.as_tensor(mask).all()):
-                raise ValueError(f"calibration batch {k}: attention_mask has zeros (padding); give windows of "
+                raise InputError(f"calibration batch {k}: attention_mask has zeros (padding); give windows of "
                                  "real tokens only, all of one length")
             b = b["input_ids"]
         windows.append(_windows(torch.as_tensor(b), f"calibration batch {k}"))
     if len({w.shape[1] for w in windows}) > 1:
-        raise ValueError("calibration: batches of one window length expected, got lengths "
+        raise InputError("calibration: batches of one window length expected, got lengths "
                          f"{sorted({w.shape[1] for w in windows})}")
     return torch.cat(windows)
 
 
 def _windows(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() != 2 or t.dtype.is_floating_point or t.dtype == torch.bool or t.numel() == 0:
-        raise ValueError(f"{name}: expected token ids, an int tensor (n_windows, seq_len), got "
+        raise InputError(f"{name}: expected token ids, an int tensor (n_windows, seq_len), got "
                          f"{t.dtype} {tuple(t.shape)}")
     return t.long().cpu()
 

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import InputError
 from .factors import ActivationStats, check_weight, normalize
 from .kernels.top2 import top2_mask
 
@@ -28,7 +29,7 @@ def _check_stats(stats, W: torch.Tensor) -> None:
     if not isinstance(stats, ActivationStats):
         raise TypeError(f"stats: expected ActivationStats, got {type(stats).__name__}")
     if stats.d_in != W.shape[1]:
-        raise ValueError(f"stats: collected for d_in={stats.d_in}, weight has d_in={W.shape[1]}")
+        raise InputError(f"stats: collected for d_in={stats.d_in}, weight has d_in={W.shape[1]}")
 
 
 def _by_score(W: torch.Tensor, score: torch.Tensor) -> Pruned:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .atomic import save_json, write_text
+from .errors import InputError
 from .optim import ArmorOptions
 from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
 from .pipeline.budget import BudgetOptions
@@ -34,6 +35,7 @@ from .pipeline.config import METHODS, PRESETS, PROTOCOLS, PruneConfig
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
 from .pipeline.evaluate import streamed_perplexity
+from .pipeline.lock import RunLocked
 from .pipeline.prune import prune_model
 from .pipeline.reconstruct import TARGETS, ReconOptions
 from .pipeline.source import CheckpointSource, ModelSource, checkpoint_source, model_source
@@ -45,11 +47,18 @@ COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "d
 CHOICES = {"optimizer": OPTIMIZERS, "objective": OBJECTIVES, "start": STARTS}  # the str-valued ArmorOptions
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="local HF directory (safetensors) or .gguf; default: bundled SmolLM2-135M")
+                   help="a Hugging Face Hub id (org/name), a local HF directory (safetensors) or a .gguf file; "
+                        "default: the bundled SmolLM2-135M")
     p.add_argument("--text", default=None, help=".txt file or directory of .txt; default: Jane Austen's novels")
     p.add_argument("--n-samples", type=int, default=N_SAMPLES, help=f"calibration windows (default {N_SAMPLES})")
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help=f"tokens per window (default {SEQ_LEN})")
-    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help=f"evaluation tokens (default {EVAL_TOKENS})")
+    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
+                   help=f"evaluation tokens (default {EVAL_TOKENS}; with --eval-text, 0: the whole file)")
+    p.add_argument("--eval-text", default=None,
+                   help="one .txt file to evaluate on (e.g. WikiText-2's test split); calibration then comes from "
+                        "every document of --text. Default: a document of --text (Pride and Prejudice)")
+    p.add_argument("--eval-seq-len", type=int, default=None,
+                   help="tokens per evaluation window (default: --seq-len; the WikiText-2 protocol uses 2048 or 4096)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and ARMOR's seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto: cuda when present, else cpu")
 
@@ -101,7 +110,7 @@ def _budget_options(args) -> BudgetOptions | None:
 def _prune_config(args, method: str) -> PruneConfig:
     """The PruneConfig of the flags (a preset's values are their defaults: _preset_defaults)."""
     if args.preset is not None and method != PRESETS[args.preset].method:
-        raise ValueError(f"--preset {args.preset}: is a configuration of method {PRESETS[args.preset].method}, "
+        raise InputError(f"--preset {args.preset}: is a configuration of method {PRESETS[args.preset].method}, "
                          f"got --method {method}")
     recon = _recon_options(args)
     return PruneConfig(method, options=_armor_options(args) if method == "armor" else None, protocol=args.protocol,
@@ -170,7 +179,7 @@ class Dense:
     def splits(self):
         a = self.args
         return token_splits(self.tokenizer, a.text, n_samples=a.n_samples, seq_len=a.seq_len,
-                            eval_tokens=a.eval_tokens, seed=a.seed)
+                            eval_tokens=a.eval_tokens, seed=a.seed, eval_text=a.eval_text)
 
 
 def run_method(method: str, args, out: Path, dense: Dense) -> dict:
@@ -216,7 +225,8 @@ def _evaluate(result: dict, method: str, args, out: Path, dense: Dense) -> dict:
     t0 = time.perf_counter()
     src = dense.source if method == "dense" else CheckpointSource(out)
     dtype = torch.float32 if method == "dense" else src.model_dtype
-    ppl = streamed_perplexity(src, dense.splits.evaluation, seq_len=args.seq_len, device=args.device, dtype=dtype)
+    ppl = streamed_perplexity(src, dense.splits.evaluation, seq_len=args.eval_seq_len or args.seq_len,
+                              device=args.device, dtype=dtype)
     result = {**result, "perplexity": round(ppl, 4), "eval_s": round(time.perf_counter() - t0, 1)}
     save_json(out / "result.json", result)
     return result
@@ -250,7 +260,7 @@ def cmd_compare(args, methods) -> None:
 
 def cmd_prune(args) -> None:
     if args.method is None:
-        raise ValueError("prune: --method is required (or --preset NAME)")
+        raise InputError("prune: --method is required (or --preset NAME)")
     _prune_config(args, args.method)  # a flag that does not fit the method fails before anything is read
     if run_method(args.method, args, Path(args.out), Dense(args)) is not None:
         print(json.dumps(json.loads((Path(args.out) / "result.json").read_text()), indent=2))
@@ -263,8 +273,10 @@ def cmd_eval(args) -> None:
         sizes = checkpoint_sizes(Path(args.checkpoint), src.skeleton())
     else:  # the dense --model, or a dense run's directory
         sizes = {"dense_bf16_linear_bytes": dense_bf16_linear_bytes(src.skeleton())}
-    splits = token_splits(src.tokenizer(), args.text, n_samples=1, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
-    ppl = streamed_perplexity(src, splits.evaluation, seq_len=args.seq_len, device=args.device, dtype=dtype)
+    seq_len = args.eval_seq_len or args.seq_len
+    splits = token_splits(src.tokenizer(), args.text, n_samples=1, seq_len=seq_len, eval_tokens=args.eval_tokens,
+                          eval_text=args.eval_text)
+    ppl = streamed_perplexity(src, splits.evaluation, seq_len=seq_len, device=args.device, dtype=dtype)
     print(json.dumps({"perplexity": round(ppl, 4), **sizes}, indent=2))
 
 
@@ -280,7 +292,7 @@ def cmd_convert(args) -> None:
         print("\n".join(report_lines(from_dense_24(args.src, args.dst, strict=args.strict), Path(args.dst))))
         return
     if args.strict:
-        raise ValueError("convert: --strict applies to --from-dense-24 only")
+        raise InputError("convert: --strict applies to --from-dense-24 only")
     from .pipeline.checkpoint import convert_v1
     convert_v1(args.src, args.dst)
     print(f"wrote {args.dst} (format v2)")
@@ -352,8 +364,9 @@ def parser(preset: str | None = None) -> argparse.ArgumentParser:
 COMMANDS = {"main": lambda a: cmd_compare(a, ["dense", "armor"]), "compare": lambda a: cmd_compare(a, a.methods),
             "prune": cmd_prune, "eval": cmd_eval, "export-dense": cmd_export_dense, "convert": cmd_convert,
             "inspect": cmd_inspect}
-# What a user's mistake raises (missing or corrupt files, bad options, too little text): one line, exit 2.
-USER_ERRORS = (OSError, ValueError)
+# What this package raises on a user's mistake (missing or corrupt files, bad options, too little text, a
+# directory another run holds): one line, exit 2. Anything else keeps its traceback.
+USER_ERRORS = (InputError, RunLocked)
 
 
 def _say(line: str) -> None:

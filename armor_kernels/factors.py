@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 EPS_NORM = 1e-5  # NoWag's epsilon on row/column norms
 
 
@@ -26,23 +28,23 @@ def check_weight(W: torch.Tensor, name: str = "weight") -> None:
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(W).__name__}")
     if W.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D (d_out, d_in) matrix, got shape {tuple(W.shape)}")
+        raise InputError(f"{name}: expected a 2-D (d_out, d_in) matrix, got shape {tuple(W.shape)}")
     if not W.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype (float32/bfloat16/float16), got {W.dtype}")
     if W.shape[1] % 4:
-        raise ValueError(f"{name}: d_in must be divisible by 4 for 2:4 groups, got shape {tuple(W.shape)}")
+        raise InputError(f"{name}: d_in must be divisible by 4 for 2:4 groups, got shape {tuple(W.shape)}")
     if W.numel() == 0:
-        raise ValueError(f"{name}: empty matrix of shape {tuple(W.shape)}")
+        raise InputError(f"{name}: empty matrix of shape {tuple(W.shape)}")
     if not torch.isfinite(W).all():
-        raise ValueError(f"{name}: contains NaN or inf")
+        raise InputError(f"{name}: contains NaN or inf")
 
 
 def block_size_for(d: int, b: int, multiple: int = 1) -> int:
     """Largest divisor of d that is ≤ b and a multiple of `multiple` (the module docstring's rule)."""
     if b < multiple:
-        raise ValueError(f"block_size: must be ≥ {multiple}, got {b}")
+        raise InputError(f"block_size: must be ≥ {multiple}, got {b}")
     if d % multiple:
-        raise ValueError(f"dimension {d} is not divisible by {multiple}")
+        raise InputError(f"dimension {d} is not divisible by {multiple}")
     for cand in range(min(b, d) - min(b, d) % multiple, 0, -multiple):
         if d % cand == 0:
             return cand
@@ -65,7 +67,7 @@ def block_size_under_overhead(W_shape: tuple[int, int], overhead: float, max_blo
     """The largest nominal block size b ≤ max_block whose blocks (the rule above) cost at most `overhead`
     (block_overhead); 4, the smallest, when none does."""
     if not overhead > 0:
-        raise ValueError(f"overhead: expected a positive fraction of the layer's parameters, got {overhead!r}")
+        raise InputError(f"overhead: expected a positive fraction of the layer's parameters, got {overhead!r}")
     for b in range(max_block, 4, -1):
         if block_overhead(W_shape, block_sizes(W_shape, b)) <= overhead:
             return b
@@ -119,7 +121,7 @@ class ActivationStats:
     def from_paired(cls, joint: ActivationStats) -> ActivationStats:
         """The statistics of x from those of the joined inputs [x, x'] (width 2·d_in, full), with `cross`."""
         if joint.xx is None or joint.d_in % 2:
-            raise ValueError("from_paired: expected full statistics of joined inputs [x, x'] (even width)")
+            raise InputError("from_paired: expected full statistics of joined inputs [x, x'] (even width)")
         d = joint.d_in // 2
         s = cls(d, device=joint.sq.device)
         s.n_tokens, s.sq = joint.n_tokens, joint.sq[:d].clone()
@@ -128,7 +130,7 @@ class ActivationStats:
 
     def update(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
-            raise ValueError(f"x: expected last dimension {self.d_in}, got shape {tuple(x.shape)}")
+            raise InputError(f"x: expected last dimension {self.d_in}, got shape {tuple(x.shape)}")
         x = x.detach().reshape(-1, self.d_in).to(self.sq.device, torch.float64)
         self.n_tokens += x.shape[0]
         self.sq += (x * x).sum(0)
@@ -137,7 +139,7 @@ class ActivationStats:
 
     def _check(self) -> None:
         if self.n_tokens == 0:
-            raise ValueError("calibration: no tokens were seen (empty calibration data)")
+            raise InputError("calibration: no tokens were seen (empty calibration data)")
 
     def h(self) -> torch.Tensor:
         """The diagonal statistic, with non-finite or non-positive entries set to the mean of the rest."""
@@ -148,7 +150,7 @@ class ActivationStats:
     def H(self) -> torch.Tensor:
         self._check()
         if self.xx is None:
-            raise ValueError("ActivationStats(full=False) keeps no full H; construct with full=True")
+            raise InputError("ActivationStats(full=False) keeps no full H; construct with full=True")
         return (2.0 * self.xx / self.n_tokens).float()
 
 
@@ -165,15 +167,15 @@ def asymmetric_weight(W: torch.Tensor, stats: ActivationStats, damp: float) -> t
     model's output on the dense inputs. Float64 inside, W's dtype out."""
     check_weight(W)
     if stats.cross is None or stats.xx is None:
-        raise ValueError("asymmetric_weight: expected statistics of a paired recording (ActivationStats.from_paired)")
+        raise InputError("asymmetric_weight: expected statistics of a paired recording (ActivationStats.from_paired)")
     if stats.cross.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"stats: expected statistics of {W.shape[1]} inputs, got {tuple(stats.cross.shape)}")
+        raise InputError(f"stats: expected statistics of {W.shape[1]} inputs, got {tuple(stats.cross.shape)}")
     if not (isinstance(damp, (int, float)) and damp >= 0):
-        raise ValueError(f"damp: expected a non-negative strength, got {damp!r}")
+        raise InputError(f"damp: expected a non-negative strength, got {damp!r}")
     H = stats.xx.double()
     scale = float(H.diagonal().mean())
     if not scale > 0:
-        raise ValueError("asymmetric_weight: the calibration inputs are all zero")
+        raise InputError("asymmetric_weight: the calibration inputs are all zero")
     eye = damp * scale * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     WC = W.double().to(H.device) @ (stats.cross.double() + eye)
     return torch.linalg.solve(H + eye, WC.T).T.to(W.dtype).to(W.device)  # H symmetric: (H⁻¹ (WC)ᵀ)ᵀ = WC H⁻¹
@@ -183,16 +185,16 @@ def fix_diagonal(h: torch.Tensor) -> torch.Tensor:
     """DESIGN §2: replace non-finite or non-positive entries by the mean of the valid ones."""
     valid = torch.isfinite(h) & (h > 0)
     if not valid.any():
-        raise ValueError("h: no finite positive entry (all calibration inputs zero or non-finite)")
+        raise InputError("h: no finite positive entry (all calibration inputs zero or non-finite)")
     return torch.where(valid, h, h[valid].mean())
 
 
 def check_h(h: torch.Tensor, d_in: int) -> None:
     if not isinstance(h, torch.Tensor) or h.shape != (d_in,):
         got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
-        raise ValueError(f"h: expected a ({d_in},) tensor of input statistics, got {got}")
+        raise InputError(f"h: expected a ({d_in},) tensor of input statistics, got {got}")
     if not (torch.isfinite(h).all() and (h > 0).all()):
-        raise ValueError("h: must be finite and positive (ActivationStats.h() applies the DESIGN rule)")
+        raise InputError("h: must be finite and positive (ActivationStats.h() applies the DESIGN rule)")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .errors import InputError
 from .nn import ArmorLinear, Sparse24Linear, prepare
 from .pipeline.checkpoint import (
     FORMAT_VERSION,
@@ -48,14 +49,14 @@ class ArmorConfig(QuantizationConfigMixin):
     def __init__(self, modules: dict | None = None, format_version: int = FORMAT_VERSION, method: str = "armor",
                  storage_dtype: str = "bfloat16", **kwargs):
         if format_version != FORMAT_VERSION:
-            raise ValueError(f"quantization_config: format_version {format_version!r}, this package reads "
+            raise InputError(f"quantization_config: format_version {format_version!r}, this package reads "
                              f"{FORMAT_VERSION} (a v1 directory converts with `python -m armor_kernels convert`)")
         self.quant_method = QUANT_METHOD
         self.format_version, self.method, self.storage_dtype = format_version, method, storage_dtype
         self.modules = dict(modules or {})
         for name, spec in self.modules.items():
             if spec.get("kind") not in KINDS or (spec["kind"] == "armor" and len(spec.get("block", ())) != 2):
-                raise ValueError(f"quantization_config.modules[{name!r}]: expected {{'kind': 'armor', 'block': "
+                raise InputError(f"quantization_config.modules[{name!r}]: expected {{'kind': 'armor', 'block': "
                                  f"[bA, bB]}} or {{'kind': 'sparse24'}}, got {spec!r}")
         for k, v in kwargs.items():  # keep unknown keys of newer writers, so save_pretrained round-trips them
             setattr(self, k, v)
@@ -76,10 +77,10 @@ class ArmorQuantizer(HfQuantizer):
             try:
                 lin = model.get_submodule(name)
             except AttributeError:
-                raise ValueError(f"quantization_config names module {name!r}, which {type(model).__name__} "
+                raise InputError(f"quantization_config names module {name!r}, which {type(model).__name__} "
                                  "does not have") from None
             if not hasattr(lin, "in_features") or not hasattr(lin, "weight"):
-                raise ValueError(f"quantization_config names {name!r}, a {type(lin).__name__}, not a linear layer")
+                raise InputError(f"quantization_config names {name!r}, a {type(lin).__name__}, not a linear layer")
             shape, dtype, device = (lin.out_features, lin.in_features), lin.weight.dtype, lin.weight.device
             bias = lin.bias is not None
             if spec["kind"] == "armor":
@@ -104,7 +105,7 @@ class ArmorQuantizer(HfQuantizer):
             for k, v in model.get_submodule(name).state_dict().items():
                 if k in shapes and tuple(v.shape) != shapes[k]:
                     key = f"{name}.{k}"
-                    raise ValueError(f"{shard_of.get(key, 'checkpoint')}: tensor {key!r} has shape {tuple(v.shape)}, "
+                    raise InputError(f"{shard_of.get(key, 'checkpoint')}: tensor {key!r} has shape {tuple(v.shape)}, "
                                      f"the model needs {shapes[k]}")
 
     def is_serializable(self, safe_serialization=None):
@@ -143,7 +144,7 @@ def load_pruned_model(out: str | Path, dtype: torch.dtype | None = None, device_
     problems += [f"{shard_of.get(k, 'checkpoint')}: tensor {k!r} is not part of the model"
                  for k in sorted(info["unexpected_keys"])]
     if problems:
-        raise ValueError(f"checkpoint {str(out)!r} does not fit its config: " + "; ".join(problems[:5]))
+        raise InputError(f"checkpoint {str(out)!r} does not fit its config: " + "; ".join(problems[:5]))
     return model.eval(), AutoTokenizer.from_pretrained(out)
 
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import yaml
 
 from .atomic import write_text
+from .errors import InputError
 from .pipeline.data import EVAL_TOKENS, SEQ_LEN
 
 TASK_NAME = "armor_austen"
@@ -105,12 +106,12 @@ def write_rolling_task(folder: str | os.PathLike, name: str, documents: Sequence
     ``loglikelihood_rolling`` task over them with wikitext's metrics (word_perplexity,
     byte_perplexity, bits_per_byte). Returns the YAML's path; both files are written atomically."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ValueError(f"task name {name!r}: use letters, digits, '_', '.' and '-'")
+        raise InputError(f"task name {name!r}: use letters, digits, '_', '.' and '-'")
     if not documents:
-        raise ValueError("no documents for the task")
+        raise InputError("no documents for the task")
     for i, doc in enumerate(documents):
         if not isinstance(doc, str) or not doc:
-            raise ValueError(f"document {i} is {doc!r}: each document must be a non-empty string")
+            raise InputError(f"document {i} is {doc!r}: each document must be a non-empty string")
     folder = Path(folder).resolve()
     data = folder / f"{name}.jsonl"
     write_text(data, "".join(json.dumps({"text": doc}) + "\n" for doc in documents))
@@ -157,7 +158,7 @@ def window_documents(tokenizer, windows: torch.Tensor, *, strict: bool = True) -
     for i, window in enumerate(windows.tolist()):
         doc = tokenizer.decode(window, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if strict and hflm_encode(tokenizer, doc) != window:
-            raise ValueError(f"window {i} does not survive decode/encode: its text re-encodes to "
+            raise InputError(f"window {i} does not survive decode/encode: its text re-encodes to "
                              f"{len(hflm_encode(tokenizer, doc))} other tokens, not its {len(window)}")
         docs.append(doc)
     return docs
@@ -176,14 +177,12 @@ def load_tokenizer(model: str | os.PathLike | None = None):
     bundled SmolLM2 GGUF; a .gguf file; a Hugging Face or ARMOR checkpoint directory), without the model."""
     from transformers import AutoTokenizer
 
-    from .pipeline.model import bundled_model_path
+    from .pipeline.model import resolve_model
 
-    path = Path(model) if model is not None else bundled_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    path = resolve_model(model)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"model file {str(path)!r} is not a .gguf file")
+            raise InputError(f"model file {str(path)!r} is not a .gguf file")
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return AutoTokenizer.from_pretrained(path)
 
@@ -242,7 +241,7 @@ def rolling_loglikelihoods(model, tokenizer, documents: Sequence[str], *, prefix
         ids = torch.tensor(hflm_encode(tokenizer, doc), device=device)
         inputs = ids if prefix is None else torch.cat([ids.new_tensor([prefix]), ids])
         if limit is not None and len(inputs) - 1 > limit:
-            raise ValueError(f"document {i} has {len(ids)} tokens, more than the model's {limit}: lm-eval "
+            raise InputError(f"document {i} has {len(ids)} tokens, more than the model's {limit}: lm-eval "
                              "would score it in several rolling windows, which this does not reproduce")
         targets = inputs[1:]
         logits = model(inputs[None, :-1], use_cache=False).logits[0].float()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, semi_structured
+from .errors import InputError
 from .factors import ArmorFactors, block_right
 from .layout import identity_block, identity_blocks
 from .sparse24 import check_24, check_packed_24, pack_24, unpack_24
@@ -48,11 +49,11 @@ class ArmorLinear(nn.Module):
         super().__init__()
         d_out, d_in = S.shape
         if A.dim() != 3 or A.shape[0] * A.shape[1] != d_out or A.shape[1] != A.shape[2]:
-            raise ValueError(f"A: expected (d_out/bA, bA, bA) blocks with d_out={d_out}, got {tuple(A.shape)}")
+            raise InputError(f"A: expected (d_out/bA, bA, bA) blocks with d_out={d_out}, got {tuple(A.shape)}")
         if B.dim() != 3 or B.shape[0] * B.shape[1] != d_in or B.shape[1] != B.shape[2]:
-            raise ValueError(f"B: expected (d_in/bB, bB, bB) blocks with d_in={d_in}, got {tuple(B.shape)}")
+            raise InputError(f"B: expected (d_in/bB, bB, bB) blocks with d_in={d_in}, got {tuple(B.shape)}")
         if bias is not None and bias.shape != (d_out,):
-            raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
+            raise InputError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
         check_24(S)
         self.in_features, self.out_features = d_in, d_out
         # row-major whatever the caller's strides: the forward's matmuls (and so its rounding) then depend on
@@ -81,7 +82,7 @@ class ArmorLinear(nn.Module):
         (bA, bB), kw = block, {"dtype": dtype, "device": device}
         for name, d, b in (("d_out", d_out, bA), ("d_in", d_in, bB)):
             if b < 1 or d % b:
-                raise ValueError(f"block: {name}={d} is not a multiple of its block size {b}")
+                raise InputError(f"block: {name}={d} is not a multiple of its block size {b}")
         return cls.from_packed(torch.empty(d_out // bA, bA, bA, **kw), torch.empty(d_out, d_in // 2, **kw),
                                torch.empty(d_out, d_in // 8, dtype=torch.uint8, device=device),
                                torch.empty(d_in // bB, bB, bB, **kw), torch.empty(d_out, **kw) if bias else None)
@@ -90,7 +91,7 @@ class ArmorLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, factors: ArmorFactors, dtype: torch.dtype | None = None) -> ArmorLinear:
         """Build from the layer's factors; r and c are folded into A and B. dtype: the linear's by default."""
         if (linear.out_features, linear.in_features) != tuple(factors.S.shape):
-            raise ValueError(
+            raise InputError(
                 f"factors: S has shape {tuple(factors.S.shape)}, linear is "
                 f"({linear.out_features}, {linear.in_features})"
             )
@@ -130,7 +131,7 @@ class ArmorLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+            raise InputError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         y = _prepared_forward(self, x, self.A, self.B)
         if y is not None:
             return y
@@ -156,7 +157,7 @@ class Sparse24Linear(nn.Module):
         d_out, d_in = values.shape[0], values.shape[1] * 2
         check_packed_24(values, idx)
         if bias is not None and bias.shape != (d_out,):
-            raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
+            raise InputError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
         self.in_features, self.out_features = d_in, d_out
         self.register_buffer("S_values", values)
         self.register_buffer("S_idx", idx)
@@ -185,7 +186,7 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+            raise InputError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         y = _prepared_forward(self, x, None, None)
         if y is not None:
             return y

@@ -51,6 +51,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import extensions
+from .errors import InputError
 from .factors import block_right
 from .kernels.tile_sweep import cpu_ext
 from .layout import KERNEL_BLOCK, MAX_DIM, FusedOperands, layer_layout, pad_core
@@ -122,7 +123,7 @@ def reference(x: torch.Tensor, A: Optional[torch.Tensor], S: torch.Tensor, B: Op
 
 
 def _fail(arg: str, expected: str, got) -> None:
-    raise ValueError(f"armor.linear: {arg}: expected {expected}, got {got}")
+    raise InputError(f"armor.linear: {arg}: expected {expected}, got {got}")
 
 
 def _check(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto", sm_count=0) -> tuple[int, int]:
@@ -248,7 +249,7 @@ def linear_path(x: torch.Tensor | int, A: Optional[torch.Tensor], S: torch.Tenso
     (see the module docstring); naming a backend returns it, or raises ValueError saying why it does
     not apply."""
     if backend not in BACKENDS:
-        raise ValueError(f"armor.linear: backend: expected one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"armor.linear: backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
     d_out = S.shape[0]
@@ -274,7 +275,7 @@ def linear_path(x: torch.Tensor | int, A: Optional[torch.Tensor], S: torch.Tenso
     if backend == "auto":
         return next((path for path, why in why_not.items() if why is None), "reference")
     if why_not[backend] is not None:
-        raise ValueError(f"armor.linear: backend={backend!r} does not apply: {why_not[backend]}")
+        raise InputError(f"armor.linear: backend={backend!r} does not apply: {why_not[backend]}")
     return backend
 
 
@@ -285,7 +286,7 @@ def pack_sm90(S: torch.Tensor) -> Sm90Packed:
     reason = "not 2-D" if S.dim() != 2 else (
         fused_unavailable_reason(S.device, S.dtype) or _operands_reason(*S.shape, KERNEL_BLOCK, KERNEL_BLOCK))
     if reason is not None:
-        raise ValueError(f"pack_sm90: S: expected a 2-D bf16/fp16 CUDA tensor on sm_90 with both dims multiples of "
+        raise InputError(f"pack_sm90: S: expected a 2-D bf16/fp16 CUDA tensor on sm_90 with both dims multiples of "
                          f"{KERNEL_BLOCK}, got {S.dtype} {tuple(S.shape)} on {S.device} ({reason})")
     check_24(S)
     S = S.contiguous()
@@ -481,7 +482,7 @@ def fused_operands(A: torch.Tensor, S_values: torch.Tensor, S_idx: torch.Tensor,
     d_out, d_in = S_values.shape[0], 2 * S_values.shape[1]
     layout = layer_layout(d_out, d_in, A.shape[1], B.shape[1])
     if isinstance(layout, str):
-        raise ValueError(f"fused_operands: {layout}")
+        raise InputError(f"fused_operands: {layout}")
     if not layout.native:
         S_values, S_idx = pack_24(pad_core(layout, unpack_24(S_values, S_idx)))
     sm90 = pack_sm90(unpack_24(S_values, S_idx)) if compress else None

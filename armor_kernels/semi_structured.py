@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .ops import LAUNCHES, block_diag_apply
 from .sparse24 import unpack_24
 
@@ -61,7 +62,7 @@ def linear(x: torch.Tensor, A: torch.Tensor | None, semi: SemiStructured, B: tor
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = ((x B'ᵀ) Sᵀ) A'ᵀ + bias with S on the 2:4 tensor cores (A', B' None: no wrapper)."""
     if x.shape[-1] != semi.d_in:
-        raise ValueError(f"x: expected last dimension {semi.d_in}, got shape {tuple(x.shape)}")
+        raise InputError(f"x: expected last dimension {semi.d_in}, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     xb = block_diag_apply(x.reshape(-1, semi.d_in), B)
     xb = F.pad(xb, (0, semi.S.shape[1] - semi.d_in))

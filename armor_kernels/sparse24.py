@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 
 def violations_24(x: torch.Tensor) -> int:
     """How many groups of 4 along the last dim (a multiple of 4) hold more than 2 non-zeros."""
@@ -20,18 +22,18 @@ def violations_24(x: torch.Tensor) -> int:
 def check_24(x: torch.Tensor, name: str = "S") -> None:
     """Raise ValueError unless every group of 4 along the last dim has at most 2 non-zeros."""
     if x.shape[-1] % 4:
-        raise ValueError(f"{name}: last dimension must be divisible by 4, got shape {tuple(x.shape)}")
+        raise InputError(f"{name}: last dimension must be divisible by 4, got shape {tuple(x.shape)}")
     if x.is_meta:  # a placeholder a loader will fill: only its shape can be checked
         return
     bad = violations_24(x)
     if bad:
-        raise ValueError(f"{name}: violates 2:4 in {bad} group(s) of 4 along the last dimension")
+        raise InputError(f"{name}: violates 2:4 in {bad} group(s) of 4 along the last dimension")
 
 
 def pack_24(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense 2:4 matrix (rows, d_in) -> (values (rows, d_in/2), idx uint8 (rows, d_in/8))."""
     if S.dim() != 2 or S.shape[1] % 8:
-        raise ValueError(f"S: expected a 2-D tensor with d_in divisible by 8, got shape {tuple(S.shape)}")
+        raise InputError(f"S: expected a 2-D tensor with d_in divisible by 8, got shape {tuple(S.shape)}")
     check_24(S)
     rows, d_in = S.shape
     g = S.reshape(rows, d_in // 4, 4)
@@ -47,13 +49,13 @@ def pack_24(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def check_packed_24(values: torch.Tensor, idx: torch.Tensor) -> None:
     """Raise ValueError unless (values, idx) have the shapes and dtype of pack_24's output."""
     if values.dim() != 2 or idx.dim() != 2 or idx.dtype != torch.uint8:
-        raise ValueError(
+        raise InputError(
             f"values/idx: expected 2-D values and 2-D uint8 idx, got {tuple(values.shape)} "
             f"and {tuple(idx.shape)} {idx.dtype}"
         )
     rows, half = values.shape
     if idx.shape != (rows, half // 4) or half % 4:
-        raise ValueError(f"idx: expected shape {(rows, half // 4)} for values {tuple(values.shape)}, "
+        raise InputError(f"idx: expected shape {(rows, half // 4)} for values {tuple(values.shape)}, "
                          f"got {tuple(idx.shape)}")
 
 

@@ -142,3 +142,23 @@ def test_python_reference_is_the_stdlib_topics_in_sorted_order():
     for k in sorted(topics):  # each topic follows the one before it
         pos = text.index(topics[k].strip(), pos)
     assert len(text) > 200_000
+
+
+def test_an_evaluation_text_is_scored_whole_and_calibration_uses_every_document(austen, bundled, tmp_path, caplog):
+    """--eval-text: the WikiText-2 protocol's shape (a separate test file, all of it) from a local file."""
+    tokenizer = bundled[1]
+    corpus = {title: text[:20_000] for title, text in austen.items()}
+    path = tmp_path / "test.txt"
+    path.write_text(austen["Persuasion"][-8_000:], encoding="utf-8")
+    with caplog.at_level("INFO", logger="armor_kernels"):
+        splits = token_splits(tokenizer, corpus, n_samples=8, seq_len=64, eval_tokens=0, eval_text=path)
+    assert torch.equal(splits.evaluation, ids(tokenizer, path.read_text(encoding="utf-8")))
+    assert any(f"evaluation: {len(splits.evaluation)} tokens of 'test'" in m for m in caplog.messages)
+    pride = ids(tokenizer, corpus["Pride and Prejudice"])
+    assert any(contains_window(pride, w) for w in
+               token_splits(tokenizer, corpus, n_samples=60, seq_len=64, eval_tokens=0, eval_text=path).calibration)
+    first = token_splits(tokenizer, corpus, n_samples=8, seq_len=64, eval_tokens=100, eval_text=path)
+    assert torch.equal(first.evaluation, splits.evaluation[:100])
+    path.with_name("second.txt").write_text("more text")
+    with pytest.raises(ValueError, match="eval_text: expected one .txt file"):
+        token_splits(tokenizer, corpus, eval_text=tmp_path)

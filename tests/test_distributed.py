@@ -449,24 +449,35 @@ def _block_tensors(d: Path) -> dict:
     return {f.name: load_file(f) for f in sorted(d.glob("model-block-*.safetensors"))}
 
 
-def test_torchrun_two_processes_give_the_one_process_checkpoint(tiny_run_args, tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(tiny_run_args, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run of tiny_run_args."""
+    out = tmp_path_factory.mktemp("torchrun") / "two"
+    two = _cli(tiny_run_args + ["--out", str(out)], 2)
+    _, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err[-3000:]
+    return out
+
+
+def _same_blocks(a: Path, b: Path) -> bool:
+    ta, tb = _block_tensors(a), _block_tensors(b)
+    assert ta.keys() == tb.keys() and len(ta) == 4, (sorted(ta), sorted(tb))  # the tiny model's 4 blocks
+    return all(torch.equal(ta[f][k], tb[f][k]) for f in ta for k in ta[f])
+
+
+def test_torchrun_two_processes_give_the_one_process_checkpoint(tiny_run_args, two_process_run, tmp_path):
     one = _cli(tiny_run_args + ["--out", str(tmp_path / "one")], 1)
     out1, err1 = one.communicate(timeout=300)
     assert one.returncode == 0, err1[-3000:]
-    two = _cli(tiny_run_args + ["--out", str(tmp_path / "two")], 2)
-    out2, err2 = two.communicate(timeout=300)
-    assert two.returncode == 0, err2[-3000:]
-    a, b = _block_tensors(tmp_path / "one"), _block_tensors(tmp_path / "two")
-    assert a.keys() == b.keys() and len(a) == 4
-    assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
-    run1, run2 = (json.loads((tmp_path / n / "armor_run.json").read_text()) for n in ("one", "two"))
+    assert _same_blocks(tmp_path / "one", two_process_run)
+    run1, run2 = (json.loads((d / "armor_run.json").read_text()) for d in (tmp_path / "one", two_process_run))
     assert run2["world_size"] == 2 and run1["world_size"] == 1
     assert run1["config_hash"] == run2["config_hash"] and run1["reports"] == run2["reports"]
-    assert json.loads((tmp_path / "two" / "result.json").read_text())["perplexity"] == \
+    assert json.loads((two_process_run / "result.json").read_text())["perplexity"] == \
         json.loads((tmp_path / "one" / "result.json").read_text())["perplexity"]
 
 
-def test_torchrun_killed_rank_fails_cleanly_and_the_same_command_resumes(tiny_run_args, tmp_path):
+def test_torchrun_killed_rank_fails_cleanly_and_the_same_command_resumes(tiny_run_args, two_process_run, tmp_path):
     import signal
     args = tiny_run_args + ["--out", str(tmp_path / "run")]
     tag = f"kill-{os.getpid()}-{time.monotonic_ns()}"
@@ -484,6 +495,7 @@ def test_torchrun_killed_rank_fails_cleanly_and_the_same_command_resumes(tiny_ru
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     assert json.loads((tmp_path / "run" / "armor_run.json").read_text())["world_size"] == 2
+    assert _same_blocks(tmp_path / "run", two_process_run)  # the resumed checkpoint is the uninterrupted one
 
 
 def test_torchrun_on_a_directory_another_run_holds_stops_every_rank(tiny_run_args, tmp_path):

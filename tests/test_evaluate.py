@@ -77,3 +77,24 @@ def test_a_damaged_block_stops_the_streamed_evaluation(tiny, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"model-block-00001\.safetensors' is damaged: tensor 'model\.layers\.1\."):
         streamed_perplexity(CheckpointSource(tmp_path), tokens, seq_len=32)
+
+
+def test_the_logits_never_exceed_their_budget(tiny, monkeypatch):
+    """The head and the loss run on chunks of positions: with room for 15 positions' logits, no head call
+    makes more, and the perplexity is the one the whole logits give (the same terms, summed by
+    chunk in float64; it agrees with torch's own mean loss of the unchunked logits)."""
+    from armor_kernels.pipeline import evaluate
+    _, _, tokens, d, _ = tiny
+    model, _ = load_model(d)
+    vocab = model.get_output_embeddings().out_features
+    windows = tokens[:7 * 32].view(7, 32)
+    with torch.no_grad():
+        logits = model(windows, use_cache=False).logits
+    whole = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
+    made = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: made.append(o[..., 0].numel()))
+    monkeypatch.setattr(evaluate, "LOGITS_BYTES", 3 * 5 * vocab * 4)
+    got = perplexity(model, tokens, seq_len=32, batch_size=3)
+    assert max(made) == 15 and len(made) == 7 + 7 + 3  # 31 positions: chunks of 5 for 3 windows, of 15 for 1
+    assert abs(got - torch.tensor(whole).exp().item()) < 1e-5 * got
+    assert streamed_perplexity(ModelSource(d), tokens, seq_len=32, batch_size=3) == got

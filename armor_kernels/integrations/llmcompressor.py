@@ -56,6 +56,7 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import save_json
+from ..errors import InputError
 from ..factors import ActivationStats
 from ..nn import ArmorLinear
 from ..optim import ArmorOptions
@@ -102,11 +103,11 @@ class _ArmorModifier(SparsityModifierBase):
         if not isinstance(data, dict):
             return data
         if isinstance(data.get("start"), str):
-            raise ValueError(f"start: ArmorModifier's `start` is llm-compressor's lifecycle step (a number); the "
+            raise InputError(f"start: ArmorModifier's `start` is llm-compressor's lifecycle step (a number); the "
                              f"factors ARMOR starts from are `armor_start`, got start={data['start']!r}")
         unknown = sorted(set(data) - set(cls.model_fields))
         if unknown:
-            raise ValueError(f"ArmorModifier: unknown option(s) {unknown}; expected ArmorOptions' "
+            raise InputError(f"ArmorModifier: unknown option(s) {unknown}; expected ArmorOptions' "
                              f"{sorted(OPTION_FIELDS)} or {list(SELECTION_FIELDS)}")
         return data
 
@@ -114,21 +115,21 @@ class _ArmorModifier(SparsityModifierBase):
     @classmethod
     def _half(cls, value):
         if value != 0.5:
-            raise ValueError(f"expected 0.5 (2:4 keeps exactly half of every layer's weights), got {value!r}")
+            raise InputError(f"expected 0.5 (2:4 keeps exactly half of every layer's weights), got {value!r}")
         return value
 
     @field_validator("mask_structure")
     @classmethod
     def _two_four(cls, value):
         if value != "2:4":
-            raise ValueError(f"expected '2:4' (ARMOR's S is 2:4 along d_in), got {value!r}")
+            raise InputError(f"expected '2:4' (ARMOR's S is 2:4 along d_in), got {value!r}")
         return value
 
     @field_validator("sparsity_profile")
     @classmethod
     def _uniform(cls, value):
         if value is not None:
-            raise ValueError(f"expected None (every layer is 2:4; per-layer sparsities do not apply), got {value!r}")
+            raise InputError(f"expected None (every layer is 2:4; per-layer sparsities do not apply), got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -145,7 +146,7 @@ class _ArmorModifier(SparsityModifierBase):
             msg = str(e)
             for opt, name in RENAMED.items():
                 msg = name + msg[len(opt):] if msg.startswith(f"{opt}:") else msg
-            raise ValueError(msg) from None
+            raise InputError(msg) from None
 
     # --- llm-compressor's lifecycle -------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class _ArmorModifier(SparsityModifierBase):
         outside = [name.rstrip(".") for mod, name in self._module_names.items() if mod not in self._where]
         if outside:
             self.remove_hooks()
-            raise ValueError(f"targets: ArmorModifier prunes nn.Linear layers inside the decoder blocks "
+            raise InputError(f"targets: ArmorModifier prunes nn.Linear layers inside the decoder blocks "
                              f"({self._prefix}.*; the checkpoint format stores nothing else pruned), got "
                              f"{outside[:5]}{' …' if len(outside) > 5 else ''}; narrow `targets` or `ignore` them")
 
@@ -205,12 +206,12 @@ class _ArmorModifier(SparsityModifierBase):
     def on_finalize(self, state, **kwargs) -> bool:
         self.remove_hooks()
         if self._stats:
-            raise ValueError(f"ArmorModifier: {len(self._stats)} calibrated linears were never compressed "
+            raise InputError(f"ArmorModifier: {len(self._stats)} calibrated linears were never compressed "
                              "(the pipeline ended before their subgraph did)")
         names = {mod: f"{self._prefix}.{i}.{name}" for mod, (i, name) in self._where.items()}
         never = [names[mod] for mod in self._module_names if names[mod] not in self._pruned]
         if never:
-            raise ValueError(f"ArmorModifier: linear(s) {never[:5]} saw no calibration tokens (a mixture-of-experts "
+            raise InputError(f"ArmorModifier: linear(s) {never[:5]} saw no calibration tokens (a mixture-of-experts "
                              "expert, say); pruning them from empty statistics is refused")
         return True
 
@@ -241,7 +242,7 @@ def _last_oneshot_modifier() -> ArmorModifier:
     recipe = active_session().lifecycle.recipe
     found = [m for m in (recipe.modifiers if recipe is not None else []) if isinstance(m, ArmorModifier)]
     if len(found) != 1:
-        raise ValueError(f"modifier: None means the ArmorModifier of the recipe oneshot ran last; expected one, "
+        raise InputError(f"modifier: None means the ArmorModifier of the recipe oneshot ran last; expected one, "
                          f"found {len(found)}: pass the modifier")
     return found[0]
 
@@ -259,13 +260,13 @@ def save_armor(model: nn.Module, modifier: ArmorModifier | None, out: str | Path
     if not isinstance(modifier, ArmorModifier):
         raise TypeError(f"modifier: expected the ArmorModifier oneshot ran, got {type(modifier).__name__}")
     if not modifier._pruned:
-        raise ValueError("modifier: it has pruned nothing; pass it to oneshot(recipe=...) first")
+        raise InputError("modifier: it has pruned nothing; pass it to oneshot(recipe=...) first")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"out: expected a new or empty directory, got {str(out)!r}, which exists and is not empty")
+        raise InputError(f"out: expected a new or empty directory, got {str(out)!r}, which exists and is not empty")
     layers, prefix = decoder_layers(model), layers_prefix(model)
     names = {f"{prefix}.{i}.{name}" for i, block in enumerate(layers) for name in block_linears(block)}
     if prefix != modifier._prefix or not set(modifier._pruned) <= names:
-        raise ValueError(f"model: expected the model this modifier pruned (linears under {modifier._prefix!r}), "
+        raise InputError(f"model: expected the model this modifier pruned (linears under {modifier._prefix!r}), "
                          f"got a {type(model).__name__} without {sorted(set(modifier._pruned) - names)[:3]}")
     if tokenizer is None:
         from transformers import AutoTokenizer

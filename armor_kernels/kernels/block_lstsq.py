@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from . import triton_switch
 from .triton_switch import jit, next_pow2, tl, triton
 
@@ -128,8 +129,8 @@ def normal_equations_triton(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | 
     """Same contract as `normal_equations_reference`, float32 in and out; two launches
     (G = X W Xᵀ, F = Y W Xᵀ). Inputs may be strided views (no copies are made)."""
     if X.dim() != 3 or Y.dim() != 3 or X.shape[0] != Y.shape[0] or X.shape[2] != Y.shape[2]:
-        raise ValueError(f"normal_equations: X (n, b, K), Y (n, m, K) expected, got "
+        raise InputError(f"normal_equations: X (n, b, K), Y (n, m, K) expected, got "
                          f"{tuple(X.shape)} and {tuple(Y.shape)}")
     if w is not None and (w.dim() != 1 or w.shape[0] != X.shape[2]):
-        raise ValueError(f"normal_equations: w must have shape ({X.shape[2]},), got {tuple(w.shape)}")
+        raise InputError(f"normal_equations: w must have shape ({X.shape[2]},), got {tuple(w.shape)}")
     return _launch_normal_eq(X, X, w), _launch_normal_eq(Y, X, w)

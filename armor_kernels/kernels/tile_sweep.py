@@ -14,6 +14,7 @@ import os
 import torch
 
 from .. import extensions
+from ..errors import InputError
 from . import triton_switch
 from .group_solve import pattern_inverses, solve_group_reference
 from .triton_switch import jit, next_pow2, tl
@@ -79,7 +80,7 @@ def sweep_tiles_cpu(R, A, Bt, S, passes: int = 1):
         raise RuntimeError("armor_kernels._armor_cpu is not built (pip install the package to build it)")
     T, bA, bB = S.shape
     if bB % 4 or R.shape != S.shape or A.shape != (T, bA, bA) or Bt.shape != (T, bB, bB):
-        raise ValueError(f"sweep_tiles: shapes R {tuple(R.shape)}, A {tuple(A.shape)}, Bt {tuple(Bt.shape)}, "
+        raise InputError(f"sweep_tiles: shapes R {tuple(R.shape)}, A {tuple(A.shape)}, Bt {tuple(Bt.shape)}, "
                          f"S {tuple(S.shape)} do not fit (T,bA,bB)/(T,bA,bA)/(T,bB,bB)/(T,bA,bB), bB % 4 == 0")
     Rc, Sc = R.contiguous(), S.contiguous()
     if Rc.data_ptr() == Sc.data_ptr() and Rc.numel():
@@ -297,7 +298,7 @@ def sweep_tiles_triton(R, A, Bt, S, passes: int = 1, *, r_in_registers: bool = F
     """
     T, bA, bB = S.shape
     if bB % 4 or R.shape != S.shape or A.shape != (T, bA, bA) or Bt.shape != (T, bB, bB):
-        raise ValueError(f"sweep_tiles: R, S (T, bA, bB) with bB % 4 == 0, A (T, bA, bA), Bt (T, bB, bB) "
+        raise InputError(f"sweep_tiles: R, S (T, bA, bB) with bB % 4 == 0, A (T, bA, bA), Bt (T, bB, bB) "
                          f"expected, got {tuple(R.shape)}, {tuple(S.shape)}, {tuple(A.shape)}, {tuple(Bt.shape)}")
     if T == 0 or bA == 0 or bB == 0 or passes <= 0:
         return R, S

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from . import triton_switch
 from .triton_switch import jit, tl, triton
 
@@ -19,7 +20,7 @@ def top2_mask_reference(score: torch.Tensor) -> torch.Tensor:
     """
     *lead, d = score.shape
     if d % 4:
-        raise ValueError(f"score: last dimension must be divisible by 4, got shape {tuple(score.shape)}")
+        raise InputError(f"score: last dimension must be divisible by 4, got shape {tuple(score.shape)}")
     g = score.reshape(*lead, d // 4, 4).float()
     order = torch.sort(-g, dim=-1, stable=True).indices[..., :2]
     mask = torch.zeros_like(g, dtype=torch.bool)
@@ -68,7 +69,7 @@ def top2_mask_triton(score: torch.Tensor) -> torch.Tensor:
     """The Triton path of `top2_mask` (no dispatch): fp32/fp16/bf16 read as they are, other floats as fp32."""
     *lead, d = score.shape
     if d % 4:
-        raise ValueError(f"score: last dimension must be divisible by 4, got shape {tuple(score.shape)}")
+        raise InputError(f"score: last dimension must be divisible by 4, got shape {tuple(score.shape)}")
     x = score if score.dtype in (torch.float32, torch.float16, torch.bfloat16) else score.float()
     x = x.contiguous()
     out = torch.empty(score.shape, dtype=torch.bool, device=score.device)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from ..baselines import sparsegpt
+from ..errors import InputError
 from ..factors import ActivationStats, ArmorFactors
 from .common import History, Problem, descend
 from .fast import optimize_fast
@@ -59,7 +60,7 @@ def armor(W: torch.Tensor, stats, options: ArmorOptions | None = None, *, device
     elif overrides:
         options = replace(options, **overrides)
     if options.needs_full_stats and not (isinstance(stats, ActivationStats) and stats.xx is not None):
-        raise ValueError(f"stats: objective {options.objective!r} from start {options.start!r} needs the full H, "
+        raise InputError(f"stats: objective {options.objective!r} from start {options.start!r} needs the full H, "
                          f"an ActivationStats(full=True); got {type(stats).__name__}"
                          + (" without it" if isinstance(stats, ActivationStats) else ""))
     h = stats.h() if isinstance(stats, ActivationStats) else stats

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..errors import InputError
 from ..factors import ArmorFactors, block_sizes, check_h, check_weight, normalize, weighted_sq_error
 from ..kernels.top2 import top2_mask
 
@@ -30,7 +31,7 @@ class Problem:
         check_weight(W)
         check_h(h, W.shape[1])
         if not isinstance(block_size, int) or block_size < 4:
-            raise ValueError(f"block_size: expected an int ≥ 4, got {block_size!r}")
+            raise InputError(f"block_size: expected an int ≥ 4, got {block_size!r}")
         device = torch.device(device if device is not None else W.device)
         Wbar, r, c = normalize(W.to(device))
         bA, bB = block_sizes(tuple(W.shape), block_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import InputError
 from ..factors import block_size_under_overhead, block_sizes
 
 OPTIMIZERS = ("fast", "reference")
@@ -71,22 +72,22 @@ class ArmorOptions:
     def __post_init__(self):
         for name, allowed in (("optimizer", OPTIMIZERS), ("objective", OBJECTIVES), ("start", STARTS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+                raise InputError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.optimizer == "reference" and (self.objective, self.start) != ("proxy", "nowag_p"):
-            raise ValueError("optimizer 'reference' is the published loop: objective 'proxy' from start 'nowag_p' "
+            raise InputError("optimizer 'reference' is the published loop: objective 'proxy' from start 'nowag_p' "
                              f"only, got objective {self.objective!r}, start {self.start!r}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 4:
-            raise ValueError(f"block_size: expected an int ≥ 4, got {self.block_size!r}")
+            raise InputError(f"block_size: expected an int ≥ 4, got {self.block_size!r}")
         if self.overhead is not None and not (isinstance(self.overhead, (int, float)) and self.overhead > 0):
-            raise ValueError(f"overhead: expected a positive fraction of the layer's parameters, got {self.overhead!r}")
+            raise InputError(f"overhead: expected a positive fraction of the layer's parameters, got {self.overhead!r}")
         if not (isinstance(self.shrink, (int, float)) and 0.0 <= self.shrink <= 1.0):
-            raise ValueError(f"shrink: expected a fraction in [0, 1], got {self.shrink!r}")
+            raise InputError(f"shrink: expected a fraction in [0, 1], got {self.shrink!r}")
         if self.shrink and self.objective != "output":
-            raise ValueError(f"shrink: applies to objective 'output' only, got it with objective {self.objective!r}")
+            raise InputError(f"shrink: applies to objective 'output' only, got it with objective {self.objective!r}")
         for name in ("iters", "passes", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+                raise InputError(f"{name}: expected a non-negative int, got {value!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> ArmorOptions:

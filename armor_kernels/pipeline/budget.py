@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import save_json
+from ..errors import InputError
 from ..factors import block_sizes
 from ..optim import ArmorOptions, armor
 from .distributed import Dist, assign, on_cores
@@ -63,10 +64,10 @@ class BudgetOptions:
 
     def __post_init__(self):
         if not (isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool) and self.fraction > 0):
-            raise ValueError(f"budget fraction: expected a positive fraction of the linears' parameters, "
+            raise InputError(f"budget fraction: expected a positive fraction of the linears' parameters, "
                              f"got {self.fraction!r}")
         if not isinstance(self.probe_iters, int) or isinstance(self.probe_iters, bool) or self.probe_iters < 1:
-            raise ValueError(f"budget probe_iters: expected an int ≥ 1, got {self.probe_iters!r}")
+            raise InputError(f"budget probe_iters: expected an int ≥ 1, got {self.probe_iters!r}")
 
     def to_config(self) -> dict:
         return asdict(self)
@@ -83,7 +84,7 @@ def candidates(shape: tuple[int, int], max_block: int) -> list[int]:
             seen.add(blocks)
             out.append(b)
     if not out:
-        raise ValueError(f"budget: no block size ≤ {max_block} divides both {shape} into blocks that divide 128")
+        raise InputError(f"budget: no block size ≤ {max_block} divides both {shape} into blocks that divide 128")
     return out
 
 
@@ -112,7 +113,7 @@ def allocate(curves: dict[str, dict[int, float]], shapes: dict[str, tuple[int, i
     at = {key: 0 for key in hulls}
     used = sum(h[0][0] for h in hulls.values())
     if used > budget:
-        raise ValueError(f"budget: {fraction} of the linears' parameters ({budget:.0f}) is below the smallest "
+        raise InputError(f"budget: {fraction} of the linears' parameters ({budget:.0f}) is below the smallest "
                          f"blocks' {used} ({used / budget * fraction:.4f}); raise --budget")
     heap = [(-_slope(h[0], h[1]), key) for key, h in hulls.items() if len(h) > 1]
     heapq.heapify(heap)

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_write, save_json, write_text
+from ..errors import InputError, MissingFile
 from ..factors import block_sizes
 from ..nn import PRUNED_LINEARS, ArmorLinear, Sparse24Linear
 from .model import block_linear_keys, block_linears, decoder_layers, layers_prefix
@@ -56,7 +57,7 @@ SHA256_KEY = "sha256"  # shard metadata: JSON {tensor: hex}; index metadata: {sh
 _CHUNK = 16 << 20  # bytes hashed at a time when a shard is checked from the file
 
 
-class DamagedShard(ValueError):
+class DamagedShard(InputError):
     """A shard that cannot be read or whose bytes differ from their recorded sha256."""
 
 
@@ -96,9 +97,9 @@ def read_run(out: Path) -> dict:
         meta = json.loads(path.read_text())
         meta["run"], meta["config_hash"]
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {str(out)!r} has no {RUN_FILE} (not a pruning run's directory)") from None
+        raise MissingFile(f"checkpoint {str(out)!r} has no {RUN_FILE} (not a pruning run's directory)") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint file {str(path)!r} is unreadable: {e!r}") from e
+        raise InputError(f"checkpoint file {str(path)!r} is unreadable: {e!r}") from e
     return meta
 
 
@@ -282,7 +283,7 @@ def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[s
             else:
                 modules[name] = Sparse24Linear(get("S_values"), get("S_idx"), get("bias"))
         except (ValueError, AttributeError, TypeError) as e:
-            raise ValueError(f"{where}: tensors of {name!r} are missing or malformed: {e}") from e
+            raise InputError(f"{where}: tensors of {name!r} are missing or malformed: {e}") from e
     return modules
 
 
@@ -300,12 +301,12 @@ def load_block(out: Path, i: int, prefix: str, chash: str) -> tuple[dict[str, nn
     path = block_shard(out, i)
     tensors, meta = read_verified(path, OWN)
     if meta.get("config_hash") != chash:
-        raise ValueError(f"checkpoint shard {str(path)!r} was written by a different configuration "
+        raise InputError(f"checkpoint shard {str(path)!r} was written by a different configuration "
                          f"(hash {meta.get('config_hash')!r}, this run {chash!r}); use a new output directory")
     head = f"{prefix}.{i}."
     local = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
     if len(local) != len(tensors):
-        raise ValueError(f"checkpoint shard {str(path)!r} holds tensors outside block {i} (keys not under {head!r})")
+        raise InputError(f"checkpoint shard {str(path)!r} holds tensors outside block {i} (keys not under {head!r})")
     return modules_from_tensors(local, str(path)), json.loads(meta.get("report", "{}"))
 
 
@@ -339,7 +340,7 @@ def index_digests(out: Path) -> dict[str, dict[str, str]] | None:
     try:
         return json.loads(index.read_text()).get("metadata", {}).get(SHA256_KEY)
     except (ValueError, AttributeError) as e:
-        raise ValueError(f"checkpoint file {str(index)!r} is unreadable: {e!r}") from e
+        raise InputError(f"checkpoint file {str(index)!r} is unreadable: {e!r}") from e
 
 
 def shard_records(out: Path) -> dict[str, dict[str, str]] | None:
@@ -390,21 +391,21 @@ def check_complete(out: str | Path) -> None:
     try:
         config = json.loads((out / "config.json").read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {str(out)!r} has no config.json") from None
+        raise MissingFile(f"checkpoint {str(out)!r} has no config.json") from None
     except ValueError as e:
-        raise ValueError(f"checkpoint file {str(out / 'config.json')!r} is not valid JSON: {e}") from e
+        raise InputError(f"checkpoint file {str(out / 'config.json')!r} is not valid JSON: {e}") from e
     if "run" in config and "model_type" not in config:
-        raise ValueError(f"checkpoint {str(out)!r} is in format v1; convert it: "
+        raise InputError(f"checkpoint {str(out)!r} is in format v1; convert it: "
                          f"python -m armor_kernels convert {out} NEW_DIR")
     index = out / INDEX_FILE
     if (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
         missing, n = missing_blocks(out), n_layers(config)
         if missing:
             blocks = ", ".join(map(str, missing[:5])) + (", …" if len(missing) > 5 else "")
-            raise ValueError(f"checkpoint {str(out)!r} is incomplete: block{'s' * (len(missing) > 1)} {blocks} "
+            raise InputError(f"checkpoint {str(out)!r} is incomplete: block{'s' * (len(missing) > 1)} {blocks} "
                              f"of 0–{n - 1} never written (run the same prune command again to resume)")
         if not index.is_file():
-            raise ValueError(f"checkpoint {str(out)!r} is incomplete: all its blocks 0–{n - 1} are written but "
+            raise InputError(f"checkpoint {str(out)!r} is incomplete: all its blocks 0–{n - 1} are written but "
                              f"{INDEX_FILE}, written when a run finishes, is missing (run the same prune "
                              "command again to write it)")
     if index.is_file():
@@ -460,11 +461,11 @@ def convert_v1(src: str | Path, dst: str | Path) -> None:
         meta = json.loads((src / "config.json").read_text())
         run, chash = meta["run"], meta["config_hash"]
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{str(src)!r} is not a v1 checkpoint (config.json with 'run'): {e!r}") from e
+        raise InputError(f"{str(src)!r} is not a v1 checkpoint (config.json with 'run'): {e!r}") from e
     if run.get("format_version") != 1:
-        raise ValueError(f"{str(src)!r} has format version {run.get('format_version')!r}, convert reads 1")
+        raise InputError(f"{str(src)!r} has format version {run.get('format_version')!r}, convert reads 1")
     if dst.exists() and any(dst.iterdir()):
-        raise ValueError(f"output directory {str(dst)!r} is not empty")
+        raise InputError(f"output directory {str(dst)!r} is not empty")
     mc = dict(run["model_config"])
     mc.pop("quantization_config", None)
     config = AutoConfig.for_model(mc.pop("model_type"), **mc)
@@ -477,7 +478,7 @@ def convert_v1(src: str | Path, dst: str | Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(dst)
     if run["method"] == "dense":
-        raise ValueError("convert: a v1 'dense' run holds the unpruned model; prune again or use the source model")
+        raise InputError("convert: a v1 'dense' run holds the unpruned model; prune again or use the source model")
     blocks_for = lambda key, shape: block_sizes(shape, block_size)  # noqa: E731  (v1 had no budget)
     config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], blocks_for))
     write_text(dst / "config.json", config.to_json_string())
@@ -487,7 +488,7 @@ def convert_v1(src: str | Path, dst: str | Path) -> None:
     for i in range(len(decoder_layers(model))):
         path = src / "layers" / f"block_{i:03d}.safetensors"
         if not path.exists():
-            raise ValueError(f"v1 checkpoint {str(src)!r} is incomplete: {str(path)!r} missing")
+            raise InputError(f"v1 checkpoint {str(src)!r} is incomplete: {str(path)!r} missing")
         tensors, meta_i = _read_shard(path)
         modules = modules_from_tensors(tensors, str(path))  # v1 keys are the block-local names
         report = json.loads(meta_i.get("report", "{}"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..errors import InputError
 from ..optim import ArmorOptions
 from .budget import BudgetOptions
 from .reconstruct import ReconOptions
@@ -38,23 +39,23 @@ class PruneConfig:
         if self.options is None:
             object.__setattr__(self, "options", ArmorOptions())
         if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+            raise InputError(f"method: expected one of {METHODS}, got {self.method!r}")
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {self.protocol!r}")
+            raise InputError(f"protocol: expected one of {PROTOCOLS}, got {self.protocol!r}")
         if self.method != "armor" and self.options != ArmorOptions():
-            raise ValueError(f"options: ArmorOptions are for method 'armor', got them with method {self.method!r}")
+            raise InputError(f"options: ArmorOptions are for method 'armor', got them with method {self.method!r}")
         if self.tuned and self.method == "dense":
-            raise ValueError("recon: block-wise reconstruction tunes pruned blocks, got it with method 'dense'")
+            raise InputError("recon: block-wise reconstruction tunes pruned blocks, got it with method 'dense'")
         if self.asymmetric is not None and (self.method == "dense" or self.protocol != "sequential"):
-            raise ValueError("asymmetric: fits the pruned model's inputs to the dense model's outputs, so it needs "
+            raise InputError("asymmetric: fits the pruned model's inputs to the dense model's outputs, so it needs "
                              f"a pruning method and protocol 'sequential', got method {self.method!r}, protocol "
                              f"{self.protocol!r}")
         if self.budget is not None and (self.method != "armor" or self.options.overhead is not None):
-            raise ValueError("budget: allocates ARMOR's block sizes model-wide; it takes method 'armor' without a "
+            raise InputError("budget: allocates ARMOR's block sizes model-wide; it takes method 'armor' without a "
                              f"per-layer overhead, got method {self.method!r}"
                              + (f", overhead {self.options.overhead}" if self.options.overhead else ""))
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"batch_size: expected an int ≥ 1, got {self.batch_size!r}")
+            raise InputError(f"batch_size: expected an int ≥ 1, got {self.batch_size!r}")
 
     @property
     def tuned(self) -> bool:
@@ -82,5 +83,5 @@ def prune_config(config: PruneConfig | str) -> PruneConfig:
         return PRESETS[config]
     if config in METHODS:
         return PruneConfig(method=config)
-    raise ValueError(f"config: expected a PruneConfig, a preset in {sorted(PRESETS)} or a method in {METHODS}, "
+    raise InputError(f"config: expected a PruneConfig, a preset in {sorted(PRESETS)} or a method in {METHODS}, "
                      f"got {config!r}")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import save_json
+from ..errors import InputError
 from ..nn import Sparse24Linear
 from ..sparse24 import violations_24
 from .checkpoint import (
@@ -54,7 +55,7 @@ def _source_dtype(src: ModelSource, model: nn.Module) -> torch.dtype:
     with safe_open(src.files[name], "pt") as f:
         stored = f.get_slice(name).get_dtype()
     if stored not in _DTYPES:
-        raise ValueError(f"--from-dense-24: {name} is stored as {stored}; expected one of {sorted(_DTYPES)}")
+        raise InputError(f"--from-dense-24: {name} is stored as {stored}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[stored]
 
 
@@ -66,9 +67,9 @@ def _refuse_quantized(src: ModelSource) -> None:
         return
     q = q if isinstance(q, dict) else q.to_dict()
     if q.get("quant_method") == QUANT_METHOD:
-        raise ValueError(f"--from-dense-24: {str(src.path)!r} is already a pruned checkpoint of this package")
+        raise InputError(f"--from-dense-24: {str(src.path)!r} is already a pruned checkpoint of this package")
     if q.get("quant_method") != "compressed-tensors" or q.get("config_groups"):
-        raise ValueError(f"--from-dense-24: {str(src.path)!r} holds quantized weights (quantization_config "
+        raise InputError(f"--from-dense-24: {str(src.path)!r} holds quantized weights (quantization_config "
                          f"{q.get('quant_method')!r}); only dense tensors with 2:4 zeros convert")
 
 
@@ -77,7 +78,7 @@ def from_dense_24(src: str | Path, dst: str | Path, *, strict: bool = False) -> 
     linears were packed, which kept dense and why, and what was rounded to bf16."""
     src, dst = ModelSource(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
-        raise ValueError(f"--from-dense-24: output directory {str(dst)!r} is not empty")
+        raise InputError(f"--from-dense-24: output directory {str(dst)!r} is not empty")
     _refuse_quantized(src)
     model = src.skeleton()
     check_supported(model)
@@ -122,7 +123,7 @@ def _convert(src: ModelSource, model: nn.Module, dtype: torch.dtype, dst: Path, 
             why = (f"d_in={W.shape[1]} is not a multiple of 8 (the packed form's unit)" if bad is None else
                    f"{bad} of {W.numel() // 4} groups of 4 hold more than two non-zeros")
             if strict:
-                raise ValueError(f"--from-dense-24 --strict: {full} is not exactly 2:4 ({why}); nothing written")
+                raise InputError(f"--from-dense-24 --strict: {full} is not exactly 2:4 ({why}); nothing written")
             dense[full] = why
             out[name] = lin
         save_block(dst, i, f"{prefix}.{i}", out, config_hash(run), {})

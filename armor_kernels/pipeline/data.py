@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import os
 import shutil
 import struct
@@ -26,6 +27,7 @@ import rdata
 import torch
 
 from ..atomic import write_text
+from ..errors import InputError, MissingFile
 
 DEB_PACKAGE = "r-cran-janeaustenr"
 # Variable name in the package's lazy-load database -> title, in publication order.
@@ -43,6 +45,7 @@ EVAL_NOVEL = "Pride and Prejudice"
 # (docs/DESIGN.md §7), about a minute for a dense 135M model on 2 CPU cores.
 N_SAMPLES, SEQ_LEN, EVAL_TOKENS = 32, 512, 20_000
 _DB_PATH = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+log = logging.getLogger("armor_kernels")
 
 
 def cache_dir() -> Path:
@@ -96,7 +99,7 @@ def _fetch_database() -> tuple[bytes, bytes]:
 def _members_without_dpkg(deb: bytes) -> tuple[bytes, bytes]:
     """Read the database out of a .deb in pure Python: an ar archive whose data.tar.* holds the tree."""
     if not deb.startswith(b"!<arch>\n"):
-        raise ValueError("not a Debian package (no ar header)")
+        raise InputError("not a Debian package (no ar header)")
     pos = 8
     while pos + 60 <= len(deb):
         name, size = deb[pos:pos + 16].strip().decode(), int(deb[pos + 48:pos + 58])
@@ -104,7 +107,7 @@ def _members_without_dpkg(deb: bytes) -> tuple[bytes, bytes]:
             with tarfile.open(fileobj=io.BytesIO(deb[pos + 60:pos + 60 + size]), mode="r:*") as tar:
                 return tuple(tar.extractfile(f"./{_DB_PATH}{ext}").read() for ext in (".rdx", ".rdb"))
         pos += 60 + size + size % 2  # ar members are padded to an even length
-    raise ValueError("no data.tar member in the Debian package")
+    raise InputError("no data.tar member in the Debian package")
 
 
 def _read_lazyload_db(rdx: bytes, rdb: bytes) -> dict[str, list[str]]:
@@ -116,13 +119,13 @@ def _read_lazyload_db(rdx: bytes, rdb: bytes) -> dict[str, list[str]]:
     """
     index = rdata.conversion.convert(rdata.parser.parse_data(rdx, extension=".rds"))
     if list(index["compressed"]) != [True]:
-        raise ValueError(f"unsupported lazy-load compression {index['compressed']!r} (only zlib)")
+        raise InputError(f"unsupported lazy-load compression {index['compressed']!r} (only zlib)")
     out = {}
     for name, (offset, length) in index["variables"].items():
         record = rdb[offset:offset + length]
         serialised = zlib.decompress(record[4:])
         if len(serialised) != struct.unpack(">I", record[:4])[0]:
-            raise ValueError(f"corrupt lazy-load record for {name!r}")
+            raise InputError(f"corrupt lazy-load record for {name!r}")
         vector = rdata.conversion.convert(rdata.parser.parse_data(serialised, extension=".rds"))
         out[str(name)] = [str(line) for line in vector]
     return out
@@ -135,14 +138,21 @@ def load_corpus(source: str | os.PathLike | None = None) -> dict[str, str]:
         return austen_novels()
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"text source {str(path)!r} does not exist")
+        raise MissingFile(f"text source {str(path)!r} does not exist")
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"text directory {str(path)!r} has no .txt files")
+        raise InputError(f"text directory {str(path)!r} has no .txt files")
     corpus = {f.stem: f.read_text(encoding="utf-8") for f in files}
     for name, text in corpus.items():
         if not text.strip():
-            raise ValueError(f"text {name!r} in {str(path)!r} is empty")
+            raise InputError(f"text {name!r} in {str(path)!r} is empty")
+    return corpus
+
+
+def _one_document(path: str | os.PathLike) -> dict[str, str]:
+    corpus = load_corpus(path)
+    if len(corpus) != 1:
+        raise InputError(f"eval_text: expected one .txt file, got {str(path)!r} with {len(corpus)} documents")
     return corpus
 
 
@@ -162,7 +172,8 @@ class TokenSplits(NamedTuple):
 
 def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None = None, *,
                  n_samples: int = N_SAMPLES, seq_len: int = SEQ_LEN, eval_tokens: int = EVAL_TOKENS, seed: int = 0,
-                 eval_doc: str | None = None, n_validation: int = 0) -> TokenSplits:
+                 eval_doc: str | None = None, n_validation: int = 0,
+                 eval_text: str | os.PathLike | None = None) -> TokenSplits:
     """Calibration and evaluation tokens from disjoint parts of a corpus.
 
     ``source`` is what :func:`load_corpus` takes, or an already loaded name -> text mapping.
@@ -177,36 +188,50 @@ def token_splits(tokenizer, source: str | os.PathLike | Mapping[str, str] | None
     never calibrated on, for choosing between configurations without looking at the evaluation text (the
     calibration windows are the same with or without it).
 
+    ``eval_text`` (one .txt file) is the evaluation text instead: its first ``eval_tokens`` tokens (0: all
+    of it, as the WikiText-2 protocol scores the whole test file), calibration coming from every document
+    of ``source``. The evaluated document is logged.
+
     Defaults: N_SAMPLES, SEQ_LEN and EVAL_TOKENS above.
     """
     for arg, value in (("n_samples", n_samples), ("seq_len", seq_len), ("eval_tokens", eval_tokens)):
-        if value < 1:
-            raise ValueError(f"{arg} must be positive, got {value}")
-    if eval_tokens < seq_len:
-        raise ValueError(f"eval_tokens={eval_tokens} is less than one window of seq_len={seq_len}")
+        if value < (0 if arg == "eval_tokens" and eval_text is not None else 1):
+            raise InputError(f"{arg} must be positive, got {value}")
+    if 0 < eval_tokens < seq_len:
+        raise InputError(f"eval_tokens={eval_tokens} is less than one window of seq_len={seq_len}")
     corpus = source if isinstance(source, Mapping) else load_corpus(source)
-    ids = {name: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-           for name, text in corpus.items()}
+    tokenize = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = {name: tokenize(text) for name, text in corpus.items()}
     if not ids or all(len(t) == 0 for t in ids.values()):
-        raise ValueError("the text is empty")
+        raise InputError("the text is empty")
 
-    if len(ids) == 1:
+    if eval_text is not None:
+        if eval_doc is not None:
+            raise InputError("eval_doc: names a document of the calibration text; got it with eval_text")
+        (name, text), = _one_document(eval_text).items()
+        tokens = tokenize(text)
+        evaluation, pool = (tokens if eval_tokens == 0 else tokens[:eval_tokens]), list(ids.values())
+        if len(evaluation) < max(eval_tokens, seq_len):
+            raise InputError(f"evaluation text {str(eval_text)!r} has {len(tokens)} tokens, fewer than "
+                             f"{max(eval_tokens, seq_len)}")
+    elif len(ids) == 1:
         (name, tokens), = ids.items()
         need = eval_tokens + n_samples * seq_len
         if len(tokens) < need:
-            raise ValueError(
+            raise InputError(
                 f"text {name!r} has {len(tokens)} tokens, too short to split into eval_tokens="
                 f"{eval_tokens} plus n_samples={n_samples} x seq_len={seq_len} = {need} tokens")
         evaluation, pool = tokens[-eval_tokens:], [tokens[:-eval_tokens]]
     else:
         name = eval_doc or (EVAL_NOVEL if EVAL_NOVEL in ids else list(ids)[-1])
         if name not in ids:
-            raise ValueError(f"eval_doc={name!r} is not among the documents {list(ids)}")
+            raise InputError(f"eval_doc={name!r} is not among the documents {list(ids)}")
         if len(ids[name]) < eval_tokens:
-            raise ValueError(f"evaluation text {name!r} has {len(ids[name])} tokens, "
+            raise InputError(f"evaluation text {name!r} has {len(ids[name])} tokens, "
                              f"fewer than eval_tokens={eval_tokens}")
         evaluation = ids[name][:eval_tokens]
         pool = [t for n, t in ids.items() if n != name]
+    log.info("evaluation: %d tokens of %r; calibration from %d other document(s)", len(evaluation), name, len(pool))
 
     calibration, validation = calibration_windows(pool, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                                   n_validation=n_validation)
@@ -221,7 +246,7 @@ def calibration_windows(documents: list[torch.Tensor], *, n_samples: int = N_SAM
     windows = torch.cat([t[:len(t) // seq_len * seq_len].view(-1, seq_len) for t in documents])
     if len(windows) < n_samples + n_validation:
         asked = f"n_samples={n_samples}" + (f" + n_validation={n_validation}" if n_validation else "")
-        raise ValueError(f"calibration text holds {len(windows)} windows of seq_len={seq_len} tokens, "
+        raise InputError(f"calibration text holds {len(windows)} windows of seq_len={seq_len} tokens, "
                          f"fewer than {asked}")
     pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
     validation = windows[pick[n_samples:n_samples + n_validation]] if n_validation else None

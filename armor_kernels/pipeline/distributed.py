@@ -50,6 +50,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from ..errors import InputError
 from ..factors import ActivationStats
 
 TIMEOUT_ENV = "ARMOR_DIST_TIMEOUT"
@@ -74,7 +75,7 @@ def dist_timeout() -> float:
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise ValueError(f"{TIMEOUT_ENV}: expected a positive number of seconds, got {raw!r}")
+        raise InputError(f"{TIMEOUT_ENV}: expected a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -83,7 +84,7 @@ def _env_int(name: str) -> int:
     try:
         return int(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"torch.distributed: environment variable {name} must be an integer "
+        raise InputError(f"torch.distributed: environment variable {name} must be an integer "
                          f"(torchrun sets it), got {raw!r}") from None
 
 
@@ -128,7 +129,7 @@ class Dist:
         elif device.type == "cpu":
             backend = "gloo"
         else:
-            raise ValueError(f"torch.distributed: device {device} is not supported (cpu: gloo, cuda: nccl)")
+            raise InputError(f"torch.distributed: device {device} is not supported (cpu: gloo, cuda: nccl)")
         owns = not tdist.is_initialized()
         if owns:
             try:
@@ -236,7 +237,7 @@ class Dist:
 def batch_range(n_batches: int, rank: int, world_size: int) -> range:
     """The contiguous chunk of range(n_batches) that `rank` of `world_size` calibrates."""
     if n_batches < 0 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"batch_range: bad arguments n_batches={n_batches}, rank={rank}, world_size={world_size}")
+        raise InputError(f"batch_range: bad arguments n_batches={n_batches}, rank={rank}, world_size={world_size}")
     q, extra = divmod(n_batches, world_size)
     start = rank * q + min(rank, extra)
     return range(start, start + q + (rank < extra))
@@ -310,7 +311,7 @@ class StatsRecorder:
         """Run the second stream (`run()`: the same linears on other inputs) and keep each linear's inputs,
         in call order, for the next batch to join with its own (paired recorders)."""
         if not self.paired:
-            raise ValueError("StatsRecorder: partners() is for a paired recorder")
+            raise InputError("StatsRecorder: partners() is for a paired recorder")
         self._capture = {n: [] for n in self.names}
         try:
             run()
@@ -322,17 +323,17 @@ class StatsRecorder:
     def batch(self, index: int) -> Iterator[None]:
         """Calls of the linears inside this context belong to global batch `index`."""
         if self.batches and index <= self.batches[-1]:
-            raise ValueError(f"StatsRecorder: batches must come in increasing order, got {index} "
+            raise InputError(f"StatsRecorder: batches must come in increasing order, got {index} "
                              f"after {self.batches[-1]}")
         if self.paired and self._partners is None:
-            raise ValueError("StatsRecorder: a paired recorder needs partners(run) before each batch")
+            raise InputError("StatsRecorder: a paired recorder needs partners(run) before each batch")
         self.batches.append(index)
         self._current = index
         try:
             yield
             left = {n: len(xs) for n, xs in (self._partners or {}).items() if xs}
             if left:
-                raise ValueError(f"StatsRecorder: the second stream called {left} more times than the first")
+                raise InputError(f"StatsRecorder: the second stream called {left} more times than the first")
         finally:
             self._current, self._partners = None, None
 
@@ -345,11 +346,11 @@ class StatsRecorder:
         if self.paired:
             partners = self._partners.get(name)
             if not partners:
-                raise ValueError(f"StatsRecorder: {name} was called more times than on the second stream")
+                raise InputError(f"StatsRecorder: {name} was called more times than on the second stream")
             x = torch.cat([x, partners.pop(0).to(x.device, x.dtype)], dim=-1)
         d_in = self.d_in[name]
         if x.shape[-1] != d_in:
-            raise ValueError(f"x: expected last dimension {d_in}, got shape {tuple(x.shape)}")
+            raise InputError(f"x: expected last dimension {d_in}, got shape {tuple(x.shape)}")
         # exactly ActivationStats.update's terms, on the device the one-process statistics live on
         x = x.detach().reshape(-1, d_in).to(self.devices[name], torch.float64)
         sq = (x * x).sum(0)
@@ -379,7 +380,7 @@ def combine_stats(dist: Dist, recorder: StatsRecorder, n_batches: int | None = N
     if owners is not None:
         missing = [n for n in names if n not in owners]
         if missing:
-            raise ValueError(f"combine_stats: owners has no rank for {missing}")
+            raise InputError(f"combine_stats: owners has no rank for {missing}")
     if not dist.distributed:
         return {n: s for n, s in recorder.head.items() if owners is None or owners[n] == dist.rank}
     _check_batch_order(dist, recorder.batches, n_batches)
@@ -458,7 +459,7 @@ def _check_batch_order(dist: Dist, batches: list[int], n_batches: int | None) ->
         ok = ok and flat == list(range(n_batches))
     if not ok:
         shown = ", ".join(f"rank {r}: {c[:3]}{'…' if len(c) > 3 else ''} ({len(c)})" for r, c in enumerate(every))
-        raise ValueError("combine_stats: the ranks must record contiguous chunks of the batches in rank order "
+        raise InputError("combine_stats: the ranks must record contiguous chunks of the batches in rank order "
                          f"(Dist.my_batches{'' if n_batches is None else f'({n_batches})'}), got {shown}")
 
 
@@ -491,10 +492,10 @@ def assign(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     order; the result follows `sizes`' order. The most loaded rank carries at most the least loaded's
     load plus one job (and at most 4/3 of the optimum)."""
     if world_size < 1:
-        raise ValueError(f"assign: world_size must be ≥ 1, got {world_size}")
+        raise InputError(f"assign: world_size must be ≥ 1, got {world_size}")
     bad = {n: s for n, s in sizes.items() if not isinstance(s, int) or s < 0}
     if bad:
-        raise ValueError(f"assign: sizes must be non-negative integers, got {bad}")
+        raise InputError(f"assign: sizes must be non-negative integers, got {bad}")
     load, owner = [0] * world_size, {}
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
         r = min(range(world_size), key=lambda k: (load[k], k))
@@ -529,7 +530,7 @@ def share_modules(dist: Dist, modules: dict[str, nn.Module], assignment: dict[st
         raise KeyError(f"share_modules: rank {dist.rank} was assigned {missing} but has no such module")
     bad = sorted({r for r in assignment.values() if not 0 <= r < dist.world_size})
     if bad:
-        raise ValueError(f"share_modules: assignment names ranks {bad}, world size is {dist.world_size}")
+        raise InputError(f"share_modules: assignment names ranks {bad}, world size is {dist.world_size}")
     if not dist.distributed:
         return {n: modules[n] for n in assignment}, {n: reports.get(n, {}) for n in assignment}
 
@@ -564,7 +565,7 @@ def share_modules(dist: Dist, modules: dict[str, nn.Module], assignment: dict[st
                     off += size
                 mod = template_fn(n, tensors)
                 if list(mod.state_dict()) != [k for k, _, _ in specs]:
-                    raise ValueError(f"share_modules: the module rebuilt for {n!r} has state-dict keys "
+                    raise InputError(f"share_modules: the module rebuilt for {n!r} has state-dict keys "
                                      f"{list(mod.state_dict())}, its owner's {[k for k, _, _ in specs]}")
                 got_modules[n] = mod
             got_reports[n] = meta[n]["report"]

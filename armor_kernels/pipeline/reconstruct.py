@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..factors import block_right
 from ..nn import ArmorLinear, Sparse24Linear
 from .distributed import Dist, share_modules
@@ -77,13 +78,13 @@ class ReconOptions:
 
     def __post_init__(self):
         if self.target not in TARGETS:
-            raise ValueError(f"target: expected one of {TARGETS}, got {self.target!r}")
+            raise InputError(f"target: expected one of {TARGETS}, got {self.target!r}")
         for name, low in (("steps", 0), ("batch", 1), ("holdout", 1), ("check", 1), ("patience", 1), ("seed", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}: expected an int ≥ {low}, got {value!r}")
+                raise InputError(f"{name}: expected an int ≥ {low}, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+            raise InputError(f"lr: expected a positive learning rate, got {self.lr!r}")
 
     @property
     def enabled(self) -> bool:
@@ -102,7 +103,7 @@ class _Tunable(nn.Module):
     def __init__(self, mod: ArmorLinear | Sparse24Linear):
         super().__init__()
         if isinstance(mod, ArmorLinear) and not mod.packed:
-            raise ValueError("reconstruction: expected packed pruned linears (ArmorLinear.pack()), got an unpacked one")
+            raise InputError("reconstruction: expected packed pruned linears (ArmorLinear.pack()), got an unpacked one")
         values, idx = mod.S_values, mod.S_idx
         rows, half = values.shape
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=idx.device)
@@ -161,7 +162,7 @@ class Reconstruction:
                  record: Callable[[torch.Tensor], tuple[list, list]], offload: bool, dist: Dist, device):
         n = calib.shape[0]
         if options.holdout >= n:
-            raise ValueError(f"reconstruction holdout: expected fewer windows than the calibration's {n}, got "
+            raise InputError(f"reconstruction holdout: expected fewer windows than the calibration's {n}, got "
                              f"{options.holdout}")
         self.options, self.protocol, self.dist, self.device = options, protocol, dist, torch.device(device)
         self.block_index = -1

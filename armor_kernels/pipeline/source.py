@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..errors import InputError, MissingFile
 from ..nn import prepare
 from .checkpoint import (
     INDEX_FILE,
@@ -41,11 +42,11 @@ from .model import (
     adopt,
     block_linear_keys,
     block_linears,
-    bundled_model_path,
     check_model_dir,
     decoder_layers,
     layers_prefix,
     load_model,
+    resolve_model,
 )
 
 
@@ -77,11 +78,11 @@ class ModelSource:
             full = f"{prefix}{k}"
             shard = self.files.get(full)
             if shard is None:
-                raise ValueError(f"model {str(self.path)!r}: tensor {full!r}, which its config.json implies, is in "
+                raise InputError(f"model {str(self.path)!r}: tensor {full!r}, which its config.json implies, is in "
                                  f"none of its shards ({sorted({p.name for p in self.files.values()})})")
             t = self._tensor(shard, full)
             if tuple(t.shape) != tuple(want[k].shape):
-                raise ValueError(f"model {str(self.path)!r}: tensor {full!r} in {shard.name} has shape "
+                raise InputError(f"model {str(self.path)!r}: tensor {full!r} in {shard.name} has shape "
                                  f"{tuple(t.shape)}, its config.json implies {tuple(want[k].shape)}")
             out[k] = t.to(device, dtype if t.is_floating_point() else t.dtype)
         return out
@@ -152,7 +153,7 @@ class CheckpointSource(ModelSource):
         tensors = self._shard(path)
         local = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
         if len(local) != len(tensors) or {k.rsplit(".", 1)[0] for k in local} != set(block_linears(block)):
-            raise ValueError(f"checkpoint shard {str(path)!r} does not hold block {i}'s linears "
+            raise InputError(f"checkpoint shard {str(path)!r} does not hold block {i}'s linears "
                              f"{sorted(block_linears(block))} under {head!r}")
         modules = modules_from_tensors(local, str(path))
         adopt(block, modules, dtype, device)
@@ -180,18 +181,18 @@ def _trim_heap() -> None:
 
 
 def model_source(path: str | Path | None) -> ModelSource:
-    """The ModelSource of a model argument: a Hugging Face directory as it is; a .gguf file (None: the
-    bundled SmolLM2-135M-Instruct) converted once into a cached safetensors directory."""
-    if path is not None and Path(path).is_dir():
-        return ModelSource(path)
-    return gguf_source(Path(path) if path is not None else bundled_model_path())
+    """The ModelSource of a model argument (model.resolve_model: a local path, a Hub id, None for the bundled
+    SmolLM2-135M-Instruct): a Hugging Face directory as it is; a .gguf file converted once into a cached
+    safetensors directory."""
+    path = resolve_model(path)
+    return ModelSource(path) if path.is_dir() else gguf_source(path)
 
 
 def gguf_source(gguf: Path) -> ModelSource:
     """A .gguf model as a safetensors directory, converted once (dequantised to float32) and cached under
     cache_dir()/models; the conversion is atomic."""
     if not gguf.is_file() or gguf.suffix != ".gguf":
-        raise FileNotFoundError(f"model {str(gguf)!r}: expected a Hugging Face directory or a .gguf file")
+        raise MissingFile(f"model {str(gguf)!r}: expected a Hugging Face directory or a .gguf file")
     folder = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
     stamp = {"gguf": str(gguf), "bytes": gguf.stat().st_size}
     done = folder / "armor_source.json"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import InputError
 from ..layout import identity_block, layer_layout
 from ..nn import path_for
 from ..ops import layer_unavailable_reason
@@ -57,7 +58,7 @@ def inspect_checkpoint(out: str | Path, dtype: torch.dtype = torch.bfloat16) -> 
     config = json.loads((out / "config.json").read_text())
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") != "armor":
-        raise ValueError(f"inspect: {str(out)!r} is not a pruned checkpoint (no 'armor' quantization_config)")
+        raise InputError(f"inspect: {str(out)!r} is not a pruned checkpoint (no 'armor' quantization_config)")
     run = json.loads((out / RUN_FILE).read_text())["run"] if (out / RUN_FILE).is_file() else {}
     tensors = _tensor_bytes(out)
     # the pruned linears, and those a conversion kept dense: a 2-D weight in a block shard
