@@ -113,7 +113,7 @@ setup(
         "bench": ["matplotlib>=3.7"],
         "eval": ["lm-eval[hf]==0.4.13"],
         # armor_kernels.integrations.llmcompressor (ArmorModifier); llm-compressor pins transformers <= 5.17 and
-        # compressed-tensors 0.19.0, so it lives in its own environment (.ci/setup_llmcompressor.sh).
+        # compressed-tensors 0.19.0, so it lives in its own environment (scripts/setup_llmcompressor.sh).
         "llmcompressor": ["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0", "datasets>=2.16",
                           "accelerate>=0.30"],
     },

@@ -13,9 +13,9 @@ run a pruned model from its packed form.
 __version__ = "0.1.0"  # recorded in every pruning run's configuration; setup.py reads it from here
 
 from .baselines import BASELINES, magnitude, nowag_p, sparsegpt, wanda
-from .factors import ActivationStats
 from .nn import ArmorLinear, Sparse24Linear, paths, prepare
 from .optim import ArmorOptions, ArmorResult, armor
+from .stats import ActivationStats
 
 # The model-level API reads through the pipeline (and transformers): imported on first use, so that
 # `import armor_kernels` stays as light as the layer-level library.

@@ -13,8 +13,9 @@ from typing import NamedTuple
 import torch
 
 from .errors import InputError
-from .factors import ActivationStats, check_weight, normalize
+from .factors import check_weight, normalize
 from .kernels.top2 import top2_mask
+from .stats import ActivationStats
 
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01

@@ -5,8 +5,7 @@
     python -m armor_kernels eval --checkpoint runs/armor
     python -m armor_kernels compare --out runs/compare  # every method: CSV + Markdown table
     python -m armor_kernels export-dense runs/armor runs/armor-dense   # plain HF checkpoint
-    python -m armor_kernels convert OLD_V1_DIR NEW_DIR  # format v1 -> v2
-    python -m armor_kernels convert --from-dense-24 DENSE_DIR NEW_DIR   # dense with 2:4 zeros -> packed
+    python -m armor_kernels convert DENSE_DIR NEW_DIR   # a dense checkpoint with 2:4 zeros -> packed
     python -m armor_kernels inspect runs/armor          # per layer: shape, blocks, bytes, path on sm_90
     python -m armor_kernels lm-eval-task runs/task      # eval's windows as an offline lm-eval task
     python -m armor_kernels lm-eval --model hf --model_args pretrained=runs/armor ...   # lm-eval's CLI
@@ -30,7 +29,6 @@ from .errors import InputError
 from .optim import ArmorOptions
 from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
 from .pipeline.budget import BudgetOptions
-from .pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.config import METHODS, PRESETS, PROTOCOLS, PruneConfig
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
@@ -38,6 +36,7 @@ from .pipeline.evaluate import streamed_perplexity
 from .pipeline.lock import RunLocked
 from .pipeline.prune import prune_model
 from .pipeline.reconstruct import TARGETS, ReconOptions
+from .pipeline.sizes import checkpoint_sizes, dense_bf16_linear_bytes
 from .pipeline.source import CheckpointSource, ModelSource, checkpoint_source, model_source
 
 COLUMNS = ["method", "perplexity", "calibration_s", "eval_s", "linear_bytes", "dense_bf16_linear_bytes",
@@ -77,7 +76,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asymmetric", type=float, default=None, metavar="DAMP",
                    help="asymmetric calibration: fit each linear, on the pruned model's inputs, to the dense model's "
                         "output on its own inputs, shrunk toward W by DAMP x mean diag H (protocol sequential; "
-                        "factors.asymmetric_weight). Default off")
+                        "stats.asymmetric_weight). Default off")
     p.add_argument("--budget", type=float, default=None, metavar="F",
                    help="ARMOR: one model-wide budget, A and B at most F of the linears' parameters in total, block "
                         "sizes allocated per layer from each layer's measured loss (pipeline/budget.py); replaces "
@@ -281,21 +280,14 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export_dense(args) -> None:
-    from .hf import export_dense
+    from .integrations.hf import export_dense
     export_dense(args.checkpoint, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"wrote {args.out}: a plain Hugging Face checkpoint (no plugin needed to load it)")
 
 
 def cmd_convert(args) -> None:
-    if args.from_dense_24:
-        from .pipeline.convert import from_dense_24, report_lines
-        print("\n".join(report_lines(from_dense_24(args.src, args.dst, strict=args.strict), Path(args.dst))))
-        return
-    if args.strict:
-        raise InputError("convert: --strict applies to --from-dense-24 only")
-    from .pipeline.checkpoint import convert_v1
-    convert_v1(args.src, args.dst)
-    print(f"wrote {args.dst} (format v2)")
+    from .pipeline.convert import from_dense_24, report_lines
+    print("\n".join(report_lines(from_dense_24(args.src, args.dst, strict=args.strict), Path(args.dst))))
 
 
 def cmd_inspect(args) -> None:
@@ -337,14 +329,12 @@ def parser(preset: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype (default: the pruning run's model dtype)")
-    p = sub.add_parser("convert", help="rewrite a format-v1 checkpoint directory as format v2, or (--from-dense-24) "
-                                       "pack a dense checkpoint whose linears are 2:4 with zeros stored")
+    p = sub.add_parser("convert", help="pack a dense Hugging Face checkpoint whose linears are 2:4 with zeros stored "
+                                       "(e.g. llm-compressor's SparseGPT/Wanda 2:4 output): every exactly-2:4 block "
+                                       "linear is packed; the others are named and kept dense")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--from-dense-24", action="store_true",
-                   help="src is a dense Hugging Face directory (e.g. llm-compressor's SparseGPT/Wanda 2:4 output): "
-                        "every exactly-2:4 block linear is packed; the others are named and kept dense")
-    p.add_argument("--strict", action="store_true", help="with --from-dense-24: refuse a linear that is not 2:4")
+    p.add_argument("--strict", action="store_true", help="refuse a linear that is not 2:4")
     p = sub.add_parser("inspect", help="per layer: kind, shape, blocks, stored bytes, the path on an sm_90 GPU")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="the report as JSON")
@@ -387,7 +377,7 @@ def _early(argv: list[str]) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["lm-eval"], ["lm-eval-task"]):  # everything after it is lm-eval's / the task writer's
-        from . import lm_eval
+        from .integrations import lm_eval
         return (lm_eval.main if argv[0] == "lm-eval" else lm_eval.write_task_main)(argv[1:])
     early = _early(argv)
     try:

@@ -18,9 +18,9 @@ _FAILED: dict[str, str] = {}
 def load(name: str, not_built: str) -> tuple[ModuleType | None, str | None]:
     """(module, None), or (None, why): `not_built` when the extension has no file, else its load error."""
     full = f"{__package__}.{name}"
-    if importlib.util.find_spec(full) is None:
-        return None, f"the extension {full} is not built ({not_built})"
     try:
+        if importlib.util.find_spec(full) is None:
+            return None, f"the extension {full} is not built ({not_built})"
         return importlib.import_module(full), None
     except Exception as e:  # noqa: BLE001 - any failure of a built file is reported, never swallowed
         why = _FAILED[full] = f"the extension {full} is built but failed to load: {type(e).__name__}: {e}"
@@ -31,9 +31,11 @@ def load(name: str, not_built: str) -> tuple[ModuleType | None, str | None]:
 def broken() -> dict[str, str]:
     """Extensions that are built but failed to load in this process: name -> error."""
     for name in EXTENSIONS:
-        if f"{__package__}.{name}" not in _FAILED and importlib.util.find_spec(f"{__package__}.{name}") is not None:
+        full = f"{__package__}.{name}"
+        if full not in _FAILED:
             try:
-                importlib.import_module(f"{__package__}.{name}")
+                if importlib.util.find_spec(full) is not None:
+                    importlib.import_module(full)
             except Exception as e:  # noqa: BLE001
-                _FAILED[f"{__package__}.{name}"] = f"{type(e).__name__}: {e}"
+                _FAILED[full] = f"{type(e).__name__}: {e}"
     return dict(_FAILED)

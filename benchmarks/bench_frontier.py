@@ -32,7 +32,7 @@ from harness import RESULTS, bench_args, plot_lines, read_csv, write_csv
 
 from armor_kernels.atomic import save_json, write_text
 from armor_kernels.cli import PRESETS
-from armor_kernels.hf import load_pruned_model
+from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, python_reference, token_splits
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import load_model

@@ -64,7 +64,7 @@ def build(model: str, variant: str, checkpoint: str | None):
         else:
             from transformers import AutoModelForCausalLM
 
-            import armor_kernels.hf  # noqa: F401  (registers the format)
+            import armor_kernels.integrations.hf  # noqa: F401  (registers the format)
             m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
         return m, m.config.vocab_size
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -2,7 +2,7 @@
 
     .venv-llmc/bin/python benchmarks/bench_llmcompressor.py [--rows NAME ...] [--runs-dir runs/llmcompressor]
 
-Runs in the llm-compressor environment (.ci/setup_llmcompressor.sh: llmcompressor 0.14.0.1, transformers
+Runs in the llm-compressor environment (scripts/setup_llmcompressor.sh: llmcompressor 0.14.0.1, transformers
 5.17). Every llm-compressor row is `oneshot(model=<the bundled SmolLM2-135M as a float32 safetensors
 directory>, dataset=<the package's calibration windows>, recipe=...)` with exactly the tokens `prune`
 calibrates on (pipeline.data.token_splits: 32 windows x 512 tokens of the five other Austen novels,
@@ -33,12 +33,12 @@ from harness import RESULTS, bench_args, write_csv
 from torch import nn
 
 from armor_kernels.atomic import save_json, write_text
-from armor_kernels.hf import load_pruned_model
+from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.nn import ArmorLinear
-from armor_kernels.pipeline.checkpoint import checkpoint_sizes, dense_bf16_linear_bytes
 from armor_kernels.pipeline.data import EVAL_TOKENS, SEQ_LEN, python_reference, token_splits
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
+from armor_kernels.pipeline.sizes import checkpoint_sizes, dense_bf16_linear_bytes
 from armor_kernels.pipeline.source import model_source
 from armor_kernels.sparse24 import violations_24
 
@@ -98,7 +98,7 @@ def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_d
             model = load_pruned_model(out)[0]  # evaluated as loaded, not as left in memory
             row["mean_loss"] = round(sum(r["loss"] for r in modifier._reports.values()) / len(modifier._reports), 6)
         else:
-            row["linear_bytes_ratio"] = 0.5628  # packed by `convert --from-dense-24` (bench_frontier's 2:4 rows)
+            row["linear_bytes_ratio"] = 0.5628  # packed by `convert` (bench_frontier's 2:4 rows)
         row["linears_24"] = check_24(model)
     model.eval()
     row["prune_s"] = round(prune_s, 1)

@@ -19,7 +19,7 @@ from bench_linear import cpu_name
 from harness import bench_args, write_csv
 
 from armor_kernels import paths, prepare
-from armor_kernels.hf import load_pruned_model
+from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.pipeline.data import EVAL_TOKENS, SEQ_LEN, token_splits
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import load_model

@@ -24,7 +24,7 @@ What is ASSUMED (no GPU has run this code): the GPU rows take one fast outer ite
 run its 16·b·d_out·d_in multiply-adds at the effective rate the published ARMOR loop reached on an H100
 (docs/DESIGN.md §6.2: ~5.9 ms per iteration at 4096², which does ≈ 6·b·d_out·d_in multiply-adds: one
 forward and backward of A·S·B). With N GPUs each block's linears are spread over the ranks by size
-(`armor_kernels.pipeline.distributed.assign`, longest first) and the block's time is the most loaded
+(`armor_kernels.pipeline.scheduling.assign`, longest first) and the block's time is the most loaded
 rank's (protocol `sequential`); with protocol `dense` every linear of the model is spread at once.
 Calibration forwards, statistics, I/O and communication are not included (seconds against hours).
 Only a pruning run on the GPU (`python -m armor_kernels prune`) measures what these rows estimate.
@@ -46,7 +46,7 @@ from armor_kernels.atomic import write_text
 from armor_kernels.factors import block_sizes
 from armor_kernels.optim import fast
 from armor_kernels.optim.common import Problem
-from armor_kernels.pipeline.distributed import assign
+from armor_kernels.pipeline.scheduling import assign
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

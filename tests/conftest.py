@@ -14,7 +14,7 @@ Markers (registered in pyproject.toml):
   skip of one a failure, as ARMOR_REQUIRE_FUSED does for `gpu`.
 - `llmcompressor`: the llm-compressor integration; such a test skips without llm-compressor (as in .venv,
   whose transformers 5.24 llm-compressor 0.14 does not allow) and runs in .venv-llmc
-  (.ci/setup_llmcompressor.sh). ARMOR_REQUIRE_LLMCOMPRESSOR=1 (.ci/run sets it there) makes a skip of
+  (scripts/setup_llmcompressor.sh). ARMOR_REQUIRE_LLMCOMPRESSOR=1 (.ci/run sets it there) makes a skip of
   one a failure, and a session in which none passed fails, as ARMOR_REQUIRE_FUSED does for `gpu`.
 - ARMOR_REQUIRE_EXTRAS=1 (.ci/run sets it): the optional components CI installs (transformers, rdata, lm-eval,
   triton) must import, so no test of them passes by skipping.

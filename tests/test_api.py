@@ -7,7 +7,7 @@ from helpers import cpu_path
 
 import armor_kernels
 from armor_kernels.api import calibration_tokens
-from armor_kernels.hf import load_pruned_model
+from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.nn import PRUNED_LINEARS, paths
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline.budget import BudgetOptions

@@ -1,6 +1,6 @@
 """Every decoder-only architecture of tests/architectures.py: a tiny random model built
 from the real config class, saved as sharded safetensors, pruned, reloaded through `from_pretrained`
-(armor_kernels.hf) and evaluated; the calibration feeds every block the activations the model itself
+(armor_kernels.integrations.hf) and evaluated; the calibration feeds every block the activations the model itself
 computes; mixture-of-experts blocks are refused by name rather than pruned from empty statistics.
 
 What the tests use of the pipeline (tell whoever changes prune.py):
@@ -29,8 +29,8 @@ from helpers import cpu_path
 from safetensors import safe_open
 from torch import nn
 
-from armor_kernels.factors import ActivationStats, block_sizes
-from armor_kernels.hf import load_pruned_model
+from armor_kernels.factors import block_sizes
+from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.nn import ArmorLinear, Sparse24Linear, paths, prepare
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import prune
@@ -40,6 +40,7 @@ from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import decoder_layers, layers_prefix, load_model
 from armor_kernels.pipeline.source import ModelSource
 from armor_kernels.sparse24 import unpack_24
+from armor_kernels.stats import ActivationStats
 
 BLOCK = 16
 ARMOR_OPTS = ArmorOptions(block_size=BLOCK, iters=1)

@@ -1,4 +1,4 @@
-"""Asymmetric calibration: factors.asymmetric_weight, the paired StatsRecorder, model.sublayers and
+"""Asymmetric calibration: stats.asymmetric_weight, the paired StatsRecorder, model.sublayers and
 prune_model(asymmetric=damp), which prunes a block one sublayer at a time.
 
 Each linear is fitted, on the pruned model's inputs x, to the dense model's output on the dense model's
@@ -15,12 +15,13 @@ from architectures import VOCAB, tiny_model, tiny_tokenizer
 from helpers import prune_interrupted
 from safetensors.torch import load_file
 
-from armor_kernels.factors import ActivationStats, asymmetric_weight
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import prune
-from armor_kernels.pipeline.config import PruneConfig
-from armor_kernels.pipeline.distributed import Dist, StatsRecorder, combine_stats
+from armor_kernels.pipeline.config import PruneConfig, run_config
+from armor_kernels.pipeline.distributed import Dist
 from armor_kernels.pipeline.model import sublayers
+from armor_kernels.pipeline.recorder import StatsRecorder, combine_stats
+from armor_kernels.stats import ActivationStats, asymmetric_weight
 
 CALIB = torch.randint(0, VOCAB, (8, 48), generator=torch.Generator().manual_seed(0))
 OPTS = ArmorOptions(block_size=16, iters=1)
@@ -118,13 +119,13 @@ def test_asymmetric_weight_refuses_statistics_without_the_cross_term():
 
 def test_run_config_records_it_and_refuses_what_it_cannot_take():
     model, _ = tiny_model("llama")
-    plain = prune.run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
-    on = prune.run_config(PruneConfig("armor", options=OPTS, asymmetric=DAMP), CALIB, model, None)
+    plain = run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
+    on = run_config(PruneConfig("armor", options=OPTS, asymmetric=DAMP), CALIB, model, None)
     assert on == {**plain, "asymmetric": {"damp": DAMP}}
     with pytest.raises(ValueError, match="protocol 'sequential', got method 'armor', protocol 'dense'"):
-        prune.run_config(PruneConfig("armor", options=OPTS, protocol="dense", asymmetric=DAMP), CALIB, model, None)
+        run_config(PruneConfig("armor", options=OPTS, protocol="dense", asymmetric=DAMP), CALIB, model, None)
     with pytest.raises(ValueError, match="got method 'dense'"):
-        prune.run_config(PruneConfig("dense", asymmetric=DAMP), CALIB, model, None)
+        run_config(PruneConfig("dense", asymmetric=DAMP), CALIB, model, None)
 
 
 @pytest.fixture(scope="module")

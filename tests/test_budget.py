@@ -24,7 +24,7 @@ from armor_kernels.optim import ArmorOptions
 from armor_kernels.pipeline import budget as budget_mod
 from armor_kernels.pipeline import prune
 from armor_kernels.pipeline.budget import CURVES_FILE, BudgetOptions, ab_params, allocate, candidates
-from armor_kernels.pipeline.config import PRESETS, PruneConfig
+from armor_kernels.pipeline.config import PRESETS, PruneConfig, run_config
 from armor_kernels.pipeline.reconstruct import ReconOptions
 from armor_kernels.pipeline.source import ModelSource
 
@@ -111,13 +111,13 @@ def test_options_and_run_config():
     with pytest.raises(ValueError, match="probe_iters: expected an int ≥ 1, got 0"):
         BudgetOptions(0.05, probe_iters=0)
     model, _ = tiny_model("llama")
-    plain = prune.run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
-    assert prune.run_config(PruneConfig("armor", options=OPTS, budget=BUDGET), CALIB, model, None) == {
+    plain = run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
+    assert run_config(PruneConfig("armor", options=OPTS, budget=BUDGET), CALIB, model, None) == {
         **plain, "budget": {"fraction": 0.3, "probe_iters": 2}}
     with pytest.raises(ValueError, match="without a per-layer overhead, got method 'armor', overhead 0.05"):
-        prune.run_config(PruneConfig("armor", options=ArmorOptions(overhead=0.05), budget=BUDGET), CALIB, model, None)
+        run_config(PruneConfig("armor", options=ArmorOptions(overhead=0.05), budget=BUDGET), CALIB, model, None)
     with pytest.raises(ValueError, match="got method 'sparsegpt'"):
-        prune.run_config(PruneConfig("sparsegpt", budget=BUDGET), CALIB, model, None)
+        run_config(PruneConfig("sparsegpt", budget=BUDGET), CALIB, model, None)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_any_other_spelling_of_the_preset_fails_with_one_line(argv, message, cap
 def test_streamed_architectures(arch, tmp_path):
     """Gemma 2 (per-block attention masks) and Phi-3 (fused qkv and gate_up projections), streamed, with the
     budget and asymmetric calibration: the checkpoint reloads and runs, within its budget."""
-    from armor_kernels.hf import load_pruned_model
+    from armor_kernels.integrations.hf import load_pruned_model
     model, _ = tiny_model(arch)
     src = save_sharded(model, tmp_path / "src")
     out = tmp_path / "out"

@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from armor_kernels.cli import main as cli_main  # noqa: E402
-from armor_kernels.hf import load_pruned_model  # noqa: E402
+from armor_kernels.integrations.hf import load_pruned_model  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline import checkpoint as ckpt  # noqa: E402
+from armor_kernels.pipeline import verify  # noqa: E402
 from armor_kernels.pipeline.config import PruneConfig  # noqa: E402
 from armor_kernels.pipeline.lock import LOCK_FILE, RunLocked  # noqa: E402
 from armor_kernels.pipeline.prune import prune_model  # noqa: E402
@@ -145,7 +146,7 @@ def test_a_directory_without_digests_loads_with_a_warning(pruned, tmp_path):
     for shard in set(index["weight_map"].values()):
         meta = {k: v for k, v in header(d / shard)[1]["__metadata__"].items() if k != ckpt.SHA256_KEY}
         save_file(load_file(d / shard), d / shard, metadata=meta)
-    with pytest.warns(ckpt.NoDigestsWarning, match="records no sha256"):
+    with pytest.warns(verify.NoDigestsWarning, match="records no sha256"):
         old, _ = load_pruned_model(d)
     new, _ = load_pruned_model(pruned)
     x = torch.arange(24)[None]

@@ -1,4 +1,4 @@
-"""convert --from-dense-24 (pipeline/convert.py): a dense checkpoint with 2:4 zeros, as llm-compressor's
+"""convert (pipeline/convert.py): a dense checkpoint with 2:4 zeros, as llm-compressor's
 2:4 modifiers save it, becomes a packed format-v2 directory with the same logits; a linear that is not
 exactly 2:4 is named and kept dense, or refused with --strict."""
 import json
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from armor_kernels import Sparse24Linear, prepare  # noqa: E402
 from armor_kernels.cli import main  # noqa: E402
-from armor_kernels.hf import load_pruned_model  # noqa: E402
+from armor_kernels.integrations.hf import load_pruned_model  # noqa: E402
 from armor_kernels.layout import identity_block, layer_layout  # noqa: E402
 from armor_kernels.pipeline.convert import from_dense_24  # noqa: E402
 from armor_kernels.pipeline.summary import inspect_checkpoint  # noqa: E402
@@ -124,10 +124,10 @@ def test_refusals(converted, tmp_path):
 
 def test_cli(converted, tmp_path, capsys):
     src, dst, odd, _ = converted
-    assert main(["convert", "--from-dense-24", str(src), str(tmp_path / "c")]) == 0
+    assert main(["convert", str(src), str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert f"kept dense: {odd}: 1 of" in out and "linears packed 2:4, 1 kept dense" in out
-    assert main(["convert", "--from-dense-24", "--strict", str(src), str(tmp_path / "d")]) == 2
+    assert main(["convert", "--strict", str(src), str(tmp_path / "d")]) == 2
     assert f"--strict: {odd}" in capsys.readouterr().err
     assert main(["inspect", str(dst), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["paths"]["dense"] == 1

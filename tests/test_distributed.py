@@ -24,9 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from armor_kernels.factors import ActivationStats
 from armor_kernels.nn import ArmorLinear, Sparse24Linear
 from armor_kernels.pipeline import distributed as D
+from armor_kernels.pipeline import recorder as R
+from armor_kernels.pipeline import scheduling
+from armor_kernels.stats import ActivationStats
 
 HERE = Path(__file__).resolve()
 ROWS = (3, 5, 2, 4, 6)  # tokens per calibration batch: 5 batches, split 3 / 2 over 2 ranks
@@ -106,9 +108,9 @@ def snapshot(stats: dict[str, ActivationStats]) -> dict:
 # The workers (run by torchrun)
 # ---------------------------------------------------------------------------------------------
 
-def record(dist: D.Dist, full: bool, store_device=None) -> D.StatsRecorder:
+def record(dist: D.Dist, full: bool, store_device=None) -> R.StatsRecorder:
     block, xs = make_block(), batches()
-    with torch.no_grad(), D.StatsRecorder(linears_of(block), full, dist, store_device) as rec:
+    with torch.no_grad(), R.StatsRecorder(linears_of(block), full, dist, store_device) as rec:
         for b in dist.my_batches(N_BATCHES):
             with rec.batch(b):
                 block(xs[b])
@@ -121,12 +123,13 @@ def worker(scenario: str, out: Path) -> None:
     if scenario == "ok":
         res["mine"] = dist.my_batches(N_BATCHES)
         for full in (False, True):
-            res[f"stats_full={full}"] = snapshot(D.combine_stats(dist, record(dist, full), N_BATCHES))
-        owners = D.assign({n: lin.weight.numel() for n, lin in linears_of(make_block()).items()}, dist.world_size)
+            res[f"stats_full={full}"] = snapshot(R.combine_stats(dist, record(dist, full), N_BATCHES))
+        sizes = {n: lin.weight.numel() for n, lin in linears_of(make_block()).items()}
+        owners = scheduling.assign(sizes, dist.world_size)
         res["owners"] = owners
-        res["owned"] = snapshot(D.combine_stats(dist, record(dist, True, "cpu"), N_BATCHES, owners=owners))
+        res["owned"] = snapshot(R.combine_stats(dist, record(dist, True, "cpu"), N_BATCHES, owners=owners))
 
-        assignment = D.assign({n: d_out * d_in for n, (d_out, d_in, _, _) in SHARED.items()}, dist.world_size)
+        assignment = scheduling.assign({n: d_out * d_in for n, (d_out, d_in, _, _) in SHARED.items()}, dist.world_size)
         made = {n: owned_module(n) for n, r in assignment.items() if r == dist.rank}
         modules, reports = D.share_modules(dist, {n: m for n, (m, _) in made.items()}, assignment,
                                            {n: r for n, (_, r) in made.items()})
@@ -163,7 +166,7 @@ def worker(scenario: str, out: Path) -> None:
             os._exit(0)
         t0 = time.monotonic()
         try:
-            D.combine_stats(dist, record(dist, True), N_BATCHES)
+            R.combine_stats(dist, record(dist, True), N_BATCHES)
         except D.PeerStopped as e:
             (out / "failure.json").write_text(json.dumps({"message": str(e), "seconds": time.monotonic() - t0}))
             raise
@@ -317,19 +320,19 @@ def test_assign_balanced_and_deterministic():
              "self_attn.o_proj": h * h, "mlp.gate_proj": inter * h, "mlp.up_proj": inter * h,
              "mlp.down_proj": h * inter}
     for world in (1, 2, 3, 4, 8):
-        got = D.assign(sizes, world)
+        got = scheduling.assign(sizes, world)
         assert list(got) == list(sizes) and set(got.values()) <= set(range(world))
         for seed in range(5):
             names = list(sizes)
             random.Random(seed).shuffle(names)
-            assert D.assign({n: sizes[n] for n in names}, world) == got
+            assert scheduling.assign({n: sizes[n] for n in names}, world) == got
         load = [sum(s for n, s in sizes.items() if got[n] == r) for r in range(world)]
         assert max(load) - min(load) <= max(sizes.values())
-    assert D.assign(sizes, 1) == dict.fromkeys(sizes, 0)
+    assert scheduling.assign(sizes, 1) == dict.fromkeys(sizes, 0)
     # by hand: a=5 -> 0, b=4 -> 1, then the tie c=3, d=3 in name order: c -> 1 (4 < 5), d -> 0 (5 < 7), e -> 1
-    assert D.assign({"a": 5, "b": 4, "d": 3, "c": 3, "e": 1}, 2) == {"a": 0, "b": 1, "d": 0, "c": 1, "e": 1}
+    assert scheduling.assign({"a": 5, "b": 4, "d": 3, "c": 3, "e": 1}, 2) == {"a": 0, "b": 1, "d": 0, "c": 1, "e": 1}
     with pytest.raises(ValueError, match="world_size"):
-        D.assign(sizes, 0)
+        scheduling.assign(sizes, 0)
 
 
 @pytest.fixture
@@ -344,7 +347,7 @@ def test_single_process_needs_no_process_group(no_torchrun_env, tmp_path):
     assert not tdist.is_initialized()
     assert dist.my_batches(N_BATCHES) == list(range(N_BATCHES))
     for full in (False, True):
-        got = snapshot(D.combine_stats(dist, record(dist, full), N_BATCHES))
+        got = snapshot(R.combine_stats(dist, record(dist, full), N_BATCHES))
         assert_same_stats(got, one_process_stats(full), ["a", "b", "c"])
     made = {n: owned_module(n) for n in SHARED}
     modules, reports = D.share_modules(dist, {n: m for n, (m, _) in made.items()}, dict.fromkeys(SHARED, 0),
@@ -373,7 +376,7 @@ def test_timeout_from_environment(monkeypatch):
 def test_recorder_checks_its_use(no_torchrun_env):
     dist = D.Dist.from_env("cpu")
     block = make_block()
-    with torch.no_grad(), D.StatsRecorder(linears_of(block), False, dist) as rec:
+    with torch.no_grad(), R.StatsRecorder(linears_of(block), False, dist) as rec:
         with pytest.raises(RuntimeError, match="outside"):
             block(batches()[0])
         with rec.batch(2):

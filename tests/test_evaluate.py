@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
-from armor_kernels.hf import load_pruned_model  # noqa: E402
+from armor_kernels.integrations.hf import load_pruned_model  # noqa: E402
 from armor_kernels.nn import PRUNED_LINEARS, prepare  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline.config import PruneConfig  # noqa: E402

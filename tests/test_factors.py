@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from armor_kernels.factors import (
-    ActivationStats,
     ArmorFactors,
     block_size_for,
     block_sizes,
@@ -11,6 +10,7 @@ from armor_kernels.factors import (
     proxy_loss,
     tile_losses,
 )
+from armor_kernels.stats import ActivationStats
 
 
 def test_normalize_round_trip_and_unit_rows():

@@ -1,5 +1,5 @@
 """The Hugging Face-native checkpoint: from_pretrained, save_pretrained, generate, stock transformers,
-dense export and the v1 converter, on a tiny model built from the bundled model's real config."""
+dense export, on a tiny model built from the bundled model's real config."""
 import copy
 import json
 import subprocess
@@ -14,11 +14,12 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from armor_kernels import hf  # noqa: E402
 from armor_kernels.cli import main as cli_main  # noqa: E402
+from armor_kernels.integrations import hf  # noqa: E402
 from armor_kernels.nn import ArmorLinear, Sparse24Linear, paths, prepare  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline import checkpoint as ckpt  # noqa: E402
+from armor_kernels.pipeline import verify  # noqa: E402
 from armor_kernels.pipeline.config import METHODS, PruneConfig  # noqa: E402
 from armor_kernels.pipeline.model import decoder_layers  # noqa: E402
 from armor_kernels.pipeline.prune import prune_model  # noqa: E402
@@ -198,43 +199,12 @@ def test_errors_name_the_file_and_the_tensor(pruned_dirs, tmp_path):
     index = json.loads((bad / ckpt.INDEX_FILE).read_text())
     del index["metadata"][ckpt.SHA256_KEY]  # as written before digests: the shape check names it instead
     (bad / ckpt.INDEX_FILE).write_text(json.dumps(index))
-    with pytest.warns(ckpt.NoDigestsWarning), \
+    with pytest.warns(verify.NoDigestsWarning), \
             pytest.raises(ValueError, match=rf"model-block-00001.safetensors: tensor '{key}' has shape"):
         hf.load_pruned_model(bad)
     shard.write_bytes(shard.read_bytes()[:-64])  # truncated
     with pytest.raises(ValueError, match=r"model-block-00001.safetensors.*corrupt or truncated.*tensor"):
         hf.load_pruned_model(bad)
-
-
-def write_v1(model, tok, out, method, chash="0123456789abcdef"):
-    """A format-v1 directory as the package wrote it before v2 (config.json {"run", "config_hash"},
-    rest.safetensors, layers/block_NNN.safetensors with block-local keys)."""
-    out.mkdir(parents=True)
-    tok.save_pretrained(out)
-    run = {"format_version": 1, "method": method, "options": {"block_size": 16}, "model_dtype": "float32",
-           "model_config": model.config.to_dict()}
-    (out / "config.json").write_text(json.dumps({"run": run, "config_hash": chash}))
-    pruned = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (ArmorLinear, Sparse24Linear)))
-    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(pruned) and k != "lm_head.weight"}
-    save_file(rest, out / "rest.safetensors")
-    (out / "layers").mkdir()
-    for i, block in enumerate(decoder_layers(model)):
-        mods = {n: m for n, m in block.named_modules() if isinstance(m, (ArmorLinear, Sparse24Linear))}
-        tensors = {k: v for k, v in ckpt.stored_tensors("", mods).items() if not k.endswith(".weight")}
-        save_file({k.removeprefix("."): v for k, v in tensors.items()}, out / "layers" / f"block_{i:03d}.safetensors",
-                  metadata={"config_hash": chash, "block": str(i), "report": "{}"})
-
-
-@pytest.mark.parametrize("method", ["armor", "wanda"])
-def test_convert_v1_gives_the_same_model(pruned_dirs, tiny, tmp_path, method):
-    tok, _, tokens, _ = tiny
-    _, model = pruned_dirs[method]
-    write_v1(model, tok, tmp_path / "v1", method)
-    with pytest.raises(ValueError, match="format v1"):
-        hf.load_pruned_model(tmp_path / "v1")
-    assert cli_main(["convert", str(tmp_path / "v1"), str(tmp_path / "v2")]) == 0
-    loaded, _ = hf.load_pruned_model(tmp_path / "v2")
-    assert torch.equal(logits(loaded, tokens), logits(cast_like_from_pretrained(model, loaded.dtype), tokens))
 
 
 def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """ArmorModifier in llm-compressor's oneshot: fields, refusals, the saved directory, YAML, and `prune`.
 
-Needs llm-compressor (.venv-llmc, .ci/setup_llmcompressor.sh); elsewhere every test skips, and with
+Needs llm-compressor (.venv-llmc, scripts/setup_llmcompressor.sh); elsewhere every test skips, and with
 ARMOR_REQUIRE_LLMCOMPRESSOR=1 a skip fails (conftest.py). Tiny random Llamas (tests/architectures.py),
 calibrated on random token windows built in memory: nothing is downloaded.
 """
@@ -23,7 +23,7 @@ ONESHOT_KW = dict(batch_size=8, shuffle_calibration_samples=False, num_calibrati
 
 @pytest.fixture(scope="module")
 def integ():
-    pytest.importorskip("llmcompressor", reason="needs llm-compressor (.ci/setup_llmcompressor.sh)")
+    pytest.importorskip("llmcompressor", reason="needs llm-compressor (scripts/setup_llmcompressor.sh)")
     from armor_kernels.integrations import llmcompressor as integ
     return integ
 
@@ -106,9 +106,10 @@ def pruned(integ, model_dir, text_and_calib, tmp_path_factory):
 def test_saved_directory_loads_to_the_in_memory_logits_and_generates(pruned, model_dir):
     from transformers import AutoModelForCausalLM
 
-    import armor_kernels.hf  # noqa: F401  (registers "armor")
+    import armor_kernels.integrations.hf  # noqa: F401  (registers "armor")
     from armor_kernels.nn import ArmorLinear, prepare
-    from armor_kernels.pipeline.checkpoint import check_complete, index_digests
+    from armor_kernels.pipeline.checkpoint import check_complete
+    from armor_kernels.pipeline.verify import index_digests
     from armor_kernels.sparse24 import violations_24
     model, modifier, out = pruned
     check_complete(out)
@@ -155,7 +156,7 @@ def test_yaml_recipe_with_ignore_and_the_output_objective(integ, model_dir, text
     from llmcompressor.modifiers.factory import ModifierFactory
     from transformers import AutoModelForCausalLM
 
-    import armor_kernels.hf  # noqa: F401
+    import armor_kernels.integrations.hf  # noqa: F401
     ModifierFactory.register("ArmorModifier", integ.ArmorModifier)
     recipe = f"""
 armor_stage:

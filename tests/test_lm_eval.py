@@ -17,7 +17,7 @@ import yaml
 lm_eval = pytest.importorskip("lm_eval", reason="needs lm-eval (pip install '.[eval]')")
 pytest.importorskip("lm_eval.models.huggingface", reason="needs lm-eval[hf]")
 
-from armor_kernels import lm_eval as ak_lm_eval  # noqa: E402
+from armor_kernels.integrations import lm_eval as ak_lm_eval  # noqa: E402
 from armor_kernels.pipeline.config import PruneConfig  # noqa: E402
 from armor_kernels.pipeline.evaluate import perplexity  # noqa: E402
 
@@ -130,7 +130,7 @@ def test_python_route_agrees_with_eval(make_directory, bundled, tiny, windows, d
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from armor_kernels import hf
+    from armor_kernels.integrations import hf
 
     hf.register()  # what `main` does for the CLI route: from_pretrained then opens ARMOR directories
     make_directory(tiny, bundled[1], tmp_path / "model")

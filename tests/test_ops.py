@@ -290,7 +290,7 @@ def test_native_load_failure_is_reported_not_hidden():
                          check=True).stdout
     warned, reason = out.splitlines()[-2:]
     assert "failed to load" in warned and "libarmor_cuda.so: cannot open shared object file" in warned
-    assert reason.startswith("the native extension armor_kernels._armor_cuda is built but failed to load")
+    assert reason.startswith("the extension armor_kernels._armor_cuda is built but failed to load")
 
 
 SIMULATED_GPU_TESTS = """

@@ -8,16 +8,18 @@ from safetensors.torch import load_file, save_file
 
 import armor_kernels
 from armor_kernels.factors import block_overhead, block_size_under_overhead, block_sizes
-from armor_kernels.hf import load_pruned_model
+from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.nn import ArmorLinear, paths, prepare
 from armor_kernels.optim import ArmorOptions
 from armor_kernels.optim import options as options_mod
+from armor_kernels.pipeline import config as config_mod
 from armor_kernels.pipeline import prune as prune_mod
+from armor_kernels.pipeline.blocks import calibration_inputs
 from armor_kernels.pipeline.checkpoint import block_shard
-from armor_kernels.pipeline.config import METHODS, PruneConfig
+from armor_kernels.pipeline.config import METHODS, PruneConfig, run_config
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import block_linears, decoder_layers
-from armor_kernels.pipeline.prune import calibration_inputs, collect_stats, prune_block_linears, prune_model
+from armor_kernels.pipeline.prune import collect_stats, prune_block_linears, prune_model
 from armor_kernels.pipeline.source import ModelSource
 from armor_kernels.sparse24 import unpack_24
 
@@ -122,22 +124,22 @@ def test_refuses_to_resume_after_a_default_changed(tiny, tmp_path, monkeypatch, 
     if change == "optimizer default":
         monkeypatch.setitem(options_mod.OPTIMIZER_DEFAULTS, "fast", {"iters": 81, "tol": 1e-4})
     elif change == "package version":
-        monkeypatch.setattr(prune_mod, "__version__", armor_kernels.__version__ + ".post1")
+        monkeypatch.setattr(config_mod, "__version__", armor_kernels.__version__ + ".post1")
     else:
-        monkeypatch.setattr(prune_mod, "SPARSEGPT_DAMP", 0.02)
+        monkeypatch.setattr(config_mod, "SPARSEGPT_DAMP", 0.02)
     with pytest.raises(ValueError, match="different configuration"):
         prune_model(fresh(), tok, calib, PruneConfig(method, options=opts), tmp_path)
 
 
 def test_run_config_records_every_option_with_its_default(tiny):
     config_, _, calib, fresh = tiny
-    config = prune_mod.run_config(PruneConfig("armor"), calib, fresh(), None)
+    config = run_config(PruneConfig("armor"), calib, fresh(), None)
     assert config["options"] == {"optimizer": "fast", "block_size": 128, "overhead": None, "seed": 0,
                                  "objective": "proxy", "start": "nowag_p", "iters": 80,
                                  "tol": 1e-4,
                                  "passes": 1, "extrapolation": True, "time_budget": None}
     assert config["package_version"] == armor_kernels.__version__ and config["format_version"] >= 1
-    ref = prune_mod.run_config(PruneConfig("armor", options=ArmorOptions(optimizer="reference")), calib, fresh(),
+    ref = run_config(PruneConfig("armor", options=ArmorOptions(optimizer="reference")), calib, fresh(),
                                None)["options"]
     assert ref == {"optimizer": "reference", "block_size": 128, "overhead": None, "seed": 0,
                    "objective": "proxy", "start": "nowag_p", "iters": 20_000,

@@ -21,10 +21,10 @@ from architectures import VOCAB, save_sharded, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 from test_distributed import free_port
 
-from armor_kernels.hf import load_pruned_model
+from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.optim import ArmorOptions
-from armor_kernels.pipeline import prune
-from armor_kernels.pipeline.config import PruneConfig
+from armor_kernels.pipeline import blocks, prune
+from armor_kernels.pipeline.config import PruneConfig, run_config
 from armor_kernels.pipeline.model import decoder_layers
 from armor_kernels.pipeline.reconstruct import ReconOptions, Reconstruction
 from armor_kernels.pipeline.source import ModelSource
@@ -109,9 +109,9 @@ def test_options_refuse_bad_values(tmp_path):
 
 def test_off_by_default_keeps_the_config_hash():
     model, _ = tiny_model("llama")
-    plain = prune.run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
-    assert prune.run_config(PruneConfig("armor", options=OPTS, recon=ReconOptions()), CALIB, model, None) == plain
-    on = prune.run_config(PruneConfig("armor", options=OPTS, recon=RECON), CALIB, model, None)
+    plain = run_config(PruneConfig("armor", options=OPTS), CALIB, model, None)
+    assert run_config(PruneConfig("armor", options=OPTS, recon=ReconOptions()), CALIB, model, None) == plain
+    on = run_config(PruneConfig("armor", options=OPTS, recon=RECON), CALIB, model, None)
     assert on["reconstruction"] == asdict(RECON) and {k: v for k, v in on.items() if k != "reconstruction"} == plain
 
 
@@ -143,9 +143,9 @@ def test_stored_values_are_the_tuned_ones_and_give_the_reported_loss(llama_run):
     dense, _ = tiny_model("llama")
     pruned, _ = load_pruned_model(out)
     with torch.no_grad():
-        hidden, extra = prune.calibration_inputs(dense, CALIB[-HOLDOUT:], 2, "cpu")
-        t = prune.run_block(decoder_layers(dense)[0], hidden, extra[0])[0]
-        y = prune.run_block(decoder_layers(pruned)[0], hidden, extra[0])[0]
+        hidden, extra = blocks.calibration_inputs(dense, CALIB[-HOLDOUT:], 2, "cpu")
+        t = blocks.run_block(decoder_layers(dense)[0], hidden, extra[0])[0]
+        y = blocks.run_block(decoder_layers(pruned)[0], hidden, extra[0])[0]
     loss = float(((y - t) ** 2).sum() / (t ** 2).sum())
     assert loss == pytest.approx(rep["heldout_after"], rel=1e-4)
     assert loss < rep["heldout_before"]

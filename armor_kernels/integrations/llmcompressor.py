@@ -5,7 +5,7 @@
 
     modifier = ArmorModifier(overhead=0.05)               # ArmorOptions' fields, with the library's defaults
     model = oneshot(model=MODEL_DIR, dataset=ds, recipe=modifier)
-    save_armor(model, modifier, OUT)                       # format v2: from_pretrained(OUT), armor_kernels.hf
+    save_armor(model, modifier, OUT)          # format v2: from_pretrained(OUT) (armor_kernels.integrations.hf)
 
 In a YAML recipe the modifier is found by name once registered (llm-compressor looks only inside its
 own package otherwise): `ModifierFactory.register("ArmorModifier", ArmorModifier)`.
@@ -57,7 +57,6 @@ from torch import nn
 from .. import __version__
 from ..atomic import save_json
 from ..errors import InputError
-from ..factors import ActivationStats
 from ..nn import ArmorLinear
 from ..optim import ArmorOptions
 from ..pipeline.checkpoint import (
@@ -72,6 +71,7 @@ from ..pipeline.checkpoint import (
 )
 from ..pipeline.model import block_linears, check_supported, decoder_layers, layers_prefix
 from ..pipeline.prune import prune_block_linears
+from ..stats import ActivationStats
 
 __all__ = ["ArmorModifier", "save_armor"]
 
@@ -249,7 +249,7 @@ def _last_oneshot_modifier() -> ArmorModifier:
 
 def save_armor(model: nn.Module, modifier: ArmorModifier | None, out: str | Path, tokenizer=None) -> Path:
     """Write the model `oneshot` pruned with `modifier` as a format-v2 directory (pipeline/checkpoint.py):
-    `from_pretrained(out)` with `armor_kernels.hf` imported gives the in-memory model's logits. Targeted
+    `from_pretrained(out)` with `armor_kernels.integrations.hf` imported gives the in-memory model's logits. Targeted
     linears are stored as ArmorLinear; linears of the blocks that were ignored are stored dense (in bf16, the
     format's storage dtype); everything outside the blocks as it is. modifier None: the ArmorModifier of
     the recipe oneshot ran last (a YAML recipe's). tokenizer: default, the one in the model's own

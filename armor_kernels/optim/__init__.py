@@ -8,7 +8,8 @@ import torch
 
 from ..baselines import sparsegpt
 from ..errors import InputError
-from ..factors import ActivationStats, ArmorFactors
+from ..factors import ArmorFactors
+from ..stats import ActivationStats
 from .common import History, Problem, descend
 from .fast import optimize_fast
 from .options import ArmorOptions

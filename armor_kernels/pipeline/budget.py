@@ -45,8 +45,9 @@ from ..atomic import save_json
 from ..errors import InputError
 from ..factors import block_sizes
 from ..optim import ArmorOptions, armor
-from .distributed import Dist, assign, on_cores
+from .distributed import Dist
 from .model import block_linears
+from .scheduling import assign, on_cores
 
 log = logging.getLogger("armor_kernels")
 
@@ -143,7 +144,7 @@ def probe_options(options: ArmorOptions, budget: BudgetOptions) -> ArmorOptions:
 def probe_block(linears: dict[str, nn.Linear], stats: dict, options: ArmorOptions, budget: BudgetOptions
                 ) -> dict[str, dict[int, float]]:
     """name -> {block size: relative loss of the probe}, for the linears in `stats` (one probe per core,
-    distributed.on_cores)."""
+    scheduling.on_cores)."""
     def loss(name, b):
         opts = replace(probe_options(options, budget), block_size=b)
         return float(armor(linears[name].weight.detach(), stats[name], opts).loss)

@@ -14,16 +14,13 @@
                                    last block is done: a partial run never loads as a model, and resuming
                                    works from the block shards
 
-Content digests. Every shard's metadata records the sha256 of each tensor's bytes as stored (SHA256_KEY);
-finish_run copies them into the index. Loaders check the shards against the index (a record outside the
-file it protects, so a rewritten shard is caught too); a resumed run checks a finished block against its
-shard's own record. A directory without them (written before they existed, or by save_pretrained) loads
-with a NoDigestsWarning.
+Content digests: every shard records the sha256 of its tensors, the index all of them; loaders check them
+before any tensor is built (verify.py). Byte accounting for results: sizes.py.
 
 Per pruned linear `<name>` (e.g. model.layers.3.self_attn.q_proj), the tensors of its module (nn.py):
 ArmorLinear `A`, `B` (diagonal blocks, r and c folded in), `S_values`, `S_idx` (portable 2:4), `bias`;
 Sparse24Linear (the baselines) `S_values`, `S_idx`, `bias`; both `weight`, an empty uint8 tensor that makes
-stock transformers (without this package's plugin, `armor_kernels.hf`) refuse the directory instead of
+stock transformers (without this package's plugin, `armor_kernels.integrations.hf`) refuse the directory instead of
 building random weights. Values are stored in bf16. A "dense" run is a plain `save_pretrained` directory.
 """
 from __future__ import annotations
@@ -32,39 +29,24 @@ import copy
 import hashlib
 import json
 import math
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as safetensors_load
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_write, save_json, write_text
 from ..errors import InputError, MissingFile
-from ..factors import block_sizes
 from ..nn import PRUNED_LINEARS, ArmorLinear, Sparse24Linear
 from .model import block_linear_keys, block_linears, decoder_layers, layers_prefix
+from .verify import INDEX_FILE, OWN, SHA256_KEY, check_shard, dtype_itemsize, own_digests, read_verified, shard_header
 
 FORMAT_VERSION = 2
 QUANT_METHOD = "armor"
 STORAGE_DTYPE = torch.bfloat16  # what a checkpoint stores; the pruned model in memory holds the same values
 RUN_FILE = "armor_run.json"
-INDEX_FILE = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
-SHA256_KEY = "sha256"  # shard metadata: JSON {tensor: hex}; index metadata: {shard: {tensor: hex}}
-_CHUNK = 16 << 20  # bytes hashed at a time when a shard is checked from the file
-
-
-class DamagedShard(InputError):
-    """A shard that cannot be read or whose bytes differ from their recorded sha256."""
-
-
-class NoDigestsWarning(UserWarning):
-    """A checkpoint (or shard) without recorded digests: it loads, but its tensors are not verified."""
-
-
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -173,102 +155,6 @@ def save_block(out: Path, i: int, prefix: str, modules: dict[str, nn.Module], ch
     save_shard(block_shard(out, i), tensors, meta)
 
 
-def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: {e}") from e
-
-
-def _header(path: Path, data: bytes | None = None) -> tuple[int, dict]:
-    """(header length, header) of a safetensors file (from `data`, its bytes, when given)."""
-    try:
-        if data is None:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 0 < n < 1 << 28 else None
-        else:
-            n = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8:8 + n]) if 0 < n < 1 << 28 else None
-    except (OSError, ValueError) as e:
-        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated (header unreadable: {e})") from e
-    if not isinstance(header, dict):
-        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated (no safetensors header)")
-    return n, header
-
-
-def own_digests(path: Path, header: dict) -> dict[str, str] | None:
-    """The per-tensor sha256 a shard records in its own metadata (None: it records none)."""
-    raw = (header.get("__metadata__") or {}).get(SHA256_KEY)
-    if raw is None:
-        return None
-    try:
-        return dict(json.loads(raw))
-    except (ValueError, TypeError) as e:
-        raise DamagedShard(f"checkpoint shard {str(path)!r}: its {SHA256_KEY} metadata is unreadable: {e}") from e
-
-
-def verify_shard(path: Path, expected: dict[str, str], record: str, data: bytes | None = None) -> None:
-    """Check every tensor of a shard against `expected` ({tensor: sha256}, read from `record`, which the
-    errors name): the same tensors, each of the same bytes. The file is read once, in order (or `data`,
-    its bytes already read, is used)."""
-    n, header = _header(path, data)
-    keys = {k for k in header if k != "__metadata__"}
-    if keys != set(expected):
-        extra, lost = sorted(keys - set(expected)), sorted(set(expected) - keys)
-        raise DamagedShard(f"checkpoint shard {str(path)!r} is damaged: its tensors differ from those {record} "
-                           f"records (not recorded: {extra[:3]}, missing: {lost[:3]})")
-    size = path.stat().st_size if data is None else len(data)
-    spans = sorted((header[k]["data_offsets"], k) for k in keys)
-    f = open(path, "rb") if data is None else None
-    try:
-        for (lo, hi), k in spans:
-            if 8 + n + hi > size:
-                raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: tensor {k!r} ends "
-                                   "past the file")
-            h = hashlib.sha256()
-            if f is None:
-                h.update(memoryview(data)[8 + n + lo:8 + n + hi])
-            else:
-                f.seek(8 + n + lo)
-                for start in range(lo, hi, _CHUNK):
-                    h.update(f.read(min(_CHUNK, hi - start)))
-            if h.hexdigest() != expected[k]:
-                raise DamagedShard(f"checkpoint shard {str(path)!r} is damaged: tensor {k!r} has sha256 "
-                                   f"{h.hexdigest()[:16]}…, {record} records {expected[k][:16]}…")
-    finally:
-        if f is not None:
-            f.close()
-
-
-OWN = "its own metadata"  # read_verified: check a shard against the digests it records itself
-
-
-def read_verified(path: Path, expected: dict[str, str] | str | None, record: str = INDEX_FILE
-                  ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a shard, its bytes read once and checked before any tensor is built.
-    expected: {tensor: sha256} from `record`; OWN: the shard's own record (none there: a NoDigestsWarning);
-    None: not checked (the caller has warned why)."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DamagedShard(f"checkpoint shard {str(path)!r} is unreadable: {e}") from e
-    _, header = _header(path, data)
-    if expected == OWN:
-        expected, record = own_digests(path, header), OWN
-        if expected is None:
-            warnings.warn(f"checkpoint shard {str(path)!r} records no sha256 of its tensors (written before "
-                          "digests existed): not verified", NoDigestsWarning, stacklevel=2)
-    if expected is not None:
-        verify_shard(path, expected, record, data)
-    try:
-        tensors = safetensors_load(data)
-    except (SafetensorError, ValueError) as e:
-        raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: {e}") from e
-    return tensors, header.get("__metadata__") or {}
-
-
 def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, nn.Module]:
     """name -> ArmorLinear / Sparse24Linear (or an nn.Linear a conversion left dense: a 2-D `weight`)
     rebuilt from `name.tensor` keys (`where` names the source)."""
@@ -321,57 +207,15 @@ def finish_run(out: Path, n_blocks: int, reports: dict, world_size: int = 1) -> 
             for k in f.keys():
                 weight_map[k] = shard.name
                 sl = f.get_slice(k)
-                total += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
+                total += math.prod(sl.get_shape()) * dtype_itemsize(sl.get_dtype())
         # copied from the shard's own record, made when it was written: a shard damaged since is caught
         # at load, not certified here
-        own = own_digests(shard, _header(shard)[1])
+        own = own_digests(shard, shard_header(shard)[1])
         if own is not None:
             digests[shard.name] = own
     save_json(out / INDEX_FILE, {"metadata": {"total_size": total, "format_version": FORMAT_VERSION,
                                               SHA256_KEY: digests},
                                  "weight_map": dict(sorted(weight_map.items()))})
-
-
-def index_digests(out: Path) -> dict[str, dict[str, str]] | None:
-    """{shard: {tensor: sha256}} from a checkpoint's index (None: no index, or one without digests)."""
-    index = Path(out) / INDEX_FILE
-    if not index.is_file():
-        return None
-    try:
-        return json.loads(index.read_text()).get("metadata", {}).get(SHA256_KEY)
-    except (ValueError, AttributeError) as e:
-        raise InputError(f"checkpoint file {str(index)!r} is unreadable: {e!r}") from e
-
-
-def shard_records(out: Path) -> dict[str, dict[str, str]] | None:
-    """index_digests(out), with a NoDigestsWarning when the checkpoint has none."""
-    digests = index_digests(out)
-    if digests is None:
-        warnings.warn(f"checkpoint {str(out)!r} records no sha256 of its tensors (written before digests "
-                      "existed, or by save_pretrained): its shards are not verified", NoDigestsWarning, stacklevel=3)
-    return digests
-
-
-def expected_digests(out: Path, shard: str, digests: dict | None) -> dict[str, str] | None:
-    """The index's record of `shard` (digests: from shard_records); a NoDigestsWarning where the index has
-    digests but none for it."""
-    if digests is not None and shard not in digests:
-        warnings.warn(f"checkpoint {str(out)!r}: {INDEX_FILE} records no sha256 for {shard}: not verified",
-                      NoDigestsWarning, stacklevel=3)
-    return None if digests is None else digests.get(shard)
-
-
-def verify_checkpoint(out: Path, shards: list[Path]) -> None:
-    """Check the given shards of a finished checkpoint against the index's digests, each file read once."""
-    digests = shard_records(out)
-    for path in shards:
-        expected = expected_digests(out, path.name, digests)
-        if expected is not None:
-            verify_shard(path, expected, INDEX_FILE)
-
-
-def _itemsize(dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}[dtype]
 
 
 def missing_blocks(out: Path) -> list[int]:
@@ -394,9 +238,6 @@ def check_complete(out: str | Path) -> None:
         raise MissingFile(f"checkpoint {str(out)!r} has no config.json") from None
     except ValueError as e:
         raise InputError(f"checkpoint file {str(out / 'config.json')!r} is not valid JSON: {e}") from e
-    if "run" in config and "model_type" not in config:
-        raise InputError(f"checkpoint {str(out)!r} is in format v1; convert it: "
-                         f"python -m armor_kernels convert {out} NEW_DIR")
     index = out / INDEX_FILE
     if (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
         missing, n = missing_blocks(out), n_layers(config)
@@ -411,87 +252,3 @@ def check_complete(out: str | Path) -> None:
     if index.is_file():
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             check_shard(out / shard)
-
-
-def check_shard(path: Path) -> None:
-    """The header parses and every tensor's bytes lie inside the file; errors name the file (and the
-    tensor), where transformers would fail later with less to go on."""
-    n, header = _header(path)
-    size = path.stat().st_size - 8 - n
-    for k, v in header.items():
-        if k != "__metadata__" and v["data_offsets"][1] > size:
-            raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: tensor {k!r} ends "
-                               "past the file")
-
-
-# ---------------------------------------------------------------------------------------------
-# Sizes
-# ---------------------------------------------------------------------------------------------
-
-def block_dense_bf16_bytes(block: nn.Module) -> int:
-    """What the block's linears (pruned or not) take as dense bf16 weights and biases."""
-    return sum(2 * m.out_features * (m.in_features + (m.bias is not None)) for m in block.modules()
-               if isinstance(m, (nn.Linear, *PRUNED_LINEARS)))
-
-
-def dense_bf16_linear_bytes(model: nn.Module) -> int:
-    return sum(block_dense_bf16_bytes(block) for block in decoder_layers(model))
-
-
-def checkpoint_sizes(out: Path, model: nn.Module) -> dict:
-    """Bytes on disk against the dense bf16 model: per block (its shard), all pruned linears, and the
-    whole checkpoint directory."""
-    per_block = [{"block": i, "bytes": block_shard(out, i).stat().st_size,
-                  "dense_bf16_bytes": block_dense_bf16_bytes(b)} for i, b in enumerate(decoder_layers(model))]
-    total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    return {"linear_bytes": sum(b["bytes"] for b in per_block), "checkpoint_bytes": total, "per_block": per_block}
-
-
-# ---------------------------------------------------------------------------------------------
-# Format v1 (config.json {"run", "config_hash"}, rest.safetensors, layers/block_NNN.safetensors)
-# ---------------------------------------------------------------------------------------------
-
-def convert_v1(src: str | Path, dst: str | Path) -> None:
-    """Rewrite a v1 checkpoint directory as v2 (same tensors, same values; the v1 run's configuration
-    and hash kept in armor_run.json)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    src, dst = Path(src), Path(dst)
-    try:
-        meta = json.loads((src / "config.json").read_text())
-        run, chash = meta["run"], meta["config_hash"]
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{str(src)!r} is not a v1 checkpoint (config.json with 'run'): {e!r}") from e
-    if run.get("format_version") != 1:
-        raise InputError(f"{str(src)!r} has format version {run.get('format_version')!r}, convert reads 1")
-    if dst.exists() and any(dst.iterdir()):
-        raise InputError(f"output directory {str(dst)!r} is not empty")
-    mc = dict(run["model_config"])
-    mc.pop("quantization_config", None)
-    config = AutoConfig.for_model(mc.pop("model_type"), **mc)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, run["model_dtype"]))
-    rest, _ = _read_shard(src / "rest.safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    run = {**run, "format_version": FORMAT_VERSION, "converted_from_v1": True}
-    block_size = run["options"].get("block_size", 128)
-    dst.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(dst)
-    if run["method"] == "dense":
-        raise InputError("convert: a v1 'dense' run holds the unpruned model; prune again or use the source model")
-    blocks_for = lambda key, shape: block_sizes(shape, block_size)  # noqa: E731  (v1 had no budget)
-    config.quantization_config = quantization_config(run["method"], module_specs(model, run["method"], blocks_for))
-    write_text(dst / "config.json", config.to_json_string())
-    save_shard(dst / REST_SHARD, rest, {"format": "pt"})
-    save_json(dst / RUN_FILE, {"run": run, "config_hash": chash})
-    prefix, reports = layers_prefix(model), {}
-    for i in range(len(decoder_layers(model))):
-        path = src / "layers" / f"block_{i:03d}.safetensors"
-        if not path.exists():
-            raise InputError(f"v1 checkpoint {str(src)!r} is incomplete: {str(path)!r} missing")
-        tensors, meta_i = _read_shard(path)
-        modules = modules_from_tensors(tensors, str(path))  # v1 keys are the block-local names
-        report = json.loads(meta_i.get("report", "{}"))
-        save_block(dst, i, f"{prefix}.{i}", modules, chash, report)
-        reports.update({f"{i}.{n}": r for n, r in report.items()})
-    finish_run(dst, len(decoder_layers(model)), reports)

@@ -1,13 +1,21 @@
 """One pruning run's configuration: every choice that decides its output besides the model and the
-calibration tokens. The CLI's flags, the run hash (prune.run_config), the named presets, the benchmarks
+calibration tokens. The CLI's flags, the run hash (run_config), the named presets, the benchmarks
 and llm-compressor's ArmorModifier are all built from a PruneConfig."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 
+import torch
+from torch import nn
+
+from .. import __version__
+from ..baselines import SPARSEGPT_BLOCK, SPARSEGPT_DAMP
 from ..errors import InputError
 from ..optim import ArmorOptions
 from .budget import BudgetOptions
+from .checkpoint import FORMAT_VERSION, STORAGE_DTYPE
 from .reconstruct import ReconOptions
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "nowag_p", "armor")
@@ -22,7 +30,7 @@ class PruneConfig:
                 on the dense model's outputs
     recon       block-wise reconstruction after each block's layer-wise pruning (ReconOptions; None: off)
     asymmetric  fit each linear, on the pruned model's inputs, to the dense model's outputs; the value is
-                the damp of factors.asymmetric_weight (None: off; protocol "sequential" only)
+                the damp of stats.asymmetric_weight (None: off; protocol "sequential" only)
     budget      ARMOR's block sizes allocated model-wide under one parameter budget (BudgetOptions; None: off)
     batch_size  calibration windows per forward
     """
@@ -85,3 +93,33 @@ def prune_config(config: PruneConfig | str) -> PruneConfig:
         return PruneConfig(method=config)
     raise InputError(f"config: expected a PruneConfig, a preset in {sorted(PRESETS)} or a method in {METHODS}, "
                      f"got {config!r}")
+
+
+def method_options(config: PruneConfig) -> dict:
+    """The options that decide a method's output, defaults included: ARMOR's ArmorOptions, SparseGPT's
+    block and dampening, nothing for the scoring baselines."""
+    if config.method == "armor":
+        return config.options.to_config()
+    return {"block": SPARSEGPT_BLOCK, "damp": SPARSEGPT_DAMP} if config.method == "sparsegpt" else {}
+
+
+def run_config(config: PruneConfig, calib: torch.Tensor, model: nn.Module, source: str | None) -> dict:
+    """Everything that decides a run's output, defaults included: a resumed run must match it exactly.
+    Reconstruction, asymmetric calibration and a budget are recorded only when on, so a run without them
+    keeps the hash it always had."""
+    c = config
+    recorded = {
+        "package_version": __version__, "format_version": FORMAT_VERSION, "method": c.method,
+        "options": method_options(c), "batch_size": c.batch_size, "protocol": c.protocol,
+        "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "calibration": {"n_samples": calib.shape[0], "seq_len": calib.shape[1],
+                        "tokens_sha256": hashlib.sha256(calib.cpu().numpy().tobytes()).hexdigest()},
+        "model_source": source or "bundled SmolLM2-135M-Instruct",
+        # where it was read from is model_source's business; the architecture is the model's class
+        "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
+        **({"reconstruction": c.recon.to_config()} if c.tuned else {}),
+        **({"asymmetric": {"damp": c.asymmetric}} if c.asymmetric is not None else {}),
+        **({"budget": c.budget.to_config()} if c.budget is not None else {}),
+    }
+    return json.loads(json.dumps(recorded))  # the form it has when read back from config.json

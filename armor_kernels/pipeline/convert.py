@@ -1,6 +1,6 @@
 """A dense Hugging Face checkpoint whose linears are 2:4 (zeros stored) as a packed format-v2 directory.
 
-    python -m armor_kernels convert --from-dense-24 SRC DST [--strict]
+    python -m armor_kernels convert SRC DST [--strict]
 
 Tools that prune to 2:4 but can no longer store it sparse (llm-compressor's SparseGPT and Wanda
 modifiers save dense tensors with zeros since compressed-tensors dropped its sparse compressors) leave
@@ -55,7 +55,7 @@ def _source_dtype(src: ModelSource, model: nn.Module) -> torch.dtype:
     with safe_open(src.files[name], "pt") as f:
         stored = f.get_slice(name).get_dtype()
     if stored not in _DTYPES:
-        raise InputError(f"--from-dense-24: {name} is stored as {stored}; expected one of {sorted(_DTYPES)}")
+        raise InputError(f"convert: {name} is stored as {stored}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[stored]
 
 
@@ -67,9 +67,9 @@ def _refuse_quantized(src: ModelSource) -> None:
         return
     q = q if isinstance(q, dict) else q.to_dict()
     if q.get("quant_method") == QUANT_METHOD:
-        raise InputError(f"--from-dense-24: {str(src.path)!r} is already a pruned checkpoint of this package")
+        raise InputError(f"convert: {str(src.path)!r} is already a pruned checkpoint of this package")
     if q.get("quant_method") != "compressed-tensors" or q.get("config_groups"):
-        raise InputError(f"--from-dense-24: {str(src.path)!r} holds quantized weights (quantization_config "
+        raise InputError(f"convert: {str(src.path)!r} holds quantized weights (quantization_config "
                          f"{q.get('quant_method')!r}); only dense tensors with 2:4 zeros convert")
 
 
@@ -78,7 +78,7 @@ def from_dense_24(src: str | Path, dst: str | Path, *, strict: bool = False) -> 
     linears were packed, which kept dense and why, and what was rounded to bf16."""
     src, dst = ModelSource(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
-        raise InputError(f"--from-dense-24: output directory {str(dst)!r} is not empty")
+        raise InputError(f"convert: output directory {str(dst)!r} is not empty")
     _refuse_quantized(src)
     model = src.skeleton()
     check_supported(model)
@@ -106,7 +106,7 @@ def _convert(src: ModelSource, model: nn.Module, dtype: torch.dtype, dst: Path, 
     save_json(dst / RUN_FILE, {"run": run, "config_hash": config_hash(run)})
     src.tokenizer().save_pretrained(dst)
     save_rest(model, dst)
-    for i in tqdm(range(len(layers)), desc="convert --from-dense-24", unit="block"):
+    for i in tqdm(range(len(layers)), desc="convert", unit="block"):
         block = src.load_block(model, i, "cpu", dtype)
         out = {}
         for name, lin in block_linears(block).items():
@@ -123,7 +123,7 @@ def _convert(src: ModelSource, model: nn.Module, dtype: torch.dtype, dst: Path, 
             why = (f"d_in={W.shape[1]} is not a multiple of 8 (the packed form's unit)" if bad is None else
                    f"{bad} of {W.numel() // 4} groups of 4 hold more than two non-zeros")
             if strict:
-                raise InputError(f"--from-dense-24 --strict: {full} is not exactly 2:4 ({why}); nothing written")
+                raise InputError(f"convert --strict: {full} is not exactly 2:4 ({why}); nothing written")
             dense[full] = why
             out[name] = lin
         save_block(dst, i, f"{prefix}.{i}", out, config_hash(run), {})

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from .blocks import StandIn, calibration_inputs, run_block
 from .model import decoder_layers
-from .prune import StandIn, calibration_inputs, run_block
 
 
 def _windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:

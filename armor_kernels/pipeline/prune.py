@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -24,18 +23,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..baselines import BASELINES, SPARSEGPT_BLOCK, SPARSEGPT_DAMP
+from ..baselines import BASELINES
 from ..errors import InputError
-from ..factors import ActivationStats, asymmetric_weight, block_sizes
+from ..factors import block_sizes
 from ..nn import ArmorLinear, Sparse24Linear, prepare
 from ..optim import ArmorOptions, armor
+from ..stats import ActivationStats, asymmetric_weight
+from .blocks import calibration_inputs, run_block
 from .budget import BudgetOptions, allocate, layer_options, log_allocation, probe
 from .checkpoint import (
-    FORMAT_VERSION,
     RUN_FILE,
     STORAGE_DTYPE,
-    DamagedShard,
     block_shard,
     config_hash,
     finish_run,
@@ -44,8 +42,8 @@ from .checkpoint import (
     save_block,
     start_run,
 )
-from .config import PruneConfig, prune_config
-from .distributed import Dist, StatsRecorder, assign, combine_stats, on_cores, share_modules
+from .config import PruneConfig, prune_config, run_config
+from .distributed import Dist, share_modules
 from .lock import RunLock, RunLocked
 from .model import (
     adopt,
@@ -57,76 +55,12 @@ from .model import (
     swapped,
 )
 from .reconstruct import reconstruction
+from .recorder import StatsRecorder, combine_stats
+from .scheduling import assign, on_cores
 from .source import ModelSource
+from .verify import DamagedShard
 
 log = logging.getLogger("armor_kernels")
-
-
-class _Captured(Exception):
-    pass
-
-
-class StandIn(nn.Module):
-    """Stands in for a decoder block during a forward of the model, without its weights. Attributes the
-    model reads off a block (its attention type, say) come from the block it stands in for."""
-
-    def __init__(self, block: nn.Module, **state):
-        super().__init__()
-        self.__dict__.update(_block=block, **state)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_block"], name)
-
-
-class _Recorder(StandIn):
-    """Stands in for decoder block i: records the arguments the model passes it (masks, positions: they
-    can differ per block, e.g. Gemma's sliding and full attention), passes the hidden states through, and
-    stops the forward after the last block."""
-
-    def __init__(self, block: nn.Module, i: int, last: bool, seen: list):
-        super().__init__(block, _i=i, _last=last, _seen=seen)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self._seen[self._i].append((hidden_states, args, kwargs))
-        if self._last:
-            raise _Captured
-        return hidden_states
-
-
-def calibration_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
-    """(hidden, extra): per calibration batch, the first block's input hidden states, and per block, per
-    batch, the (args, kwargs) the model passes that block besides them. One forward per batch through
-    the model with every block stood in for by a _Recorder: no block's weights are needed."""
-    layers = decoder_layers(model)
-    seen = [[] for _ in layers]
-    blocks = list(layers)
-    for i, block in enumerate(blocks):
-        layers[i] = _Recorder(block, i, i == len(blocks) - 1, seen)
-    try:
-        for batch in calib.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        for i, block in enumerate(blocks):
-            layers[i] = block
-    hidden = [h for h, _, _ in seen[0]]
-    return hidden, [[(args, kwargs) for _, args, kwargs in per_block] for per_block in seen]
-
-
-def run_block(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple]) -> list[torch.Tensor]:
-    """The block's output hidden states for every batch (each batch moved to the block's device and
-    back to where it was: activations may be kept off the device)."""
-    device = next(block.parameters()).device
-    outs = []
-    for h, (args, kwargs) in zip(hidden, extra):
-        y = block(h.to(device), *args, **kwargs)
-        outs.append((y[0] if isinstance(y, tuple) else y).to(h.device))
-    return outs
 
 
 def collect_stats(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple], full: bool, *,
@@ -187,7 +121,7 @@ def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, Activati
     """Prune a block's linears (independent once the block's statistics are collected); `options`: one
     for all, or one per linear (a budget's allocation); `asymmetric`: prune_linear's.
 
-    ARMOR on a CPU runs one linear per core (distributed.on_cores); each layer's result does not depend on
+    ARMOR on a CPU runs one linear per core (scheduling.on_cores); each layer's result does not depend on
     the schedule, and outputs are returned in the block's own order.
     """
     opts = options if isinstance(options, dict) else {n: options for n in linears}
@@ -198,36 +132,6 @@ def prune_block_linears(linears: dict[str, nn.Linear], stats: dict[str, Activati
     else:
         done = {n: job() for n, job in jobs.items()}
     return {n: m for n, (m, _) in done.items()}, {n: r for n, (_, r) in done.items()}
-
-
-def method_options(config: PruneConfig) -> dict:
-    """The options that decide a method's output, defaults included: ARMOR's ArmorOptions, SparseGPT's
-    block and dampening, nothing for the scoring baselines."""
-    if config.method == "armor":
-        return config.options.to_config()
-    return {"block": SPARSEGPT_BLOCK, "damp": SPARSEGPT_DAMP} if config.method == "sparsegpt" else {}
-
-
-def run_config(config: PruneConfig, calib: torch.Tensor, model: nn.Module, source: str | None) -> dict:
-    """Everything that decides a run's output, defaults included: a resumed run must match it exactly.
-    Reconstruction, asymmetric calibration and a budget are recorded only when on, so a run without them
-    keeps the hash it always had."""
-    c = config
-    recorded = {
-        "package_version": __version__, "format_version": FORMAT_VERSION, "method": c.method,
-        "options": method_options(c), "batch_size": c.batch_size, "protocol": c.protocol,
-        "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
-        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "calibration": {"n_samples": calib.shape[0], "seq_len": calib.shape[1],
-                        "tokens_sha256": hashlib.sha256(calib.cpu().numpy().tobytes()).hexdigest()},
-        "model_source": source or "bundled SmolLM2-135M-Instruct",
-        # where it was read from is model_source's business; the architecture is the model's class
-        "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
-        **({"reconstruction": c.recon.to_config()} if c.tuned else {}),
-        **({"asymmetric": {"damp": c.asymmetric}} if c.asymmetric is not None else {}),
-        **({"budget": c.budget.to_config()} if c.budget is not None else {}),
-    }
-    return json.loads(json.dumps(recorded))  # the form it has when read back from config.json
 
 
 def _refuse_foreign_directory(out: Path) -> None:

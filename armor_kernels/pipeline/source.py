@@ -31,11 +31,9 @@ from .checkpoint import (
     RUN_FILE,
     block_shard,
     check_complete,
-    expected_digests,
     modules_from_tensors,
     read_run,
     read_verified,
-    shard_records,
 )
 from .data import cache_dir
 from .model import (
@@ -48,6 +46,7 @@ from .model import (
     load_model,
     resolve_model,
 )
+from .verify import expected_digests, shard_records
 
 
 class ModelSource:

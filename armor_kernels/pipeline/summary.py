@@ -23,7 +23,8 @@ from ..errors import InputError
 from ..layout import identity_block, layer_layout
 from ..nn import path_for
 from ..ops import layer_unavailable_reason
-from .checkpoint import INDEX_FILE, RUN_FILE, _itemsize, check_complete
+from .checkpoint import INDEX_FILE, RUN_FILE, check_complete
+from .verify import dtype_itemsize
 
 
 def _tensor_bytes(out: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
@@ -35,7 +36,7 @@ def _tensor_bytes(out: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
             for k in f.keys():
                 sl = f.get_slice(k)
                 shape = tuple(sl.get_shape())
-                found[k] = shape, math.prod(shape) * _itemsize(sl.get_dtype()), shard
+                found[k] = shape, math.prod(shape) * dtype_itemsize(sl.get_dtype()), shard
     return found
 
 

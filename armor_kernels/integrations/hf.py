@@ -1,6 +1,6 @@
 """The "armor" quantization method for transformers ≥ 5: pruned checkpoints load with `from_pretrained`.
 
-    import armor_kernels.hf                       # registers "armor" (importing it again is harmless)
+    import armor_kernels.integrations.hf                       # registers "armor" (importing it again is harmless)
     model = AutoModelForCausalLM.from_pretrained(CKPT, dtype=torch.bfloat16, device_map="cuda")
     model.save_pretrained(OUT)                    # loads back to the same logits; sharding works too
 
@@ -27,18 +27,11 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import InputError
-from .nn import ArmorLinear, Sparse24Linear, prepare
-from .pipeline.checkpoint import (
-    FORMAT_VERSION,
-    INDEX_FILE,
-    QUANT_METHOD,
-    RUN_FILE,
-    check_complete,
-    read_run,
-    verify_checkpoint,
-)
-from .pipeline.model import replace_module
+from ..errors import InputError
+from ..nn import ArmorLinear, Sparse24Linear, prepare
+from ..pipeline.checkpoint import FORMAT_VERSION, INDEX_FILE, QUANT_METHOD, RUN_FILE, check_complete, read_run
+from ..pipeline.model import replace_module
+from ..pipeline.verify import verify_checkpoint
 
 KINDS = ("armor", "sparse24")
 
@@ -50,7 +43,7 @@ class ArmorConfig(QuantizationConfigMixin):
                  storage_dtype: str = "bfloat16", **kwargs):
         if format_version != FORMAT_VERSION:
             raise InputError(f"quantization_config: format_version {format_version!r}, this package reads "
-                             f"{FORMAT_VERSION} (a v1 directory converts with `python -m armor_kernels convert`)")
+                             f"{FORMAT_VERSION}")
         self.quant_method = QUANT_METHOD
         self.format_version, self.method, self.storage_dtype = format_version, method, storage_dtype
         self.modules = dict(modules or {})

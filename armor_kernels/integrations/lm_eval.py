@@ -1,6 +1,6 @@
 """lm-evaluation-harness on ARMOR checkpoints, offline (``pip install '.[eval]'``: lm-eval[hf] 0.4.13).
 
-The task: ``python -m armor_kernels.lm_eval runs/lm_eval_task --model runs/main/armor`` writes it
+The task: ``python -m armor_kernels.integrations.lm_eval runs/lm_eval_task --model runs/main/armor`` writes it
 (:func:`write_evaluation_task`; the model only lends its tokenizer). Command line
 (``python -m armor_kernels lm-eval …`` calls :func:`main`): registers the "armor" transformers
 quantizer, then runs lm-eval's own CLI with the arguments as given::
@@ -14,7 +14,7 @@ Python, on a model already in memory::
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from armor_kernels import hf
+    from armor_kernels.integrations import hf
     hf.register()
     model = AutoModelForCausalLM.from_pretrained("runs/main/armor")
     tok = AutoTokenizer.from_pretrained("runs/main/armor")
@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .atomic import write_text
-from .errors import InputError
-from .pipeline.data import EVAL_TOKENS, SEQ_LEN
+from ..atomic import write_text
+from ..errors import InputError
+from ..pipeline.data import EVAL_TOKENS, SEQ_LEN
 
 TASK_NAME = "armor_austen"
 _OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -141,7 +141,7 @@ def evaluation_windows(tokenizer, text: str | os.PathLike | Mapping[str, str] | 
     """The windows ``armor_kernels eval`` scores, ``[n_windows, seq_len]`` token ids: the evaluation
     tokens of :func:`~armor_kernels.pipeline.data.token_splits` (as ``eval`` asks for them), cut into
     non-overlapping windows with the trailing part shorter than one left out."""
-    from .pipeline.data import token_splits
+    from ..pipeline.data import token_splits
 
     tokens = token_splits(tokenizer, text, n_samples=1, seq_len=seq_len, eval_tokens=eval_tokens).evaluation
     n_windows = len(tokens) // seq_len
@@ -177,7 +177,7 @@ def load_tokenizer(model: str | os.PathLike | None = None):
     bundled SmolLM2 GGUF; a .gguf file; a Hugging Face or ARMOR checkpoint directory), without the model."""
     from transformers import AutoTokenizer
 
-    from .pipeline.model import resolve_model
+    from ..pipeline.model import resolve_model
 
     path = resolve_model(model)
     if path.is_file():
@@ -188,11 +188,12 @@ def load_tokenizer(model: str | os.PathLike | None = None):
 
 
 def write_task_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m armor_kernels.lm_eval DIR [--model M] [--text T] …``: write the task of ``eval``'s
+    """``python -m armor_kernels.integrations.lm_eval DIR [--model M] [--text T] …``: write the task of ``eval``'s
     windows into DIR (then ``lm-eval … --tasks armor_austen --include_path DIR``)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m armor_kernels.lm_eval", description=write_task_main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m armor_kernels.integrations.lm_eval",
+                                 description=write_task_main.__doc__)
     ap.add_argument("folder", help="where the task goes (lm-eval's --include_path)")
     ap.add_argument("--model", default=None, help="model whose tokenizer cuts the windows; default: bundled")
     ap.add_argument("--text", default=None, help=".txt file or directory of .txt; default: Jane Austen's novels")
