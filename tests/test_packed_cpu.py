@@ -83,12 +83,21 @@ def test_streamed_kernel_rounds_once(dtype, shape, tokens):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES[::2], ids=[str(s) for s in SHAPES[::2]])
 @pytest.mark.parametrize("tokens", [1, 17, 1000])
-def test_tiled_gemm_rounds_like_the_reference(dtype, shape, tokens, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True], ids=["wrappers on x", "wrappers folded into S"])
+def test_tiled_gemm_rounds_like_the_reference(dtype, shape, tokens, fold, monkeypatch):
     monkeypatch.setattr(ops, "CPU_TILE_BYTES", 4096)  # several tiles even on small layers
+    monkeypatch.setattr(ops, "cpu_gemm_folds", lambda *args: fold)
     A, S, B, bias = layer(*shape, dtype)
     x = torch.randn(tokens, shape[1]).to(dtype)
     compute = ops.cpu_gemm_dtype(dtype)
     check(run("cpu_gemm", x, A, S, B, bias), x, A, S, B, bias, compute, 8 if compute == torch.float32 else 4)
+
+
+def test_the_wrappers_are_folded_where_that_multiplies_less():
+    assert ops.cpu_gemm_folds(2048, 576, 576, 96, 96)  # SmolLM2's attention, a long prefill
+    assert not ops.cpu_gemm_folds(512, 576, 576, 96, 96)
+    assert ops.cpu_gemm_folds(2048, 2048, 2048, 128, 128)  # a tie
+    assert not ops.cpu_gemm_folds(2048, 4096, 4096, 128, 128)  # folding would cost a 4096-token input's work
 
 
 @pytest.mark.parametrize("backend", ["cpu_decode", "cpu_gemm"])
