@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks only an sm_90 GPU can run, as stages that each fit one 10-minute device command.
 #
-#   bash .ci/gpu_check.sh OUT_DIR STAGE...     STAGE: build | test | sanitize | bench
+#   bash .ci/gpu_check.sh OUT_DIR STAGE...     STAGE: build | test | multigpu | sanitize | bench
 #
 # Needs python3 with a CUDA torch, cmake, pybind11, and (sanitize) compute-sanitizer. `build` compiles
 # csrc unless build/ci-csrc/libarmor_cuda.so exists, i.e. was built elsewhere by .ci/build_csrc.sh (the
@@ -39,7 +39,11 @@ for stage in "$@"; do
       require_fused || exit 1
       ;;
     test)
-      python3 -m pytest -q -rs -m "gpu or cuda" tests 2>&1 | tee "$out/pytest.log" | tail -15
+      python3 -m pytest -q -rs -m "(gpu or cuda) and not multigpu" tests 2>&1 | tee "$out/pytest.log" | tail -15
+      status=$((status | PIPESTATUS[0]))
+      ;;
+    multigpu)  # a machine with two or more GPUs: the tests that place tensors on a second device
+      ARMOR_REQUIRE_MULTIGPU=1 python3 -m pytest -q -rs -m multigpu tests 2>&1 | tee "$out/multigpu.log" | tail -15
       status=$((status | PIPESTATUS[0]))
       ;;
     sanitize)  # memcheck on one case per kernel family and path; racecheck on the decode kernels' smem

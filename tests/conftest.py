@@ -12,6 +12,8 @@ Markers (registered in pyproject.toml):
 - `cuda`: needs a CUDA GPU with 2:4 sparse tensor cores (sm_80 or later) and nothing built by this package
   (torch's semi-structured path); skipped elsewhere, and ARMOR_REQUIRE_CUDA=1 (.ci/gpu_check.sh) makes a
   skip of one a failure, as ARMOR_REQUIRE_FUSED does for `gpu`.
+- `multigpu`: needs two CUDA devices (and what its other markers say); ARMOR_REQUIRE_MULTIGPU=1
+  (`.ci/gpu_check.sh multigpu`, on a machine with two) makes a skip of one a failure.
 - `llmcompressor`: the llm-compressor integration; such a test skips without llm-compressor (as in .venv,
   whose transformers 5.24 llm-compressor 0.14 does not allow) and runs in .venv-llmc
   (scripts/setup_llmcompressor.sh). ARMOR_REQUIRE_LLMCOMPRESSOR=1 (.ci/run sets it there) makes a skip of
@@ -71,7 +73,7 @@ def tiny_llama():
 # --- The `gpu` and `sanitize` markers (see the module docstring) ---------------------------------
 
 # marker -> the variable that, set, forbids its tests to pass by skipping
-REQUIRING = {"gpu": "ARMOR_REQUIRE_FUSED", "cuda": "ARMOR_REQUIRE_CUDA",
+REQUIRING = {"gpu": "ARMOR_REQUIRE_FUSED", "cuda": "ARMOR_REQUIRE_CUDA", "multigpu": "ARMOR_REQUIRE_MULTIGPU",
              "llmcompressor": "ARMOR_REQUIRE_LLMCOMPRESSOR"}
 REQUIRED = {marker: var for marker, var in REQUIRING.items() if os.environ.get(var, "") not in ("", "0")}
 SANITIZERS = ("memcheck", "racecheck")
@@ -109,6 +111,8 @@ def pytest_runtest_setup(item):
         reason = ops.fused_unavailable_reason("cuda")
         if reason is not None:
             pytest.skip(f"needs the fused kernels: {reason}")
+    if item.get_closest_marker("multigpu") is not None and torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA devices, found {torch.cuda.device_count()}")
     if item.get_closest_marker("cuda") is not None:
         from armor_kernels import semi_structured
         reason = semi_structured.unavailable_reason("cuda", torch.bfloat16)

@@ -1,6 +1,8 @@
 """Builders the tests share (importable as `helpers`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -45,3 +47,15 @@ def cpu_path() -> str:
     built, else the reference."""
     from armor_kernels import ops
     return "cpu_packed" if ops.cpu_unavailable_reason() is None else "reference"
+
+
+@contextmanager
+def launched(**expected: int):
+    """Assert that the block makes exactly these native launches (ops.LAUNCHES' counts by family, e.g.
+    sparse_gemm=1) and no other: a kernel test must prove its kernel ran, not just agree with the reference
+    the op falls back to."""
+    from armor_kernels import ops
+    before = ops.LAUNCHES.copy()
+    yield
+    got = {k: n - before.get(k, 0) for k, n in ops.LAUNCHES.items() if n != before.get(k, 0)}
+    assert got == expected, f"native launches {got}, expected {expected}"

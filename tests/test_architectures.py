@@ -215,6 +215,32 @@ def test_calibration_sees_the_models_own_activations(tmp_path, monkeypatch, arch
 
 
 @pytest.mark.parametrize("how", ["memory", "streamed"])
+def test_each_protocol_calibrates_on_its_own_stream(tmp_path, monkeypatch, how):
+    """On a model pruning changes (not a fixed point): protocol "dense" gives every block the dense model's
+    activations, "sequential" the pruned blocks' before it. Block 0 sees the model's input under both; every
+    later block's statistics match the dense forward's under "dense" and differ from them under
+    "sequential" (the fixed-point test above cannot tell the two protocols apart)."""
+    model, _ = tiny_model("llama")
+    src = save_sharded(model, tmp_path / "src")
+    model, tok = load_model(src)
+    reference, _ = reference_stats(model)
+    prefix = layers_prefix(model)
+    seen, real = {}, prune.collect_stats
+    for protocol in ("dense", "sequential"):
+        runs = seen[protocol] = []
+        monkeypatch.setattr(prune, "collect_stats", lambda *a, runs=runs, **k: runs.append(real(*a, **k)) or runs[-1])
+        fresh, _ = load_model(src)
+        prune.prune_model(fresh if how == "memory" else ModelSource(src), tok, CALIB,
+                          PruneConfig("magnitude", protocol=protocol), tmp_path / protocol)
+    for protocol, runs in seen.items():
+        assert len(runs) == len(decoder_layers(model)) >= 2
+        for i, stats in enumerate(runs):
+            same = all(torch.allclose(s.sq, reference[f"{prefix}.{i}.{n}"].sq, rtol=1e-6, atol=0)
+                       for n, s in stats.items())
+            assert same == (i == 0 or protocol == "dense"), f"{protocol}, block {i}: dense statistics {same}"
+
+
+@pytest.mark.parametrize("how", ["memory", "streamed"])
 @pytest.mark.parametrize("arch", list(MOE_ARCHITECTURES))
 def test_mixture_of_experts_is_refused_by_module_name(tmp_path, arch, how):
     """transformers 5 keeps the experts of Qwen2-MoE and Mixtral as fused 3-D parameters

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from helpers import launched
 from torch import nn
 
-from armor_kernels import ActivationStats, ArmorLinear, armor
+from armor_kernels import ActivationStats, ArmorLinear, armor, ops
 
 
 def _layer(d_out, d_in, bias, seed=0):
@@ -89,7 +90,8 @@ def test_prepare_runs_the_fused_kernels_and_keeps_the_checkpoint(tokens):
     want = mod(x)  # the reference (nothing prepared yet)
     state = {k: v.clone() for k, v in mod.pack().state_dict().items()}
     assert mod.prepare() == "fused" and mod.packed and mod.fused.sm90 is not None and mod.fused.layout.native
-    y = mod(x)
+    with launched(**{"decode" if tokens <= ops.DECODE_MAX_TOKENS else "sparse_gemm": 1}):
+        y = mod(x)
     eps = torch.finfo(torch.bfloat16).eps
     assert ((y.float() - want.float()).abs() <= 8 * eps * _abs_chain(mod, x) + 1e-3).all()
     assert all(torch.equal(v, state[k]) for k, v in mod.state_dict().items())  # fused operands not saved

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_24
+from helpers import launched, random_24
 
 from armor_kernels import ops
 from armor_kernels.sparse24 import pack_24
@@ -376,9 +376,10 @@ def test_fused_matches_reference(d_out, d_in, dtype, tokens, bias, packed):
     x = torch.randn(tokens, d_in, device="cuda").to(dtype)
     values, idx = pack_24(S) if packed else (S, None)
     sm90 = ops.pack_sm90(S)
-    y = ops.linear(x, A, values, B, b, S_idx=idx, sm90=sm90)
-    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == (
-        "decode" if packed and tokens <= ops.DECODE_MAX_TOKENS else "sparse_gemm")
+    path = "decode" if packed and tokens <= ops.DECODE_MAX_TOKENS else "sparse_gemm"
+    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == path
+    with launched(**{path: 1}):
+        y = ops.linear(x, A, values, B, b, S_idx=idx, sm90=sm90)
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), dtype)
     # The same roundings of intermediates as the reference, so closer to it than to exact math.
@@ -396,7 +397,8 @@ def test_sparse_gemm_persistent_loop(sm_count, dtype):
     A, S, B, b = cuda_factors(d_out, d_in, dtype)
     x = torch.randn(tokens, d_in, device="cuda").to(dtype)
     sm90 = ops.pack_sm90(S)
-    y = ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm", sm_count=sm_count)
+    with launched(sparse_gemm=1):
+        y = ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm", sm_count=sm_count)
     torch.cuda.synchronize()
     assert_close(y, ops.reference(x, A, S, B, b).double(), dtype)
     torch.testing.assert_close(y, ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm"), rtol=0, atol=0)
@@ -410,7 +412,8 @@ def test_sparse_gemm_many_tiles_per_sm():
     x = torch.randn(1000, 4096, device="cuda").to(torch.bfloat16)
     sm90 = ops.pack_sm90(S)
     assert ops.linear_path(x, A, S, B, sm90=sm90) == "sparse_gemm"
-    y = ops.linear(x, A, S, B, b, sm90=sm90)
+    with launched(sparse_gemm=1):
+        y = ops.linear(x, A, S, B, b, sm90=sm90)
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), torch.bfloat16)
     assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
@@ -423,7 +426,8 @@ def test_decode_sm_count(sm_count, tokens):
     A, S, B, b = cuda_factors(256, 2048)
     values, idx = pack_24(S)
     x = torch.randn(tokens, 2048, device="cuda").to(torch.bfloat16)
-    y = ops.linear(x, A, values, B, b, S_idx=idx, backend="decode", sm_count=sm_count)
+    with launched(decode=1):
+        y = ops.linear(x, A, values, B, b, S_idx=idx, backend="decode", sm_count=sm_count)
     torch.cuda.synchronize()
     assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
 
@@ -502,8 +506,7 @@ def test_fused_cuda_graph_and_compile():
     torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)
 
 
-# Not marked `gpu`: it needs two devices, which the GPU check's machine need not have.
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.multigpu  # not `gpu`: the GPU check's `test` stage runs on one device; `multigpu` runs it
 def test_kernels_run_on_the_tensors_device():
     """Inputs on cuda:1 while cuda:0 is current: the op guards the device the kernels run on."""
     dev = torch.device("cuda", 1)
@@ -514,8 +517,9 @@ def test_kernels_run_on_the_tensors_device():
     values, idx = pack_24(S)
     with torch.cuda.device(0):
         sm90 = ops.pack_sm90(S)
-        y = ops.linear(x, A, S, B, b, sm90=sm90)
-        y1 = ops.linear(x[:3], A, values, B, b, S_idx=idx)
+        with launched(sparse_gemm=1, decode=1):
+            y = ops.linear(x, A, S, B, b, sm90=sm90)
+            y1 = ops.linear(x[:3], A, values, B, b, S_idx=idx)
     assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
     assert_close(y1, ops.reference(x[:3], A, S, B, b).double(), torch.bfloat16)
 
