@@ -77,12 +77,13 @@ else:
 # is faster on all six shapes of benchmarks/results/bench_linear_cpu.csv (1.2-2x), at 32 the tiles are
 # faster or even on five of them (`python benchmarks/bench_linear.py --device cpu`, rows *_decode, *_gemm).
 CPU_DECODE_MAX_TOKENS = 16
-# Dense tile of S per GEMM in "cpu_gemm": large enough for torch's GEMM to run near full speed, small enough
-# to stay in the last-level cache between the unpack and the GEMM. 2-core AVX2 machine, bf16 layer, median
-# of 5 (time / dense float32 F.linear), tiles of 1 / 4 / 16 / 32 MiB: 4096 x 4096 at 512 tokens 1.27 / 1.12 /
-# 1.15 / 1.16, 14336 x 4096 at 2048 tokens 1.24 / 1.09 / 1.17 / 1.36, 4096 x 14336 at 64 tokens 1.04 / 1.09 /
-# 1.18 / 1.12 (ops._cpu_gemm timed with only the size varied; expect the best size to move with the cache).
-CPU_TILE_BYTES = 4 << 20
+# Dense tile of S per GEMM in "cpu_gemm": large enough for torch's GEMM to run near full speed. 2-core AVX2
+# machine, bf16 layer, wrappers on the activations, median of 5, time / dense float32 F.linear, tiles of
+# 4 / 8 / 16 / 32 MiB: 4096 x 4096 at 512 tokens 1.22 / 1.13 / 1.11 / 1.12, at 2048 1.44 / 1.24 / 1.16 / 1.15;
+# 14336 x 4096 at 512 1.11 / 1.11 / 1.03 / 1.04, at 2048 1.22 / 1.11 / 1.08 / 1.12; 4096 x 14336 at 64 tokens
+# 1.05 / 1.11 / 1.16 / 1.18, at 2048 1.59 / 1.40 / 1.30 / 1.17 (ops._cpu_gemm timed with only the size varied;
+# expect ±10 % between runs on a shared machine).
+CPU_TILE_BYTES = 16 << 20
 _CPU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/packed_linear.h's Dtype
 LAUNCHES: collections.Counter = collections.Counter()  # kernel family -> native calls since import
 
