@@ -265,7 +265,8 @@ def main() -> None:
                 rows.append(dict(status="PROJECTION", model=name, device=dev, ranks=ranks,
                                  outer_iterations=round(iters, 1), iterations_basis=label,
                                  **{f"projected_{k}": round(v, 3) for k, v in proj.items()},
-                                 basis=basis + (" (assumption, not a measurement)" if dev == "gpu" else "")))
+                                 basis=basis + (" (assumption, not a measurement)" if dev == "gpu" else ""),
+                                 load_avg_start=round(load0, 1), load_avg_end=round(load1, 1)))
     write_csv(rows, args.out)
 
     anchor_rate = ANCHOR_MACS_PER_BDD * ANCHOR_B * ANCHOR_D**2 / ANCHOR_S_PER_ITER
@@ -282,9 +283,9 @@ def main() -> None:
     md = f"""# PROJECTION of ARMOR pruning time: Llama-3-8B and a 70B Llama on 1 and 8 GPUs
 
 **This is a projection, not a measurement.** The per-linear CPU costs below were measured here
-(`python benchmarks/bench_projection.py`, torch {torch.__version__}, one thread per linear, a 2-core
-machine shared with other jobs: load average {load0:.1f} at the start, {load1:.1f} at the end, so the CPU
-times are inflated by contention); the CPU rows scale them with a cost model per linear role (the 8B rows
+(`python benchmarks/bench_projection.py`, torch {torch.__version__}, one thread per linear; the run's load
+averages are the CSV's `load_avg_start` / `load_avg_end`: above the core count, other work inflated the CPU
+times); the CPU rows scale them with a cost model per linear role (the 8B rows
 use the costs measured at their own shapes); **the GPU rows rest on an assumption** (no GPU has run this
 project's code). Only a pruning run on the GPU (`python -m armor_kernels prune`) measures
 what these rows estimate.
