@@ -16,7 +16,7 @@ import functools
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -171,12 +171,10 @@ def prune_model(model: nn.Module | ModelSource, tokenizer, calib: torch.Tensor, 
     if device is None:
         device = "cpu" if isinstance(model, ModelSource) else next(model.parameters()).device
     dist = dist or Dist.from_env(device)
-    if out is None:
-        if isinstance(model, ModelSource):
-            raise InputError("out: a streamed model (ModelSource) is pruned into a checkpoint directory, got None")
-        return _prune(model, tokenizer, calib, config, None, torch.device(device), source, dtype, offload, dist)
-    out = Path(out)
-    with _single_writer(out, dist):
+    if out is None and isinstance(model, ModelSource):
+        raise InputError("out: a streamed model (ModelSource) is pruned into a checkpoint directory, got None")
+    out = None if out is None else Path(out)
+    with nullcontext() if out is None else _single_writer(out, dist):  # a run in memory writes nothing: no lock
         return _prune(model, tokenizer, calib, config, out, torch.device(device), source, dtype, offload, dist)
 
 
