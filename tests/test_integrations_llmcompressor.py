@@ -227,3 +227,59 @@ def test_same_factors_as_the_cli(integ, model_dir, text_and_calib, tmp_path, pro
         assert ((r.sparse_core() != 0) != (layer.sparse_core() != 0)).float().mean().item() < 0.01, name
         loss, loss_mod = reports[f"{i}.{local}"]["loss"], modifier._reports[name]["loss"]
         assert abs(loss_mod - loss) <= 1e-3 * loss, name
+
+
+def test_a_config_prunes_with_the_package_pipeline_bit_for_bit(integ, model_dir, text_and_calib, tmp_path):
+    """`config` (budget and reconstruction included) runs the pipeline `armor_kernels.prune` runs, on oneshot's
+    calibration windows: the same stored tensors, the model left holding their loaded products, and a saved
+    directory that loads to the in-memory logits and records the configuration as a `prune` run does."""
+    from transformers import AutoModelForCausalLM
+
+    import armor_kernels
+    import armor_kernels.integrations.hf  # noqa: F401  (registers "armor")
+    from armor_kernels.nn import ArmorLinear
+    from armor_kernels.optim import ArmorOptions
+    from armor_kernels.pipeline.budget import BudgetOptions
+    from armor_kernels.pipeline.config import PruneConfig, run_config
+    from armor_kernels.pipeline.reconstruct import ReconOptions
+    config = PruneConfig(options=ArmorOptions(block_size=BLOCK, iters=2), budget=BudgetOptions(0.3, probe_iters=1),
+                         recon=ReconOptions(steps=2, batch=2, holdout=1, check=1))
+    calib = text_and_calib[1]
+    modifier = integ.ArmorModifier(config=config)
+    model = run_oneshot(model_dir, calib, modifier)
+    ref = armor_kernels.prune(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), calib, config)
+    layers = {n: m for n, m in ref.named_modules() if isinstance(m, ArmorLinear)}
+    assert sorted(modifier._pruned) == sorted(layers) and len(layers) == 14
+    for name, layer in layers.items():
+        stored = modifier._pruned[name]
+        for k, v in layer.state_dict().items():
+            if k != "weight":
+                assert torch.equal(v.to(torch.bfloat16), stored.state_dict()[k]), f"{name}.{k}"
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+        assert torch.equal(model.get_submodule(name).weight, layer.to_dense(torch.float32)), name
+    assert {m.A.shape[1] for m in layers.values()} != {BLOCK}  # the budget moved some block sizes
+    out = integ.save_armor(model, modifier, tmp_path / "armor")
+    run = json.loads((out / "armor_run.json").read_text())["run"]
+    expected = run_config(config, calib, model, str(model_dir))
+    assert {k: v for k, v in run.items() if k != "producer"} == expected
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = calib[:2, :24]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(config="qualty"), r"config: expected a PruneConfig, a preset in \['quality'\]"),
+    (dict(config="wanda"), r"config: ArmorModifier prunes with ARMOR, got a config of method 'wanda'"),
+    (dict(config="quality", iters=3), r"config: holds ARMOR's options .* got it with \['iters'\]"),
+    (dict(config="quality", ignore=["re:.*down_proj"]), r"got it with \['ignore'\]"),
+])
+def test_a_config_beside_other_options_is_refused(integ, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        integ.ArmorModifier(**kwargs)
+
+
+def test_the_preset_by_name(integ):
+    from armor_kernels.pipeline.config import PRESETS
+    mod = integ.ArmorModifier(config="quality")
+    assert mod.config is PRESETS["quality"] and mod.options == PRESETS["quality"].options

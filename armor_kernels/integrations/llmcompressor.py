@@ -7,6 +7,13 @@
     model = oneshot(model=MODEL_DIR, dataset=ds, recipe=modifier)
     save_armor(model, modifier, OUT)          # format v2: from_pretrained(OUT) (armor_kernels.integrations.hf)
 
+`ArmorModifier(config="quality")` (a preset's name or a PruneConfig, armor_kernels.pipeline.config) prunes
+with the package's whole pipeline instead, model-wide budget and block-wise reconstruction included: at
+oneshot's initialisation, on its calibration windows (unpadded, of one length), every decoder block's
+linears, one block at a time on the model's device, exactly as `armor_kernels.prune(model, windows, config)`
+does; the model's linears then stay nn.Linear holding the loaded product, as below. The config holds the
+optimizer's options, so it is refused beside ArmorOptions' fields, `targets` or `ignore`.
+
 In a YAML recipe the modifier is found by name once registered (llm-compressor looks only inside its
 own package otherwise): `ModifierFactory.register("ArmorModifier", ArmorModifier)`.
 
@@ -46,7 +53,7 @@ from contextlib import ExitStack
 from dataclasses import fields
 from importlib.metadata import version
 from pathlib import Path
-from typing import get_type_hints
+from typing import Any, get_type_hints
 
 import torch
 from compressed_tensors.utils import align_module_device, update_offload_parameter
@@ -69,8 +76,9 @@ from ..pipeline.checkpoint import (
     save_rest,
     write_config,
 )
-from ..pipeline.model import block_linears, check_supported, decoder_layers, layers_prefix
-from ..pipeline.prune import prune_block_linears
+from ..pipeline.config import prune_config, run_config
+from ..pipeline.model import block_linears, check_supported, decoder_layers, layers_prefix, replace_module
+from ..pipeline.prune import prune_block_linears, prune_model
 from ..stats import ActivationStats
 
 __all__ = ["ArmorModifier", "save_armor"]
@@ -90,12 +98,14 @@ class _ArmorModifier(SparsityModifierBase):
     sparsity: float | list[float] | None = 0.5
     mask_structure: str = "2:4"
     targets: str | list[str] | None = None  # None: the model's decoder block class (resolved at initialize)
+    config: Any = None  # a PruneConfig or a preset's name: the package's pipeline prunes (module docstring)
 
     _where: dict = PrivateAttr(default_factory=dict)      # linear -> (block index, name inside the block)
     _prefix: str = PrivateAttr(default="")               # the decoder blocks' state-dict prefix
     _stats: dict = PrivateAttr(default_factory=dict)      # linear -> ActivationStats, until compressed
     _pruned: dict = PrivateAttr(default_factory=dict)     # full name -> the stored (packed bf16) ArmorLinear
     _reports: dict = PrivateAttr(default_factory=dict)    # full name -> prune_linear's report
+    _calib: Any = PrivateAttr(default=None)                # config: the calibration windows it pruned on
 
     @model_validator(mode="before")
     @classmethod
@@ -132,14 +142,33 @@ class _ArmorModifier(SparsityModifierBase):
             raise InputError(f"expected None (every layer is 2:4; per-layer sparsities do not apply), got {value!r}")
         return value
 
+    @field_validator("config")
+    @classmethod
+    def _prune_config(cls, value):
+        if value is None:
+            return None
+        config = prune_config(value)
+        if config.method != "armor":
+            raise InputError(f"config: ArmorModifier prunes with ARMOR, got a config of method {config.method!r}")
+        return config
+
     @model_validator(mode="after")
     def _valid_options(self):
+        if self.config is not None:
+            given = [name for name, opt in OPTION_FIELDS.items()
+                     if getattr(self, name) != getattr(ArmorOptions(), opt)]
+            given += [name for name in ("targets", "ignore") if getattr(self, name)]
+            if given:
+                raise InputError(f"config: holds ARMOR's options and prunes every linear of the decoder blocks; "
+                                 f"got it with {given} (set them in the PruneConfig, or drop `config`)")
         _ = self.options  # ArmorOptions' own checks, with the modifier's field names
         return self
 
     @property
     def options(self) -> ArmorOptions:
         """The ArmorOptions this modifier prunes with."""
+        if self.config is not None:
+            return self.config.options
         try:
             return ArmorOptions(**{opt: getattr(self, name) for name, opt in OPTION_FIELDS.items()})
         except ValueError as e:
@@ -158,9 +187,38 @@ class _ArmorModifier(SparsityModifierBase):
             self.targets = [type(layers[0]).__name__]
         self._prefix = layers_prefix(model)
         self._where = {lin: (i, name) for i, block in enumerate(layers) for name, lin in block_linears(block).items()}
+        if self.config is not None:
+            self._prune_with_config(model, state.data.calib)
+            return True
         return super().on_initialize(state, **kwargs)
 
+    def _prune_with_config(self, model: nn.Module, calib) -> None:
+        """The package's pipeline on oneshot's calibration windows; each pruned layer then kept as stored
+        and put back in the model as an nn.Linear of its loaded product."""
+        from ..api import calibration_tokens
+
+        if calib is None:
+            raise InputError("config: ArmorModifier calibrates on oneshot's dataset; oneshot was given none")
+        self._calib = calibration_tokens(calib)
+        dtype = next(model.parameters()).dtype
+        report = prune_model(model, None, self._calib, self.config, None)["layers"]
+        for i, block in enumerate(decoder_layers(model)):
+            for name, mod in list(block.named_modules()):
+                if not isinstance(mod, ArmorLinear):
+                    continue
+                full = f"{self._prefix}.{i}.{name}"
+                self._pruned[full] = copy.deepcopy(mod).to("cpu", STORAGE_DTYPE)  # its stored bf16 values, exactly
+                self._reports[full] = report[f"{i}.{name}"]
+                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                device=mod.A.device, dtype=dtype)
+                lin.weight.data = mod.to_dense(dtype)
+                if mod.bias is not None:
+                    lin.bias.data = mod.bias.detach().to(dtype)
+                replace_module(block, name, lin)
+
     def on_calibration_start(self, state, event, **kwargs):
+        if self.config is not None:  # pruned at initialisation
+            return
         super().on_calibration_start(state, event, **kwargs)  # hooks every targeted, not ignored, layer
         # the base class names a module matched by a class target "name." (hence the strip)
         outside = [name.rstrip(".") for mod, name in self._module_names.items() if mod not in self._where]
@@ -208,6 +266,8 @@ class _ArmorModifier(SparsityModifierBase):
         if self._stats:
             raise InputError(f"ArmorModifier: {len(self._stats)} calibrated linears were never compressed "
                              "(the pipeline ended before their subgraph did)")
+        if self.config is not None:
+            return True
         names = {mod: f"{self._prefix}.{i}.{name}" for mod, (i, name) in self._where.items()}
         never = [names[mod] for mod in self._module_names if names[mod] not in self._pruned]
         if never:
@@ -228,7 +288,9 @@ ArmorModifier = create_model(
     seed, time_budget, objective, shrink, and its `start` as `armor_start`), with the library's defaults;
     `targets` (default: the model's decoder block class, so embeddings and lm_head stay dense) and `ignore`
     (module names or `re:` patterns left dense). `sparsity` is 0.5 and `mask_structure` "2:4", the only
-    values accepted. After oneshot, `save_armor(model, modifier, OUT)` writes the pruned checkpoint.
+    values accepted. `config`: a PruneConfig or a preset's name ("quality"), pruned by the package's own
+    pipeline (module docstring) in place of those fields. After oneshot, `save_armor(model, modifier, OUT)`
+    writes the pruned checkpoint.
     """,
     **{name: (_HINTS[opt], next(f.default for f in fields(ArmorOptions) if f.name == opt))
        for name, opt in OPTION_FIELDS.items()},
@@ -271,15 +333,18 @@ def save_armor(model: nn.Module, modifier: ArmorModifier | None, out: str | Path
     if tokenizer is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    run = {
-        "package_version": __version__, "format_version": FORMAT_VERSION, "method": "armor",
-        "options": modifier.options.to_config(), "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
-        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "model_source": str(model.name_or_path),
-        "producer": {"llmcompressor": version("llmcompressor"), "modifier": "ArmorModifier",
-                     "targets": modifier.targets, "ignore": modifier.ignore},
-        "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
-    }
+    producer = {"llmcompressor": version("llmcompressor"), "modifier": "ArmorModifier",
+                "targets": modifier.targets, "ignore": modifier.ignore}
+    if modifier.config is not None:  # the record a `prune` run with this configuration writes
+        run = {**run_config(modifier.config, modifier._calib, model, str(model.name_or_path)), "producer": producer}
+    else:
+        run = {
+            "package_version": __version__, "format_version": FORMAT_VERSION, "method": "armor",
+            "options": modifier.options.to_config(), "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "model_source": str(model.name_or_path), "producer": producer,
+            "model_config": {**model.config.to_dict(), "_name_or_path": None, "architectures": [type(model).__name__]},
+        }
     chash = config_hash(run)
     out.mkdir(parents=True, exist_ok=True)
     # the order a pruning run writes in: run file, tokenizer and the rest, the blocks, config.json, the index
