@@ -1,6 +1,6 @@
-"""Command line: prune, eval, compare, and `main` (the README's main job).
+"""Command line: demo (the README's first command), prune, eval, compare, and the checkpoint tools.
 
-    python -m armor_kernels main                       # ARMOR-prune the bundled model, perplexity vs dense
+    python -m armor_kernels demo                       # the bundled model: quality, size and speed vs dense
     python -m armor_kernels prune --method armor --out runs/armor
     python -m armor_kernels eval --checkpoint runs/armor
     python -m armor_kernels compare --out runs/compare  # every method: CSV + Markdown table
@@ -29,7 +29,7 @@ from .errors import InputError
 from .optim import ArmorOptions
 from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
 from .pipeline.budget import BudgetOptions
-from .pipeline.config import METHODS, PRESETS, PROTOCOLS, PruneConfig
+from .pipeline.config import METHODS, PRESETS, PROTOCOLS, PruneConfig, prune_config
 from .pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, token_splits
 from .pipeline.distributed import Dist, PeerStopped
 from .pipeline.evaluate import streamed_perplexity
@@ -181,11 +181,11 @@ class Dense:
                             eval_tokens=a.eval_tokens, seed=a.seed, eval_text=a.eval_text)
 
 
-def run_method(method: str, args, out: Path, dense: Dense) -> dict:
-    """Prune (or resume) one method into `out` and evaluate what was written, streamed block by block
+def run_method(config: PruneConfig, args, out: Path, dense: Dense) -> dict:
+    """Prune (or resume) one configuration into `out` and evaluate what was written, streamed block by block
     (the dense model: from its source), unless --no-eval. A finished result is read back; one without
-    perplexity (--no-eval) is evaluated now if asked."""
-    done, evaluate = out / "result.json", not args.no_eval
+    perplexity (--no-eval) is evaluated now if asked. The result's "method" is the run's name, out's."""
+    method, done, evaluate = config.method, out / "result.json", not args.no_eval
     if done.exists():
         result = json.loads(done.read_text())
         if result["perplexity"] is not None or not evaluate:
@@ -198,14 +198,14 @@ def run_method(method: str, args, out: Path, dense: Dense) -> dict:
     if method == "dense":  # nothing to prune
         report = {"layers": {}, "seconds": 0.0}
     else:
-        report = prune_model(dense.source, dense.tokenizer, splits.calibration, _prune_config(args, method), out,
+        report = prune_model(dense.source, dense.tokenizer, splits.calibration, config, out,
                              device=args.device, source=args.model or "bundled SmolLM2-135M-Instruct",
                              dtype=getattr(torch, args.dtype), offload=args.offload_activations, dist=dist)
         if not dist.is_writer:
             return None
     sizes = checkpoint_sizes(out, skeleton) if method != "dense" else {}
     result = {
-        "method": method, "perplexity": None, "calibration_s": round(report["seconds"], 1),
+        "method": out.name, "perplexity": None, "calibration_s": round(report["seconds"], 1),
         "eval_s": None, "dense_bf16_linear_bytes": dense_bytes,
         "linear_bytes": sizes.get("linear_bytes", dense_bytes), "checkpoint_bytes": sizes.get("checkpoint_bytes", ""),
         "linear_bytes_ratio": round(sizes.get("linear_bytes", dense_bytes) / dense_bytes, 4),
@@ -246,22 +246,36 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> str:
 
 
 def cmd_compare(args, methods) -> None:
-    for m in methods:  # a flag that does not fit a method fails before anything is read
-        if m != "dense":
-            _prune_config(args, m)
+    # every flag is checked against every method before anything is read
+    configs = {m: PruneConfig("dense") if m == "dense" else _prune_config(args, m) for m in methods}
     out = Path(args.out)
     t0 = time.perf_counter()
     dense = Dense(args)
-    rows = [run_method(m, args, out / m, dense) for m in methods]
+    rows = [run_method(configs[m], args, out / m, dense) for m in methods]
     if None not in rows:  # rank 0 of a torchrun, or the only process
         print(write_table(rows, out, time.perf_counter() - t0))
+
+
+def cmd_demo(args) -> None:
+    """What the package is for, on one model: the recommended configuration beside dense and SparseGPT, each
+    pruned (or resumed) and evaluated, then loaded as a user loads it (bf16, `prepare`d on --device) for its
+    memory and decode speed: runs/demo/demo.md and .csv."""
+    from .pipeline.demo import DEMO_RUNS, demo_table
+
+    out, dense = Path(args.out), Dense(args)
+    t0 = time.perf_counter()
+    configs = {name: prune_config(name) for name in DEMO_RUNS}
+    configs = {n: c.with_seed(args.seed) if c.method == "armor" else c for n, c in configs.items()}
+    rows = [run_method(config, args, out / name, dense) for name, config in configs.items()]
+    if None not in rows:
+        print(demo_table(rows, out, args.model, args.device, time.perf_counter() - t0))
 
 
 def cmd_prune(args) -> None:
     if args.method is None:
         raise InputError("prune: --method is required (or --preset NAME)")
-    _prune_config(args, args.method)  # a flag that does not fit the method fails before anything is read
-    if run_method(args.method, args, Path(args.out), Dense(args)) is not None:
+    config = _prune_config(args, args.method)  # a flag that does not fit the method fails before anything is read
+    if run_method(config, args, Path(args.out), Dense(args)) is not None:
         print(json.dumps(json.loads((Path(args.out) / "result.json").read_text()), indent=2))
 
 
@@ -310,9 +324,11 @@ def parser(preset: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error (anywhere on the line)")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     pruning = []
-    p = sub.add_parser("main", help="ARMOR-prune the bundled model with defaults; perplexity beside dense")
-    p.add_argument("--out", default="runs/main")
-    _data_args(p), _pipeline_args(p), _prune_args(p), pruning.append(p)
+    p = sub.add_parser("demo", help="the bundled model (or --model) pruned by the quality preset and by SparseGPT: "
+                                    "bytes, perplexity, loaded memory and decode speed beside dense, in one table")
+    p.add_argument("--out", default="runs/demo")
+    _data_args(p)
+    p.set_defaults(no_eval=False, dtype="float32", offload_activations=False)
     p = sub.add_parser("prune", help="prune a model with one method into a checkpoint directory")
     p.add_argument("--method", choices=METHODS, default=None, help="required unless --preset gives it")
     p.add_argument("--out", required=True)
@@ -351,7 +367,7 @@ def parser(preset: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
-COMMANDS = {"main": lambda a: cmd_compare(a, ["dense", "armor"]), "compare": lambda a: cmd_compare(a, a.methods),
+COMMANDS = {"demo": cmd_demo, "compare": lambda a: cmd_compare(a, a.methods),
             "prune": cmd_prune, "eval": cmd_eval, "export-dense": cmd_export_dense, "convert": cmd_convert,
             "inspect": cmd_inspect}
 # What this package raises on a user's mistake (missing or corrupt files, bad options, too little text, a

@@ -1,4 +1,5 @@
 """prune → save → load → eval on a tiny model built from the real SmolLM2 config, every method."""
+import csv
 import json
 
 import pytest
@@ -193,6 +194,37 @@ def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
     assert blocks[0]["dense_bf16_bytes"] == sum(2 * lin.weight.numel() for lin in dense_block)
     main(argv)  # everything finished: the re-run only reads the results back
     assert (tmp_path / "cmp" / "armor" / "result.json").read_text() == first
+
+
+def test_cli_demo_puts_quality_size_and_speed_in_one_table(tiny, tmp_path, austen, capsys, monkeypatch):
+    """The preset (a small one of the same shape here) and SparseGPT beside dense: perplexity from the written
+    checkpoints, then memory and decode speed of each loaded as a user loads it (packed, prepared)."""
+    from armor_kernels.cli import main
+    from armor_kernels.pipeline.budget import BudgetOptions
+    from armor_kernels.pipeline.config import PRESETS
+    from armor_kernels.pipeline.reconstruct import ReconOptions
+    monkeypatch.setitem(PRESETS, "quality", PruneConfig(
+        options=ArmorOptions(block_size=16, iters=1), budget=BudgetOptions(0.3, probe_iters=1),
+        recon=ReconOptions(steps=2, batch=2, holdout=1, check=1)))
+    _, tok, _, fresh = tiny
+    model_dir, text = tmp_path / "tiny", tmp_path / "emma.txt"
+    fresh().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    text.write_text(austen["Emma"][:20_000])
+    argv = ["demo", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "demo"),
+            "--n-samples", "4", "--seq-len", "32", "--eval-tokens", "96", "--device", "cpu"]
+    assert main(argv) == 0
+    with open(tmp_path / "demo" / "demo.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["dense", "quality", "sparsegpt"]
+    assert rows["dense"]["paths"] == "dense" and float(rows["dense"]["memory_vs_dense"]) == 1.0
+    for run in ("quality", "sparsegpt"):
+        assert rows[run]["paths"] == f"{cpu_path()}:14"  # 2 blocks x 7 linears, from the packed form
+        assert float(rows[run]["memory_mib"]) < float(rows["dense"]["memory_mib"])
+        assert float(rows[run]["perplexity"]) > 0 and float(rows[run]["decode_tok_s"]) > 0
+    run = json.loads((tmp_path / "demo" / "quality" / "armor_run.json").read_text())["run"]
+    assert "budget" in run and "reconstruction" in run  # the preset, not plain ARMOR
+    assert "| quality |" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,77 @@
+"""The demo's table: quality, size and speed of the recommended configuration beside dense and SparseGPT.
+
+Each run is pruned and evaluated by the CLI's `run_method` (perplexity streamed in float32 from what was
+written); then each is loaded as a user loads it, in bf16 (the checkpoint's storage dtype) on the run's
+device, pruned layers packed and `prepare`d, for the bytes the model holds and its greedy decode tokens/s.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_text
+from ..nn import paths, prepare
+from .runtime import decode_tokens_per_s, held_bytes
+
+DEMO_RUNS = ("dense", "quality", "sparsegpt")  # each a preset's or a method's name (config.prune_config)
+COLUMNS = ["run", "linear_bytes_ratio", "perplexity", "perplexity_vs_dense", "memory_mib", "memory_vs_dense",
+           "decode_tok_s", "decode_vs_dense", "paths", "prune_s"]
+
+
+def _loaded(run: str, out: Path, model: str | None, device: str):
+    if run == "dense":
+        from .model import load_model
+        return load_model(model, dtype=torch.bfloat16)[0].to(device)
+    from ..integrations.hf import load_pruned_model
+    m = load_pruned_model(out / run, dtype=torch.bfloat16)[0].to(device)
+    prepare(m)  # again after the move: the path this device has
+    return m
+
+
+def demo_table(results: list[dict], out: Path, model: str | None, device: str, seconds: float) -> str:
+    """The runs' results (run_method's, in DEMO_RUNS' order) with their loaded memory and decode speed, as
+    out/demo.csv and out/demo.md; returns the Markdown."""
+    rows = []
+    for res in results:
+        m = _loaded(res["method"], out, model, device)
+        counts = {}
+        for path in paths(m).values():
+            counts[path] = counts.get(path, 0) + 1
+        rows.append({"run": res["method"], "linear_bytes_ratio": res["linear_bytes_ratio"],
+                     "perplexity": res["perplexity"], "memory_mib": round(held_bytes(m) / 2 ** 20, 3),
+                     "decode_tok_s": round(decode_tokens_per_s(m), 2),
+                     "paths": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "dense",
+                     "prune_s": res["calibration_s"]})
+        del m
+    base = rows[0]
+    for r in rows:
+        for key, ratio in (("perplexity", "perplexity_vs_dense"), ("memory_mib", "memory_vs_dense"),
+                           ("decode_tok_s", "decode_vs_dense")):
+            r[ratio] = round(r[key] / base[key], 3) if r[key] and base[key] else ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out / "demo.csv", buf.getvalue())
+    head = ["run", "stored bytes / dense bf16 (linears)", "perplexity", "memory loaded in bf16",
+            "decode tokens/s (batch 1)", "paths", "prune time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"], f"{r['linear_bytes_ratio']:.4f}", _num(r["perplexity"], r["perplexity_vs_dense"]),
+                 _num(r["memory_mib"], r["memory_vs_dense"], " MiB"), _num(r["decode_tok_s"], r["decode_vs_dense"]),
+                 r["paths"], f"{r['prune_s']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    md = ("\n".join(lines) + f"\n\nOn {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"perplexity in float32 on the evaluation text; ratios against dense. Total {seconds:.0f} s (runs resumed "
+          "from earlier ones count as 0).\n")
+    write_text(out / "demo.md", md)
+    return md
+
+
+def _num(value, ratio, unit: str = "") -> str:
+    if value is None or value == "":
+        return "not evaluated"
+    return f"{value}{unit} ({ratio}×)" if ratio != "" else f"{value}{unit}"
