@@ -1,11 +1,11 @@
 """Whole models on the CPU, dense against pruned: memory after load, decode tokens/s, prefill time.
 
-    python benchmarks/bench_generate.py --checkpoint runs/main/armor [--models smollm2,llama1b]
+    python benchmarks/bench_generate.py --checkpoint runs/demo/quality [--models smollm2,llama1b]
 
 Models (each variant measured in a fresh process, so that its resident memory is its own):
 - smollm2: the bundled SmolLM2-135M-Instruct, dense (bf16 and float32, as load_model gives it) against the
-  checkpoint the main job writes (`python -m armor_kernels main`), loaded by `from_pretrained` in bf16:
-  packed, every pruned linear on the path `prepare` picks (the packed CPU kernels).
+  --checkpoint given (the demo's `runs/demo/quality`, or any pruned SmolLM2 directory), loaded by
+  `from_pretrained` in bf16: packed, every pruned linear on the path `prepare` picks (the packed CPU kernels).
 - llama1b: a Llama-shaped model of Llama-3.2-1B's configuration (hidden 2048, 16 layers, intermediate 8192,
   32 heads / 8 KV heads, its 128 256-token vocabulary, tied head), random weights; pruned: every decoder
   linear an ArmorLinear with random factors (b = 128) and a random 2:4 core. Speed and memory do not
@@ -71,6 +71,7 @@ def build(model: str, variant: str, checkpoint: str | None):
 
     from armor_kernels import prepare
     from armor_kernels.pipeline.model import decoder_layers, replace_module
+    from armor_kernels.pipeline.source import trim_heap
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype).eval()
     if variant.startswith("pruned"):
@@ -79,34 +80,28 @@ def build(model: str, variant: str, checkpoint: str | None):
                 if isinstance(lin, torch.nn.Linear):
                     replace_module(block, name, random_packed_armor(lin.out_features, lin.in_features, dtype))
         prepare(m)
+        trim_heap()  # the dense linears it replaced, freed: resident as from_pretrained's load, which builds none
     return m, LLAMA_1B["vocab_size"]
 
 
 def child(model: str, variant: str, checkpoint: str | None) -> dict:
     from armor_kernels import paths
+    from armor_kernels.pipeline.runtime import decode_tokens_per_s, held_bytes
     t0 = time.perf_counter()
     m, vocab = build(model, variant, checkpoint)
     load_s = time.perf_counter() - t0
     rss, peak = memory_mib()
-    held = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-    g = torch.Generator().manual_seed(0)
+    held = held_bytes(m)
     with torch.no_grad():
-        ids = torch.randint(0, vocab, (1, PREFILL), generator=g)
+        ids = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(0))
         m(ids[:, :16], logits_to_keep=1)  # warm-up
         prefill = []
         for _ in range(2 if model == "smollm2" else 1):
             t0 = time.perf_counter()
             m(ids, logits_to_keep=1)
             prefill.append(time.perf_counter() - t0)
-        decode = {}
-        n = NEW_TOKENS[model]
-        for batch in (1, 8):
-            prompt = torch.randint(0, vocab, (batch, PROMPT), generator=g)
-            kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            m.generate(prompt, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-            t0 = time.perf_counter()
-            m.generate(prompt, **kw)
-            decode[batch] = batch * n / (time.perf_counter() - t0)
+    decode = {batch: decode_tokens_per_s(m, batch=batch, prompt=PROMPT, new_tokens=NEW_TOKENS[model])
+              for batch in (1, 8)}
     return dict(model=model, variant=variant, load_s=round(load_s, 1), rss_mib=round(rss, 1),
                 peak_rss_mib=round(peak, 1), param_buffer_mib=round(held / 2 ** 20, 1),
                 prefill_512_s=round(min(prefill), 3),
@@ -123,7 +118,8 @@ def _count(values) -> dict:
 
 def main(argv=None) -> int:
     p = bench_args(__doc__.split("\n")[0], "generate_cpu")
-    p.add_argument("--checkpoint", default="runs/main/armor", help="the pruned SmolLM2 checkpoint (the main job's)")
+    p.add_argument("--checkpoint", default="runs/demo/quality",
+                   help="a pruned SmolLM2 checkpoint (default: the demo's)")
     p.add_argument("--models", default="smollm2,llama1b")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # MODEL:VARIANT, in a fresh process
     args = p.parse_args(argv)
@@ -150,7 +146,7 @@ def main(argv=None) -> int:
         bf16 = next(d for d in dense if d["variant"] == "dense_bf16")
         r["rss_vs_dense_bf16"] = round(r["rss_mib"] / bf16["rss_mib"], 3)
         r["values"] = ("random (speed and memory do not depend on them)" if r["model"] == "llama1b" else
-                       "the main job's checkpoint" if r["variant"].startswith("pruned") else "the bundled model")
+                       f"checkpoint {args.checkpoint}" if r["variant"].startswith("pruned") else "the bundled model")
     write_csv(rows, args.out)
     panels = {m: {r["variant"]: [(1, r["decode_tok_s_b1"]), (8, r["decode_tok_s_b8"])] for r in rows if r["model"] == m}
               for m in args.models.split(",")}

@@ -1,6 +1,6 @@
 """Every Python block of README.md and docs/ runs as pasted.
 
-Blocks run in a fresh directory holding `runs/main/armor` (what the main job writes, here from a tiny
+Blocks run in a fresh directory holding `runs/demo/quality` (what the demo writes, here from a tiny
 model); what would take minutes stands in small: the bundled model is a tiny one of its configuration, the
 novels four parts of another real text, the "quality" preset a small configuration of the same shape."""
 import re
@@ -54,7 +54,7 @@ def test_block_runs_as_pasted(name, code, stand_ins, tmp_path, monkeypatch):
     tok, novels, fresh = stand_ins
     monkeypatch.chdir(tmp_path)
     calib = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
-    prune_model(fresh(), tok, calib, "magnitude", Path("runs/main/armor"))
+    prune_model(fresh(), tok, calib, "magnitude", Path("runs/demo/quality"))
     monkeypatch.setattr(model_mod, "load_model", lambda *a, **k: (fresh(), tok))
     monkeypatch.setattr(data_mod, "austen_novels", lambda *a, **k: novels)
     monkeypatch.setitem(PRESETS, "quality", PruneConfig(

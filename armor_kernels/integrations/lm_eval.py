@@ -1,11 +1,11 @@
 """lm-evaluation-harness on ARMOR checkpoints, offline (``pip install '.[eval]'``: lm-eval[hf] 0.4.13).
 
-The task: ``python -m armor_kernels.integrations.lm_eval runs/lm_eval_task --model runs/main/armor`` writes it
+The task: ``python -m armor_kernels.integrations.lm_eval runs/lm_eval_task --model runs/demo/quality`` writes it
 (:func:`write_evaluation_task`; the model only lends its tokenizer). Command line
 (``python -m armor_kernels lm-eval …`` calls :func:`main`): registers the "armor" transformers
 quantizer, then runs lm-eval's own CLI with the arguments as given::
 
-    python -m armor_kernels lm-eval --model hf --model_args pretrained=runs/main/armor \\
+    python -m armor_kernels lm-eval --model hf --model_args pretrained=runs/demo/quality \\
         --tasks armor_austen --include_path runs/lm_eval_task --device cpu
 
 Python, on a model already in memory::
@@ -16,8 +16,8 @@ Python, on a model already in memory::
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from armor_kernels.integrations import hf
     hf.register()
-    model = AutoModelForCausalLM.from_pretrained("runs/main/armor")
-    tok = AutoTokenizer.from_pretrained("runs/main/armor")
+    model = AutoModelForCausalLM.from_pretrained("runs/demo/quality")
+    tok = AutoTokenizer.from_pretrained("runs/demo/quality")
     results = lm_eval.simple_evaluate(HFLM(pretrained=model, tokenizer=tok), tasks=["armor_austen"],
                                       task_manager=TaskManager(include_path="runs/lm_eval_task"))
 

@@ -116,7 +116,7 @@ class ModelSource:
         would grow with depth (benchmarks/bench_memory.py measured it). A lower fixed threshold would
         also stop that, but slowed the optimizer by 40-60 %."""
         decoder_layers(model)[i].to("meta")
-        _trim_heap()
+        trim_heap()
 
 
 class CheckpointSource(ModelSource):
@@ -171,7 +171,7 @@ def checkpoint_source(path: str | Path) -> tuple[ModelSource, torch.dtype]:
     return ModelSource(path), getattr(torch, read_run(path)["run"]["model_dtype"])
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """glibc's malloc_trim(0): return the free heap to the system (nothing elsewhere)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
