@@ -55,48 +55,12 @@ from .model import (
     swapped,
 )
 from .reconstruct import reconstruction
-from .recorder import StatsRecorder, combine_stats
+from .recorder import collect_stats
 from .scheduling import assign, on_cores
 from .source import ModelSource
 from .verify import DamagedShard
 
 log = logging.getLogger("armor_kernels")
-
-
-def collect_stats(block: nn.Module, hidden: list[torch.Tensor], extra: list[tuple], full: bool, *,
-                  dist: Dist | None = None, batch_ids: list[int] | None = None, n_batches: int | None = None,
-                  owners: dict[str, int] | None = None, paired: list[torch.Tensor] | None = None,
-                  linears: dict[str, nn.Linear] | None = None, dense: dict[str, nn.Linear] | None = None
-                  ) -> dict[str, ActivationStats]:
-    """Statistics of the inputs of the block's linears (or of `linears`, some of them) over the calibration
-    batches: this process's batches (`batch_ids` of `n_batches`, default all), combined over the processes
-    in batch order (distributed.py), for the linears `owners` gives this rank (default all). `paired`: the
-    same batches' hidden states on the dense model's stream, run through the block with its `dense`
-    linears put back (default: the block as it is); each linear's statistics then carry the cross term
-    with its dense inputs (ActivationStats.cross, and the full H: asymmetric calibration)."""
-    dist = dist or Dist()
-    batch_ids = list(range(len(hidden))) if batch_ids is None else batch_ids
-    with StatsRecorder(linears or block_linears(block), full, dist, paired=paired is not None) as rec:
-        for k, (b, h, e) in enumerate(zip(batch_ids, hidden, extra)):
-            if paired is not None:
-                with swapped(block, dense or {}):
-                    rec.partners(lambda: run_block(block, [paired[k]], [e]))  # noqa: B023 (called at once)
-            with rec.batch(b):
-                run_block(block, [h], [e])
-    stats = combine_stats(dist, rec, len(hidden) if n_batches is None else n_batches, owners=owners)
-    if paired is not None:
-        stats = {n: ActivationStats.from_paired(st) for n, st in stats.items()}
-    check_tokens(block, stats)
-    return stats
-
-
-def check_tokens(block: nn.Module, stats: dict[str, ActivationStats]) -> None:
-    """Refuse to prune a linear from empty statistics (a mixture-of-experts expert no calibration token
-    was routed to, say)."""
-    empty = [name for name, st in stats.items() if st.n_tokens == 0]
-    if empty:
-        raise InputError(f"{type(block).__name__}: linear(s) {empty} saw no calibration tokens (a "
-                         "mixture-of-experts expert, say); pruning them from empty statistics is refused")
 
 
 def prune_linear(lin: nn.Linear, stats: ActivationStats, method: str, options: ArmorOptions,
