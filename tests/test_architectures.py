@@ -8,7 +8,8 @@ What the tests use of the pipeline (tell whoever changes prune.py):
   `ModelSource(dir)` (pipeline/source.py) for the streamed runs;
 - `prune.collect_stats(...)` (recorder.py's, imported by prune.py) is looked up in prune's namespace at call
   time, once per decoder block in block order, and returns {name within the block ("self_attn.q_proj") ->
-  ActivationStats} with `.sq` (float64 sum of x² per input channel) and `.n_tokens` — only test_calibration_sees_the_models_own_activations.
+  ActivationStats} with `.sq` (float64 sum of x² per input channel)
+  and `.n_tokens` — only test_calibration_sees_the_models_own_activations.
 Everything else goes through load_model, load_pruned_model, the checkpoint files and config.json.
 """
 import json
