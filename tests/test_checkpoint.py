@@ -21,10 +21,10 @@ from armor_kernels.cli import main as cli_main  # noqa: E402
 from armor_kernels.integrations.hf import load_pruned_model  # noqa: E402
 from armor_kernels.optim import ArmorOptions  # noqa: E402
 from armor_kernels.pipeline import checkpoint as ckpt  # noqa: E402
-from armor_kernels.pipeline import verify  # noqa: E402
 from armor_kernels.pipeline.config import PruneConfig  # noqa: E402
 from armor_kernels.pipeline.lock import LOCK_FILE, RunLocked  # noqa: E402
 from armor_kernels.pipeline.prune import prune_model  # noqa: E402
+from armor_kernels.pipeline.source import CheckpointSource  # noqa: E402
 
 ARMOR_OPTS = ArmorOptions(block_size=16, iters=2)
 DAMAGED = "model.layers.1.mlp.up_proj.S_values"  # the tensor the tests damage, in block 1's shard
@@ -137,8 +137,8 @@ def test_resume_prunes_a_damaged_finished_block_again(tiny, tmp_path, caplog):
     load_pruned_model(tmp_path / "resumed")
 
 
-def test_a_directory_without_digests_loads_with_a_warning(pruned, tmp_path):
-    """As a directory written before digests existed: neither the index nor the shards record any."""
+def test_a_directory_without_digests_is_refused_by_name(pruned, tmp_path):
+    """Neither the index nor the shards record any sha256: nothing could be verified, so nothing loads."""
     d = copy(pruned, tmp_path)
     index = json.loads((d / ckpt.INDEX_FILE).read_text())
     del index["metadata"][ckpt.SHA256_KEY]
@@ -146,12 +146,11 @@ def test_a_directory_without_digests_loads_with_a_warning(pruned, tmp_path):
     for shard in set(index["weight_map"].values()):
         meta = {k: v for k, v in header(d / shard)[1]["__metadata__"].items() if k != ckpt.SHA256_KEY}
         save_file(load_file(d / shard), d / shard, metadata=meta)
-    with pytest.warns(verify.NoDigestsWarning, match="records no sha256"):
-        old, _ = load_pruned_model(d)
-    new, _ = load_pruned_model(pruned)
-    x = torch.arange(24)[None]
-    with torch.no_grad():
-        assert torch.equal(old(x).logits, new(x).logits)
+    with pytest.raises(ValueError, match=r"model-(rest|block-\d+).safetensors' records no sha256 of its tensors"):
+        load_pruned_model(d)
+    src = CheckpointSource(d)  # the streamed evaluation's reader too
+    with pytest.raises(ValueError, match=r"model-rest.safetensors' records no sha256 of its tensors"):
+        src.load_rest(src.skeleton(), "cpu", torch.float32)
 
 
 def test_index_deleted_names_the_blocks_and_the_same_command_writes_it(tiny, tmp_path, text, capsys):

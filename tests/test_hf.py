@@ -112,6 +112,18 @@ def test_save_pretrained_round_trip_sharded(pruned_dirs, tiny, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) > 2 and (tmp_path / "model.safetensors.index.json").exists()
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(again, tokens), logits(model, tokens))
+    # every shard records the saved state dict's digests, and a reload checks them
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    records = [verify.own_digests(f, verify.shard_header(f)[1], verify.MODEL_SHA256_KEY) for f in shards]
+    assert all(r is not None and set(load_file(f)) <= set(r) for f, r in zip(shards, records))
+    key = "model.layers.1.mlp.up_proj.S_values"
+    shard = next(f for f in shards if key in load_file(f))
+    tensors, meta = load_file(shard), verify.shard_header(shard)[1]["__metadata__"]
+    tensors[key] = tensors[key].flip(0).contiguous()  # same shape, other values
+    save_file(tensors, shard, metadata=meta)
+    with pytest.raises(ValueError, match=rf"{shard.name}' is damaged: tensor '{key}' has sha256 .* its own metadata "
+                                         r"\(save_pretrained's\) records"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_generate_gives_the_same_tokens(pruned_dirs, tiny):
@@ -196,11 +208,11 @@ def test_errors_name_the_file_and_the_tensor(pruned_dirs, tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"model-block-00001.safetensors' is damaged: tensor '{key}' has sha256"):
         hf.load_pruned_model(bad)
+    ckpt.save_shard(shard, tensors, {"format": "pt"})  # its digests recorded anew: the shape check names it
     index = json.loads((bad / ckpt.INDEX_FILE).read_text())
-    del index["metadata"][ckpt.SHA256_KEY]  # as written before digests: the shape check names it instead
+    index["metadata"][ckpt.SHA256_KEY][shard.name] = verify.own_digests(shard, verify.shard_header(shard)[1])
     (bad / ckpt.INDEX_FILE).write_text(json.dumps(index))
-    with pytest.warns(verify.NoDigestsWarning), \
-            pytest.raises(ValueError, match=rf"model-block-00001.safetensors: tensor '{key}' has shape"):
+    with pytest.raises(ValueError, match=rf"model-block-00001.safetensors: tensor '{key}' has shape"):
         hf.load_pruned_model(bad)
     shard.write_bytes(shard.read_bytes()[:-64])  # truncated
     with pytest.raises(ValueError, match=r"model-block-00001.safetensors.*corrupt or truncated.*tensor"):

@@ -29,9 +29,17 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import InputError
 from ..nn import ArmorLinear, Sparse24Linear, prepare
-from ..pipeline.checkpoint import FORMAT_VERSION, INDEX_FILE, QUANT_METHOD, RUN_FILE, check_complete, read_run
+from ..pipeline.checkpoint import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    QUANT_METHOD,
+    RUN_FILE,
+    check_complete,
+    read_run,
+    tensor_sha256,
+)
 from ..pipeline.model import replace_module
-from ..pipeline.verify import verify_checkpoint
+from ..pipeline.verify import MODEL_SHA256_KEY, verify_checkpoint
 
 KINDS = ("armor", "sparse24")
 
@@ -100,6 +108,12 @@ class ArmorQuantizer(HfQuantizer):
                     key = f"{name}.{k}"
                     raise InputError(f"{shard_of.get(key, 'checkpoint')}: tensor {key!r} has shape {tuple(v.shape)}, "
                                      f"the model needs {shapes[k]}")
+
+    def get_state_dict_and_metadata(self, model):
+        """save_pretrained's metadata, in every shard it writes: the sha256 of each tensor of the state dict
+        it saves (verify.MODEL_SHA256_KEY), so that a reload checks the bytes as a pruning run's do."""
+        digests = {k: tensor_sha256(v.cpu()) for k, v in model.state_dict().items()}
+        return None, {MODEL_SHA256_KEY: json.dumps(digests, sort_keys=True)}
 
     def is_serializable(self, safe_serialization=None):
         return True

@@ -40,7 +40,7 @@ from ..atomic import atomic_write, save_json, write_text
 from ..errors import InputError, MissingFile
 from ..nn import PRUNED_LINEARS, ArmorLinear, Sparse24Linear
 from .model import block_linear_keys, block_linears, decoder_layers, layers_prefix
-from .verify import INDEX_FILE, OWN, SHA256_KEY, check_shard, dtype_itemsize, own_digests, read_verified, shard_header
+from .verify import INDEX_FILE, SHA256_KEY, check_shard, dtype_itemsize, own_digests, read_verified, shard_header
 
 FORMAT_VERSION = 2
 QUANT_METHOD = "armor"
@@ -185,7 +185,7 @@ def load_block(out: Path, i: int, prefix: str, chash: str) -> tuple[dict[str, nn
     """(name within the block -> module, report) of a finished block shard (resume), checked against the
     digests in its own metadata: DamagedShard, naming the tensor, if it differs."""
     path = block_shard(out, i)
-    tensors, meta = read_verified(path, OWN)
+    tensors, meta = read_verified(path, None)  # its own record
     if meta.get("config_hash") != chash:
         raise InputError(f"checkpoint shard {str(path)!r} was written by a different configuration "
                          f"(hash {meta.get('config_hash')!r}, this run {chash!r}); use a new output directory")

@@ -26,7 +26,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..errors import InputError, MissingFile
 from ..nn import prepare
 from .checkpoint import (
-    INDEX_FILE,
     QUANT_METHOD,
     RUN_FILE,
     block_shard,
@@ -46,7 +45,7 @@ from .model import (
     load_model,
     resolve_model,
 )
-from .verify import expected_digests, shard_records
+from .verify import index_digests
 
 
 class ModelSource:
@@ -123,17 +122,17 @@ class CheckpointSource(ModelSource):
     """A finished pruned checkpoint directory, read shard by shard: `load_rest` reads model-rest, `load_block(i)`
     block i's shard and puts its pruned modules, their dense copies materialised (or the fused kernels
     prepared, where they apply), into the skeleton. Each shard's bytes are read once and checked against the
-    index's sha256 digests before any tensor is built (a directory without them: a NoDigestsWarning)."""
+    sha256 digests recorded for it (verify.py) before any tensor is built."""
 
     def __init__(self, path: str | Path):
         check_complete(path)
         super().__init__(path)
         self.model_dtype = getattr(torch, read_run(self.path)["run"]["model_dtype"])
-        self.digests = shard_records(self.path)
+        self.digests = index_digests(self.path)
         self._open: dict[Path, dict[str, torch.Tensor]] = {}
 
     def _shard(self, path: Path) -> dict[str, torch.Tensor]:
-        return read_verified(path, expected_digests(self.path, path.name, self.digests), INDEX_FILE)[0]
+        return read_verified(path, self.digests)[0]
 
     def _tensor(self, shard: Path, key: str) -> torch.Tensor:
         if shard not in self._open:

@@ -1,14 +1,17 @@
 """Checking a pruned checkpoint's shards against their sha256 digests before any tensor is built.
 
-Every shard's metadata records the sha256 of each tensor's bytes as stored (SHA256_KEY); the index records
-them all. Loaders check the shards against the index (a record outside the file it protects, so a rewritten
-shard is caught too); a resumed run checks a finished block against its shard's own record.
+Every shard a pruning run writes records the sha256 of each of its tensors' bytes as stored (SHA256_KEY);
+the index records them all. Loaders check the shards against the index (a record outside the file it
+protects, so a rewritten shard is caught too); a resumed run checks a finished block against its shard's
+own record. `save_pretrained` of a loaded pruned model writes transformers' own index, without digests;
+its shards each carry the sha256 of the whole state dict (MODEL_SHA256_KEY, the quantizer's metadata),
+which covers every tensor it holds under the names it was saved from. A checkpoint that records no
+digest anywhere is refused: this package writes none such, and nothing of it could be verified.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,17 +22,12 @@ from ..errors import InputError
 
 INDEX_FILE = "model.safetensors.index.json"
 SHA256_KEY = "sha256"  # shard metadata: JSON {tensor: hex}; index metadata: {shard: {tensor: hex}}
+MODEL_SHA256_KEY = "sha256_state_dict"  # save_pretrained's shards: JSON {tensor: hex} of the whole state dict
 _CHUNK = 16 << 20  # bytes hashed at a time when a shard is checked from the file
 
 
-
-
 class DamagedShard(InputError):
-    """A shard that cannot be read or whose bytes differ from their recorded sha256."""
-
-
-class NoDigestsWarning(UserWarning):
-    """A checkpoint (or shard) without recorded digests: it loads, but its tensors are not verified."""
+    """A shard that cannot be read, records no digests, or whose bytes differ from their recorded sha256."""
 
 
 def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,23 +55,52 @@ def shard_header(path: Path, data: bytes | None = None) -> tuple[int, dict]:
     return n, header
 
 
-def own_digests(path: Path, header: dict) -> dict[str, str] | None:
-    """The per-tensor sha256 a shard records in its own metadata (None: it records none)."""
-    raw = (header.get("__metadata__") or {}).get(SHA256_KEY)
+def own_digests(path: Path, header: dict, key: str = SHA256_KEY) -> dict[str, str] | None:
+    """The per-tensor sha256 a shard records in its own metadata under `key` (None: it records none)."""
+    raw = (header.get("__metadata__") or {}).get(key)
     if raw is None:
         return None
     try:
         return dict(json.loads(raw))
     except (ValueError, TypeError) as e:
-        raise DamagedShard(f"checkpoint shard {str(path)!r}: its {SHA256_KEY} metadata is unreadable: {e}") from e
+        raise DamagedShard(f"checkpoint shard {str(path)!r}: its {key} metadata is unreadable: {e}") from e
 
 
-def verify_shard(path: Path, expected: dict[str, str], record: str, data: bytes | None = None) -> None:
+def expected_digests(path: Path, header: dict, index: dict | None) -> tuple[dict[str, str], str, bool]:
+    """(expected {tensor: sha256}, the record that holds it, partial) for a shard: the index's record of it
+    where the index has digests (index: its {shard: {tensor: sha256}}), else the shard's own: a pruning
+    run's (exactly its tensors) or save_pretrained's (the state dict it was saved from: partial, the shard
+    holds some of them). No record anywhere: DamagedShard."""
+    if index is not None:
+        if path.name not in index:
+            raise DamagedShard(f"checkpoint shard {str(path)!r}: {INDEX_FILE} records no sha256 for it, so it "
+                               "cannot be verified (a shard added or renamed after the run)")
+        return index[path.name], INDEX_FILE, False
+    own = own_digests(path, header)
+    if own is not None:
+        return own, "its own metadata", False
+    saved = own_digests(path, header, MODEL_SHA256_KEY)
+    if saved is not None:
+        return saved, "its own metadata (save_pretrained's)", True
+    raise DamagedShard(f"checkpoint shard {str(path)!r} records no sha256 of its tensors, so nothing of it can "
+                       "be verified: every pruning run, convert and save_pretrained of a loaded pruned model "
+                       "record them (a directory written otherwise, or with its metadata stripped)")
+
+
+def verify_shard(path: Path, expected: dict[str, str], record: str, data: bytes | None = None,
+                 partial: bool = False) -> None:
     """Check every tensor of a shard against `expected` ({tensor: sha256}, read from `record`, which the
-    errors name): the same tensors, each of the same bytes. The file is read once, in order (or `data`,
-    its bytes already read, is used)."""
+    errors name): the same tensors, each of the same bytes (partial: the shard's tensors that `expected`
+    names; a tensor saved under a name the state dict did not have, by a weight conversion, is not
+    covered). The file is read once, in order (or `data`, its bytes already read, is used)."""
     n, header = shard_header(path, data)
     keys = {k for k in header if k != "__metadata__"}
+    if partial:
+        keys &= set(expected)
+        expected = {k: expected[k] for k in keys}
+        if not keys:
+            raise DamagedShard(f"checkpoint shard {str(path)!r} is damaged: none of its tensors is among those "
+                               f"{record} records")
     if keys != set(expected):
         extra, lost = sorted(keys - set(expected)), sorted(set(expected) - keys)
         raise DamagedShard(f"checkpoint shard {str(path)!r} is damaged: its tensors differ from those {record} "
@@ -101,26 +128,16 @@ def verify_shard(path: Path, expected: dict[str, str], record: str, data: bytes 
             f.close()
 
 
-OWN = "its own metadata"  # read_verified: check a shard against the digests it records itself
-
-
-def read_verified(path: Path, expected: dict[str, str] | str | None, record: str = INDEX_FILE
-                  ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a shard, its bytes read once and checked before any tensor is built.
-    expected: {tensor: sha256} from `record`; OWN: the shard's own record (none there: a NoDigestsWarning);
-    None: not checked (the caller has warned why)."""
+def read_verified(path: Path, index: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a shard, its bytes read once and checked (expected_digests: against `index`,
+    the index's digests, or else the shard's own record) before any tensor is built."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DamagedShard(f"checkpoint shard {str(path)!r} is unreadable: {e}") from e
     _, header = shard_header(path, data)
-    if expected == OWN:
-        expected, record = own_digests(path, header), OWN
-        if expected is None:
-            warnings.warn(f"checkpoint shard {str(path)!r} records no sha256 of its tensors (written before "
-                          "digests existed): not verified", NoDigestsWarning, stacklevel=2)
-    if expected is not None:
-        verify_shard(path, expected, record, data)
+    expected, record, partial = expected_digests(path, header, index)
+    verify_shard(path, expected, record, data, partial)
     try:
         tensors = safetensors_load(data)
     except (SafetensorError, ValueError) as e:
@@ -129,7 +146,8 @@ def read_verified(path: Path, expected: dict[str, str] | str | None, record: str
 
 
 def index_digests(out: Path) -> dict[str, dict[str, str]] | None:
-    """{shard: {tensor: sha256}} from a checkpoint's index (None: no index, or one without digests)."""
+    """{shard: {tensor: sha256}} from a checkpoint's index (None: no index, or one without digests, as
+    transformers' own index of a save_pretrained directory)."""
     index = Path(out) / INDEX_FILE
     if not index.is_file():
         return None
@@ -139,31 +157,12 @@ def index_digests(out: Path) -> dict[str, dict[str, str]] | None:
         raise InputError(f"checkpoint file {str(index)!r} is unreadable: {e!r}") from e
 
 
-def shard_records(out: Path) -> dict[str, dict[str, str]] | None:
-    """index_digests(out), with a NoDigestsWarning when the checkpoint has none."""
-    digests = index_digests(out)
-    if digests is None:
-        warnings.warn(f"checkpoint {str(out)!r} records no sha256 of its tensors (written before digests "
-                      "existed, or by save_pretrained): its shards are not verified", NoDigestsWarning, stacklevel=3)
-    return digests
-
-
-def expected_digests(out: Path, shard: str, digests: dict | None) -> dict[str, str] | None:
-    """The index's record of `shard` (digests: from shard_records); a NoDigestsWarning where the index has
-    digests but none for it."""
-    if digests is not None and shard not in digests:
-        warnings.warn(f"checkpoint {str(out)!r}: {INDEX_FILE} records no sha256 for {shard}: not verified",
-                      NoDigestsWarning, stacklevel=3)
-    return None if digests is None else digests.get(shard)
-
-
 def verify_checkpoint(out: Path, shards: list[Path]) -> None:
-    """Check the given shards of a finished checkpoint against the index's digests, each file read once."""
-    digests = shard_records(out)
+    """Check the given shards of a finished checkpoint against their recorded digests, each file read once."""
+    index = index_digests(out)
     for path in shards:
-        expected = expected_digests(out, path.name, digests)
-        if expected is not None:
-            verify_shard(path, expected, INDEX_FILE)
+        expected, record, partial = expected_digests(path, shard_header(path)[1], index)
+        verify_shard(path, expected, record, partial=partial)
 
 
 def dtype_itemsize(dtype: str) -> int:
@@ -180,7 +179,3 @@ def check_shard(path: Path) -> None:
             raise DamagedShard(f"checkpoint shard {str(path)!r} is corrupt or truncated: tensor {k!r} ends "
                                "past the file")
 
-
-# ---------------------------------------------------------------------------------------------
-# Sizes
-# ---------------------------------------------------------------------------------------------
