@@ -13,7 +13,8 @@
 # ARMOR_REQUIRE_FUSED=1 and ARMOR_REQUIRE_CUDA=1, under which a gpu- or cuda-marked test that skips fails,
 # and so does a run in which none of either passed (tests/conftest.py). `test` runs every gpu- and
 # cuda-marked test (the fused kernels, torch's semi-structured path), in every file. `sanitize` runs the tests marked sanitize(TOOL) under
-# each compute-sanitizer TOOL. Every stage writes its log, and the benchmark its CSV and plot, into OUT_DIR.
+# each compute-sanitizer TOOL. `bench` checks every row's output against the reference before timing it
+# and fails on a wrong result or on any error of the package's kernels. Every stage writes its log, and the benchmark its CSV and plot, into OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$1"; shift

@@ -20,7 +20,9 @@ Methods, per (d_out x d_in, nominal block, tokens):
 Columns `path`: the implementation the op ran (ops.linear_path on the operands it was given); `layout`
 and `flop_ratio`: the kernels' layout of the layer and the sparse GEMM's extra work in it
 (LayerLayout.describe, flop_ratio); bA, bB: the layer's own blocks (the block-size rule at --blocks).
-Time: median of CUDA-event timings of single calls. TFLOP/s counts the dense-equivalent 2·T·d_out·d_in
+Before a method is timed at a size its output is checked against the float32 reference (`check`): a wrong
+result, or any error of this package's kernels, stops the benchmark with exit status 1 (torch's cuSPARSELt
+rows report their size limits and go on). Time: median of CUDA-event timings of single calls. TFLOP/s counts the dense-equivalent 2·T·d_out·d_in
 (so it compares speed, not work done). Bytes: the minimum a method must move through DRAM (weights
 once, activations in and out, its own intermediates). Results: --out (default
 benchmarks/results/bench_linear.csv, written atomically) and the plot beside it (.png).
@@ -36,7 +38,7 @@ from harness import bench_args, cuda_time_us, graphed, plot_lines, write_csv
 from armor_kernels import ops
 from armor_kernels.factors import block_sizes
 from armor_kernels.layout import identity_blocks
-from armor_kernels.sparse24 import pack_24
+from armor_kernels.sparse24 import pack_24, unpack_24
 
 # d_out x d_in of Llama-2-7B's projections (attention 4096x4096, MLP 11008x4096 and 4096x11008), the MLP up
 # projections of Llama-3-8B (14336x4096) and Llama-70B (28672x8192), then the bundled SmolLM2-135M's
@@ -55,6 +57,25 @@ def layer(d_out: int, d_in: int, dtype: torch.dtype, block: int):
     S = (torch.randn(d_out, d_in, device="cuda") * mask).to(dtype)
     bias = torch.randn(d_out, device="cuda", dtype=dtype)
     return A, S, B, bias
+
+
+TORCH_METHODS = ("sparse24", "armor_unfused")  # rows on torch's cuSPARSELt, whose size limits are reported
+# A row whose output is further than this from the layer's (relative Frobenius error) stops the benchmark: a
+# few units of the storage dtype's rounding (bf16: 2^-8), which the output and the B' product each carry.
+TOLERANCE = 2e-2
+
+
+def f32(*tensors):
+    """The tensors in float32 (None stays None): the reference the rows are checked against."""
+    return [None if t is None else t.float() for t in tensors]
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, where: str) -> None:
+    """Stop the benchmark (exit status 1) unless a method computes the layer it is timed as."""
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    if not err <= TOLERANCE:
+        raise SystemExit(f"bench_linear: {name} {where}: relative error {err:.2e} against the reference "
+                         f"(tolerance {TOLERANCE}); nothing is timed on a wrong result")
 
 
 def bytes_moved(method: str, d_out: int, d_in: int, T: int, bA: int, bB: int, esize: int) -> int:
@@ -106,12 +127,17 @@ def measure(d_out: int, d_in: int, block: int, dtype: torch.dtype, args, device:
             paths["armor"] = "reference"
         for name in [n for n in fns if n != "armor_unfused"]:
             fns[name + "_graph"] = lambda fn=fns[name]: graphed(fn)  # captured when first timed
-        times = {}
+        times, where = {}, f"{d_out}x{d_in} b{block} T={T}"
+        want = {"armor": ops.reference(*f32(x, A, S, B, bias)), "sparse24": F.linear(*f32(x, S, bias))}
         for name, fn in fns.items():
             try:
+                if not name.endswith("_graph") and name != "dense":  # right before fast
+                    check(name, fn(), want["armor" if name.startswith("armor") else "sparse24"], where)
                 times[name] = cuda_time_us(fn() if name.endswith("_graph") else fn, args.reps)
-            except RuntimeError as e:  # e.g. a cuSPARSELt size limit: report, keep going
-                print(f"{name} {d_out}x{d_in} b{block} T={T}: {e}", file=sys.stderr)
+            except RuntimeError as e:
+                if name.removesuffix("_graph") not in TORCH_METHODS:  # this package's kernels: never skipped
+                    raise
+                print(f"{name} {where}: {e}", file=sys.stderr)  # e.g. a cuSPARSELt size limit: report, go on
         for name, t in times.items():
             rows.append(dict(
                 device=device, dtype=args.dtype, d_out=d_out, d_in=d_in, block=block, tokens=T, bA=bA, bB=bB,
@@ -203,6 +229,10 @@ def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> li
         fns["reference_b128"] = (lambda k: ops.linear(x16, ref[k][0], ref[k][1], ref[k][3], ref[k][4], S_idx=ref[k][2],
                                                       backend="reference"), cpu_layer_bytes(ref[0]), "reference")
         big = T >= 512  # compute-bound: one copy, few reps
+        for name, (fn, _, path) in fns.items():
+            if path not in ("", "reference"):
+                A, values, idx, B, b = packed[name.removesuffix("_decode").removesuffix("_gemm")][0]
+                check(name, fn(0), ops.reference(*f32(x16, A, unpack_24(values, idx), B, b)), f"{d_out}x{d_in} T={T}")
         times = {}
         for name, (fn, _, _) in fns.items():
             n = 1 if big else copies
