@@ -59,3 +59,31 @@ def launched(**expected: int):
     yield
     got = {k: n - before.get(k, 0) for k, n in ops.LAUNCHES.items() if n != before.get(k, 0)}
     assert got == expected, f"native launches {got}, expected {expected}"
+
+
+def rounded_reference(x, A, S, B, bias=None) -> torch.Tensor:
+    """ops.reference computed exactly (float64) with the fused kernels' rounding points, in x's dtype:
+    xb = x B'ᵀ and z = xb Sᵀ rounded to it, then A' z + bias rounded once (the kernels add the bias in
+    float32 before their one rounding; torch's reference rounds A' z first, then the sum)."""
+    from armor_kernels import ops
+    dtype = x.dtype
+    xb = ops.block_diag_apply(x.double(), None if B is None else B.double()).to(dtype)
+    z = torch.nn.functional.linear(xb.double(), S.double()).to(dtype)
+    y = ops.block_diag_apply(z.double(), None if A is None else A.double())
+    return (y if bias is None else y + bias.double()).to(dtype)
+
+
+def assert_within_ulps(y: torch.Tensor, want: torch.Tensor, ulps: int = 2) -> None:
+    """|y - want| ≤ `ulps` units in the last place (of want's dtype) of each token's largest |want|.
+
+    Why per token and not per element: the kernels round xb and xb Sᵀ as the reference does, but sum in
+    float32 in another order, so a rare intermediate lands one ulp off and moves the outputs that read it
+    by an ulp of the intermediate, which near a cancelled (small) output is many of that output's ulps.
+    Bounded at the token's scale, an fp32 emulation of that arithmetic stays within 1 ulp on every shape
+    of these tests (bf16 and fp16, 1 to 300 tokens); 2 leaves a factor of two for other summation orders."""
+    dtype = want.dtype
+    scale = want.double().abs().amax(-1, keepdim=True).to(dtype)
+    ulp = torch.nextafter(scale, torch.full_like(scale, float("inf"))).double() - scale.double()
+    err = (y.double() - want.double()).abs()
+    worst = (err / ulp).max().item() if err.numel() else 0.0
+    assert worst <= ulps, f"off by {worst:.2f} ulps of the token's largest output (at most {ulps})"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launched, random_24
+from helpers import assert_within_ulps, launched, random_24, rounded_reference
 
 from armor_kernels import ops
 from armor_kernels.sparse24 import pack_24
@@ -382,8 +382,8 @@ def test_fused_matches_reference(d_out, d_in, dtype, tokens, bias, packed):
         y = ops.linear(x, A, values, B, b, S_idx=idx, sm90=sm90)
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), dtype)
-    # The same roundings of intermediates as the reference, so closer to it than to exact math.
-    assert_close(y, ops.reference(x, A, S, B, b).double(), dtype)
+    # The reference's roundings of intermediates, fp32 sums in another order: within two output ulps.
+    assert_within_ulps(y, rounded_reference(x, A, S, B, b))
 
 
 @gpu
@@ -400,7 +400,7 @@ def test_sparse_gemm_persistent_loop(sm_count, dtype):
     with launched(sparse_gemm=1):
         y = ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm", sm_count=sm_count)
     torch.cuda.synchronize()
-    assert_close(y, ops.reference(x, A, S, B, b).double(), dtype)
+    assert_within_ulps(y, rounded_reference(x, A, S, B, b))
     torch.testing.assert_close(y, ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm"), rtol=0, atol=0)
 
 
@@ -416,7 +416,7 @@ def test_sparse_gemm_many_tiles_per_sm():
         y = ops.linear(x, A, S, B, b, sm90=sm90)
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), torch.bfloat16)
-    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
+    assert_within_ulps(y, rounded_reference(x, A, S, B, b))
 
 
 @gpu
@@ -429,7 +429,7 @@ def test_decode_sm_count(sm_count, tokens):
     with launched(decode=1):
         y = ops.linear(x, A, values, B, b, S_idx=idx, backend="decode", sm_count=sm_count)
     torch.cuda.synchronize()
-    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
+    assert_within_ulps(y, rounded_reference(x, A, S, B, b))
 
 
 @gpu
@@ -444,7 +444,7 @@ def test_forced_backends_on_gpu():
         ops.linear(x, A, values, B, b, S_idx=idx, backend="sparse_gemm")
     x1 = x[:1]  # the sparse GEMM at a decode size, where "auto" would decode
     y = ops.linear(x1, A, values, B, b, S_idx=idx, sm90=sm90, backend="sparse_gemm")
-    assert_close(y, ops.reference(x1, A, S, B, b).double(), torch.bfloat16)
+    assert_within_ulps(y, rounded_reference(x1, A, S, B, b))
 
 
 @gpu
@@ -520,8 +520,8 @@ def test_kernels_run_on_the_tensors_device():
         with launched(sparse_gemm=1, decode=1):
             y = ops.linear(x, A, S, B, b, sm90=sm90)
             y1 = ops.linear(x[:3], A, values, B, b, S_idx=idx)
-    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
-    assert_close(y1, ops.reference(x[:3], A, S, B, b).double(), torch.bfloat16)
+    assert_within_ulps(y.cpu(), rounded_reference(*(t.cpu() for t in (x, A, S, B, b))))
+    assert_within_ulps(y1.cpu(), rounded_reference(*(t.cpu() for t in (x[:3], A, S, B, b))))
 
 
 # --- The decode kernels' lane logic, emulated on the host (runs everywhere) -------------------------
@@ -566,8 +566,8 @@ def test_decode_lane_logic_matches_reference(decode_emulator, d_out, d_in, token
     x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     y, used = emulate_decode(decode_emulator, x, A, values, idx, B, b, sm_count)
     assert used == splits
-    # Same roundings of xb and S xb^T as the reference, fp32 sums in another order: close to it.
-    assert_close(y, ops.reference(x, A, S, B, b).double(), torch.bfloat16)
+    # The reference's roundings of xb and S xb^T, fp32 sums in another order: within two output ulps.
+    assert_within_ulps(y, rounded_reference(x, A, S, B, b))
     assert_close(y, dense_math(x, A, S, B, b), torch.bfloat16)
 
 
@@ -586,4 +586,23 @@ def test_decode_lane_logic_reads_positions(decode_emulator):
     y1, _ = emulate_decode(decode_emulator, x, eye[:1], values2, idx2, eye, None, 4)
     changed = (y1 != y0).any(0).nonzero().flatten().tolist()
     assert changed == [5]
-    assert_close(y1, ops.reference(x, eye[:1], S2, eye, None).double(), torch.bfloat16)
+    assert_within_ulps(y1, rounded_reference(x, eye[:1], S2, eye, None))
+
+
+def test_ulp_bound_tells_one_rounding_from_a_wrong_output():
+    """The GPU tests' bound, on the host: the reference's arithmetic in float32 (another summation order)
+    passes; the same output with one element three ulps off fails."""
+    for dtype in (torch.bfloat16, torch.float16):
+        A, S, B, b = factors(384, 256, 128, 128, dtype)
+        x = torch.randn(17, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
+        xb = ops.block_diag_apply(x.float(), B.float()).to(dtype)
+        z = torch.nn.functional.linear(xb.float(), S.float()).to(dtype)
+        y = (ops.block_diag_apply(z.float(), A.float()) + b.float()).to(dtype)
+        want = rounded_reference(x, A, S, B, b)
+        assert_within_ulps(y, want)
+        t = want[3].abs().argmax()
+        bad = y.clone()
+        bad[3, t] = torch.nextafter(torch.nextafter(torch.nextafter(want[3, t], want[3, t] * 2), want[3, t] * 2),
+                                    want[3, t] * 2)
+        with pytest.raises(AssertionError, match="off by 3.00 ulps"):
+            assert_within_ulps(bad, want)
