@@ -22,10 +22,10 @@ and `flop_ratio`: the kernels' layout of the layer and the sparse GEMM's extra w
 (LayerLayout.describe, flop_ratio); bA, bB: the layer's own blocks (the block-size rule at --blocks).
 Before a method is timed at a size its output is checked against the float32 reference (`check`): a wrong
 result, or any error of this package's kernels, stops the benchmark with exit status 1 (torch's cuSPARSELt
-rows report their size limits and go on). Time: median of CUDA-event timings of single calls. TFLOP/s counts the dense-equivalent 2·T·d_out·d_in
-(so it compares speed, not work done). Bytes: the minimum a method must move through DRAM (weights
-once, activations in and out, its own intermediates). Results: --out (default
-benchmarks/results/bench_linear.csv, written atomically) and the plot beside it (.png).
+rows report their size limits and go on). Time: median of CUDA-event timings of single calls. TFLOP/s
+counts the dense-equivalent 2·T·d_out·d_in (so it compares speed, not work done). Bytes: the minimum a
+method must move through DRAM (weights once, activations in and out, its own intermediates). Results:
+--out (default benchmarks/results/bench_linear.csv, written atomically) and the plot beside it (.png).
 """
 from __future__ import annotations
 
