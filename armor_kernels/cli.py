@@ -127,6 +127,22 @@ def _preset_defaults(config: PruneConfig) -> dict:
             **{"recon_" + f.name: getattr(recon, f.name) for f in dataclasses.fields(ReconOptions) if f.name != "seed"}}
 
 
+def config_flags(config: PruneConfig) -> list[str]:
+    """The `prune` flags that give `config` (seeds aside: --seed): --method and every value that differs from
+    its flag's default; `_prune_config` of them is `config` again."""
+    if config.batch_size != PruneConfig.batch_size:
+        raise InputError(f"config_flags: batch_size {config.batch_size} has no flag (the CLI calibrates in batches "
+                         f"of {PruneConfig.batch_size})")
+    base = vars(parser().parse_args(["prune", "--out", "-", "--method", config.method]))
+    flags = ["--method", config.method]
+    for dest, value in _preset_defaults(config).items():
+        if dest == "method" or value == base[dest]:
+            continue
+        name = "--" + dest.replace("_", "-")
+        flags += [name if value else "--no-" + name[2:]] if isinstance(value, bool) else [name, str(value)]
+    return flags
+
+
 def _recon_options(args) -> ReconOptions:
     return ReconOptions(**{f.name: args.seed if f.name == "seed" else getattr(args, "recon_" + f.name)
                            for f in dataclasses.fields(ReconOptions)})

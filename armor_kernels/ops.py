@@ -31,7 +31,8 @@ one rule:
   then the 2:4 sparse tensor-core GEMM with A' and bias in its epilogue;
 - "reference": everything else.
 Every native launch is counted in LAUNCHES (kernel family -> calls), so that a test can tell a kernel
-that ran from the reference it is compared with.
+that ran from the reference it is compared with, and the grids each family last launched in LAUNCH_GRIDS
+(its launch plan: the GEMMs' persistent CTAs, the decode kernels' K splits).
 `backend=` forces one of them (tests, benchmarks; FlashInfer's `backend="auto"` style) and raises
 ValueError saying why when it does not apply. `sm_count=` is how many CTAs the kernels' persistent and
 split-K grids plan for (0: the device's SM count); results of "sparse_gemm" do not depend on it.
@@ -86,6 +87,7 @@ CPU_DECODE_MAX_TOKENS = 16
 CPU_TILE_BYTES = 16 << 20
 _CPU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/packed_linear.h's Dtype
 LAUNCHES: collections.Counter = collections.Counter()  # kernel family -> native calls since import
+LAUNCH_GRIDS: dict = {}  # kernel family -> the grids (x, y, z) its last native call launched: the launch plan
 
 
 class Sm90Packed(NamedTuple):
@@ -490,6 +492,7 @@ def _linear_cuda(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto"
         workspace = torch.empty(workspace_bytes(params), dtype=torch.uint8, device=x.device)
         params.workspace = workspace.data_ptr()
         run(params)
+        LAUNCH_GRIDS[path] = _native.last_launches()
     return y.reshape(*x.shape[:-1], d_out)
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_frontier.py [--runs NAME ...] [--runs-dir runs/frontier] [--out CSV]
 
-Each run is the CLI's own command, `python -m armor_kernels prune --method M --out runs/frontier/NAME [flags]`
+Each run is a PruneConfig (RUNS), run as the CLI's own command with the flags that give it (cli.config_flags),
+`python -m armor_kernels prune --method M --out runs/frontier/NAME [flags]`
 (resumable: a finished run is reused, an interrupted one resumes), on the bundled SmolLM2-135M calibrated on
 five Austen novels. Every model is then evaluated on two texts, 20 000 tokens each in 512-token windows:
   pride_and_prejudice  the held-out novel (the calibration's domain, the README's figure)
@@ -26,62 +27,63 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from harness import RESULTS, bench_args, plot_lines, read_csv, write_csv
 
 from armor_kernels.atomic import save_json, write_text
-from armor_kernels.cli import PRESETS
+from armor_kernels.cli import config_flags
 from armor_kernels.integrations.hf import load_pruned_model
+from armor_kernels.optim import ArmorOptions
+from armor_kernels.pipeline.budget import BudgetOptions
+from armor_kernels.pipeline.config import PRESETS, PruneConfig
 from armor_kernels.pipeline.data import EVAL_TOKENS, N_SAMPLES, SEQ_LEN, python_reference, token_splits
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import load_model
+from armor_kernels.pipeline.reconstruct import ReconOptions
 from armor_kernels.pipeline.source import model_source
 
+O5 = ArmorOptions(overhead=0.05)  # the paper's ARMOR at 5 % of each layer's parameters for A and B
 # the output objective's variant, 40 iterations (it costs ~4x the proxy's per iteration; on the bundled model's
 # layers 40 → 80 iterations lower its loss by 1-2 % relative: block 3's down_proj and q_proj, checked by hand)
-OUTPUT = ["--objective", "output", "--start", "best", "--iters", "40"]
-RECON = ["--recon-steps", "14", "--recon-batch", "2", "--recon-check", "7", "--recon-lr", "3e-3"]
+OUTPUT = ArmorOptions(overhead=0.05, objective="output", start="best", iters=40)
+SHRUNK = replace(OUTPUT, shrink=0.5)  # H's off-diagonal halved (the proxy keeps none of it, SparseGPT all)
+# block-wise reconstruction after the layer-wise result, 14 Adam steps of 2 windows per block (28 of the 32
+# calibration windows, the last 4 held back): the block's output against the dense model's on the dense
+# model's input (target dense), or against the dense block on the pruned model's input (local)
+RECON = {t: ReconOptions(steps=14, batch=2, check=7, lr=3e-3, target=t) for t in ("dense", "local")}
 N_VALIDATION = 16
-# name -> CLI flags after `prune`; the line a run belongs to is its label (see `label`)
+# name -> (PruneConfig, calibration windows); each runs as the CLI's own `prune` (cli.config_flags)
 RUNS = {
-    "dense": ["--method", "dense"],
-    "magnitude": ["--method", "magnitude"],
-    "wanda": ["--method", "wanda"],
-    "nowag_p": ["--method", "nowag_p"],
-    "sparsegpt": ["--method", "sparsegpt"],
-    **{f"armor-o{o}": ["--method", "armor", "--overhead", o] for o in ("0.02", "0.05", "0.06")},
-    "armor-b128": ["--method", "armor"],  # the paper's rule, b = 128: A and B add ~1/3 on SmolLM2's widths
-    "armor-output-o0.05": ["--method", "armor", "--overhead", "0.05", *OUTPUT],
+    **{m: (PruneConfig(m), N_SAMPLES) for m in ("dense", "magnitude", "wanda", "nowag_p", "sparsegpt")},
+    **{f"armor-o{o}": (PruneConfig(options=ArmorOptions(overhead=o)), N_SAMPLES) for o in (0.02, 0.05, 0.06)},
+    "armor-b128": (PruneConfig(), N_SAMPLES),  # the paper's rule, b = 128: A and B add ~1/3 on SmolLM2's widths
+    "armor-output-o0.05": (PruneConfig(options=OUTPUT), N_SAMPLES),
     # calibration size: 128 windows instead of 32
-    "sparsegpt-n128": ["--method", "sparsegpt", "--n-samples", "128"],
-    "armor-o0.05-n128": ["--method", "armor", "--overhead", "0.05", "--n-samples", "128"],
+    "sparsegpt-n128": (PruneConfig("sparsegpt"), 128),
+    "armor-o0.05-n128": (PruneConfig(options=O5), 128),
     # levers at the 5 % budget (≈ 0.61 of the dense bytes; 6 % gives 0.621): one change at a time from the
     # paper's ARMOR (armor-o0.05)
-    "armor-o0.05-start-sparsegpt": ["--method", "armor", "--overhead", "0.05", "--start", "sparsegpt"],
-    "armor-output-o0.05-start-nowag_p": ["--method", "armor", "--overhead", "0.05", "--objective", "output",
-                                         "--iters", "40"],
-    # covariance shrinkage: H's off-diagonal halved (the proxy keeps none of it, SparseGPT all)
-    "armor-output-shrink0.5-o0.05": ["--method", "armor", "--overhead", "0.05", *OUTPUT, "--shrink", "0.5"],
-    # block-wise reconstruction after the layer-wise result above, 14 Adam steps of 2 windows per block (28 of
-    # the 32 calibration windows, the last 4 held back): the block's output against the dense model's on the
-    # dense model's input (target dense), or against the dense block on the pruned model's input (local)
-    **{f"armor-output-shrink0.5-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *OUTPUT, "--shrink",
-                                                   "0.5", *RECON, "--recon-target", t] for t in ("dense", "local")},
+    "armor-o0.05-start-sparsegpt": (PruneConfig(options=replace(O5, start="sparsegpt")), N_SAMPLES),
+    "armor-output-o0.05-start-nowag_p": (PruneConfig(options=replace(OUTPUT, start="nowag_p")), N_SAMPLES),
+    "armor-output-shrink0.5-o0.05": (PruneConfig(options=SHRUNK), N_SAMPLES),
+    **{f"armor-output-shrink0.5-o0.05-recon-{t}": (PruneConfig(options=SHRUNK, recon=r), N_SAMPLES)
+       for t, r in RECON.items()},
     # the three levers on the paper's ARMOR: reconstruction (dense or local target), asymmetric calibration
     # (shrunk toward W by damp 1, one sublayer at a time), one model-wide budget of the same 5 % instead of 5 %
     # per layer, and the budget with reconstruction
-    **{f"armor-o0.05-recon-{t}": ["--method", "armor", "--overhead", "0.05", *RECON, "--recon-target", t]
-       for t in ("dense", "local")},
-    "armor-o0.05-asym1": ["--method", "armor", "--overhead", "0.05", "--asymmetric", "1"],
-    "armor-budget0.05": ["--method", "armor", "--budget", "0.05"],
-    "armor-budget0.05-recon": ["--method", "armor", "--budget", "0.05", *RECON],
-    "armor-budget0.05-asym1-recon": ["--method", "armor", "--budget", "0.05", "--asymmetric", "1", *RECON],
+    **{f"armor-o0.05-recon-{t}": (PruneConfig(options=O5, recon=r), N_SAMPLES) for t, r in RECON.items()},
+    "armor-o0.05-asym1": (PruneConfig(options=O5, asymmetric=1.0), N_SAMPLES),
+    "armor-budget0.05": (PruneConfig(budget=BudgetOptions(0.05)), N_SAMPLES),
+    "armor-budget0.05-recon": (PruneConfig(budget=BudgetOptions(0.05), recon=RECON["dense"]), N_SAMPLES),
+    "armor-budget0.05-asym1-recon": (PruneConfig(budget=BudgetOptions(0.05), asymmetric=1.0, recon=RECON["dense"]),
+                                     N_SAMPLES),
     # the preset (`--preset quality`): the budget with three times the reconstruction steps (3 passes over the 28
     # training windows; at 14, 29 of 30 blocks keep their last step)
-    "quality": ["--method", "armor", *PRESETS["quality"]],
+    "quality": (PRESETS["quality"], N_SAMPLES),
     # a second budget, so the front is a line
-    "armor-budget0.02-recon": ["--method", "armor", "--budget", "0.02", *RECON],
+    "armor-budget0.02-recon": (PruneConfig(budget=BudgetOptions(0.02), recon=RECON["dense"]), N_SAMPLES),
 }
 LEVERS = ["sparsegpt", "armor-o0.05", "armor-o0.05-recon-dense", "armor-o0.05-recon-local", "armor-o0.05-asym1",
           "armor-budget0.05", "armor-budget0.05-recon", "quality",
@@ -92,35 +94,36 @@ LEVERS = ["sparsegpt", "armor-o0.05", "armor-o0.05-recon-dense", "armor-o0.05-re
 TEXTS = ("pride_and_prejudice", "python_reference")
 
 
-def flag(flags: list[str], name: str, default=None):
-    return flags[flags.index(name) + 1] if name in flags else default
+def flags(name: str) -> list[str]:
+    """The run's `prune` flags: its configuration's (cli.config_flags), and its calibration size if not 32."""
+    config, n = RUNS[name]
+    return config_flags(config) + (["--n-samples", str(n)] if n != N_SAMPLES else [])
 
 
-def label(flags: list[str]) -> str:
+def label(name: str) -> str:
     """The method's line in the plot: method, ARMOR's objective and start, calibration size if not 32."""
-    method = flag(flags, "--method")
+    config, n = RUNS[name]
+    method, o = config.method, config.options
     if method == "armor":
-        method = f"armor ({flag(flags, '--objective', 'proxy')}, start {flag(flags, '--start', 'nowag_p')})"
-        if "--shrink" in flags:
-            method += f", shrink {flag(flags, '--shrink')}"
-        if "--iters" in flags:
-            method += f", {flag(flags, '--iters')} iterations"
-        if "--recon-steps" in flags:
-            method += (f", reconstruction to the {flag(flags, '--recon-target', 'dense')} target "
-                       f"({flag(flags, '--recon-steps')} steps)")
-        if "--asymmetric" in flags:
-            method += f", asymmetric (damp {flag(flags, '--asymmetric')})"
-        if "--budget" in flags:
+        method = f"armor ({o.objective}, start {o.start})"
+        if o.shrink:
+            method += f", shrink {o.shrink}"
+        if o.iters is not None:
+            method += f", {o.iters} iterations"
+        if config.tuned:
+            method += f", reconstruction to the {config.recon.target} target ({config.recon.steps} steps)"
+        if config.asymmetric is not None:
+            method += f", asymmetric (damp {config.asymmetric:g})"
+        if config.budget is not None:
             method += ", model-wide budget"
-    n = flag(flags, "--n-samples")
-    return method + (f", {n} windows" if n else "")
+    return method + (f", {n} windows" if n != N_SAMPLES else "")
 
 
 def prune(name: str, runs_dir: Path) -> dict:
     """The run's result.json, running (or resuming) the CLI's prune for it first if needed."""
     out = runs_dir / name
     if not (out / "result.json").exists():
-        cmd = [sys.executable, "-m", "armor_kernels", "prune", "--out", str(out), *RUNS[name]]
+        cmd = [sys.executable, "-m", "armor_kernels", "prune", "--out", str(out), *flags(name)]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
     return json.loads((out / "result.json").read_text())
@@ -163,10 +166,10 @@ def main(argv=None) -> int:
     for name in RUNS:
         if name not in args.runs and not (args.runs_dir / name / "result.json").exists():
             if name in cached:
-                rows.append({**cached[name], "label": label(RUNS[name]), "flags": " ".join(RUNS[name])})
+                rows.append({**cached[name], "label": label(name), "flags": " ".join(flags(name))})
             continue  # never measured: only a run named in --runs is pruned
         res = prune(name, args.runs_dir)
-        rows.append({"run": name, "label": label(RUNS[name]), "flags": " ".join(RUNS[name]),
+        rows.append({"run": name, "label": label(name), "flags": " ".join(flags(name)),
                      "linear_bytes_ratio": res["linear_bytes_ratio"], "linear_bytes": res["linear_bytes"],
                      "checkpoint_bytes": res["checkpoint_bytes"], "ppl_pride_and_prejudice": res["perplexity"],
                      "ppl_python_reference": cached_perplexity(name, args.runs_dir, python_tokens, "python_reference"),

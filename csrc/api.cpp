@@ -9,6 +9,8 @@
 
 namespace {
 
+thread_local ArmorLaunches last_launches{};  // the calling thread's last op call (armor_last_launches)
+
 bool aligned16(void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // GEMM extents are 32-bit in the kernels; tokens * d_in and friends are 64-bit pointer offsets.
@@ -113,6 +115,7 @@ int armor_sm90_linear(const ArmorLinearParams* params) {
   ArmorLinearParams p;
   if (int s = resolve(params, &p)) return s;
   if (int s = pointer_status(p)) return s;
+  last_launches = ArmorLaunches{};
   bool const bf16 = p.dtype == ARMOR_BF16;
   if (int s = (bf16 ? armor::sm90::block_diag_bf16 : armor::sm90::block_diag_fp16)(p)) return s;
   return (bf16 ? armor::sm90::sparse_linear_out_bf16 : armor::sm90::sparse_linear_out_fp16)(p);
@@ -130,7 +133,19 @@ int armor_sm90_decode_linear(const ArmorLinearParams* params) {
   ArmorLinearParams p;
   if (int s = decode_status(params, &p)) return s;
   if (int s = pointer_status(p)) return s;
+  last_launches = ArmorLaunches{};
   return (p.dtype == ARMOR_BF16 ? armor::sm90::decode_linear_bf16 : armor::sm90::decode_linear_fp16)(p);
 }
 
+void armor_last_launches(ArmorLaunches* out) {
+  if (out != nullptr) *out = last_launches;
+}
+
 }  // extern "C"
+
+void armor::sm90::record_launch(dim3 const& grid) {
+  if (last_launches.count < ARMOR_MAX_LAUNCHES) {
+    int* g = last_launches.grid[last_launches.count++];
+    g[0] = int(grid.x), g[1] = int(grid.y), g[2] = int(grid.z);
+  }
+}

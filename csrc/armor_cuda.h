@@ -86,6 +86,16 @@ int armor_sm90_linear(const ArmorLinearParams* params);
 int armor_sm90_decode_workspace_bytes(const ArmorLinearParams* params, int64_t* bytes);
 int armor_sm90_decode_linear(const ArmorLinearParams* params);
 
+// The grids the calling thread's last armor_sm90_linear or armor_sm90_decode_linear launched, in launch
+// order, as passed to the launches: the plan its tests assert (the GEMMs' persistent CTAs, the decode
+// kernels' K splits), since a result alone cannot tell a planned grid from a full one. Host-side only.
+#define ARMOR_MAX_LAUNCHES 2
+typedef struct ArmorLaunches {
+  int count;
+  int grid[ARMOR_MAX_LAUNCHES][3];  // x, y, z
+} ArmorLaunches;
+void armor_last_launches(ArmorLaunches* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -19,6 +19,7 @@
 #include "cute/arch/mma_sm80.hpp"
 #include "cutlass/numeric_types.h"
 #include "decode_fragments.h"
+#include "sm90_dispatch.h"
 #include "split_k.h"
 
 namespace armor::sm90 {
@@ -203,8 +204,11 @@ __global__ void __launch_bounds__(kThreads) sparse_splitk(Params<Element> p) {
 
 template <class Element, int NT>
 int launch(Params<Element> const& p, int splits, cudaStream_t stream) {
-  input_transform<Element, NT><<<p.d_in / kBlock, kThreads, 0, stream>>>(p);
-  sparse_splitk<Element, NT><<<dim3(p.d_out / kBlock, splits), kThreads, 0, stream>>>(p);
+  dim3 const transform_grid(p.d_in / kBlock), splitk_grid(p.d_out / kBlock, splits);
+  sm90::record_launch(transform_grid);
+  sm90::record_launch(splitk_grid);
+  input_transform<Element, NT><<<transform_grid, kThreads, 0, stream>>>(p);
+  sparse_splitk<Element, NT><<<splitk_grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError() == cudaSuccess ? ARMOR_OK : ARMOR_ERROR_LAUNCH;
 }
 

@@ -25,4 +25,7 @@ ARMOR_DECLARE_DTYPE(bf16)
 ARMOR_DECLARE_DTYPE(fp16)
 #undef ARMOR_DECLARE_DTYPE
 
+// Every kernel launch of the op records its grid here, right before launching with it (armor_last_launches).
+void record_launch(dim3 const& grid);
+
 }  // namespace armor::sm90

@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include "armor_cuda.h"
+#include "sm90_dispatch.h"
 #include "cutlass/cutlass.h"
 #include "cutlass/device_kernel.h"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
@@ -49,8 +50,9 @@ int launch(typename GemmKernel::Arguments const& args, cudaStream_t stream) {
   // during CUDA-graph capture; it is cheap enough to repeat instead of tracking devices.
   cudaFuncSetAttribute(cutlass::device_kernel<GemmKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   // Cluster shape 1 x 1 x 1: a plain launch (no cluster launch attributes needed).
-  cutlass::device_kernel<GemmKernel>
-      <<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem_bytes, stream>>>(params);
+  dim3 const grid = GemmKernel::get_grid_shape(params);
+  record_launch(grid);
+  cutlass::device_kernel<GemmKernel><<<grid, GemmKernel::get_block_shape(), smem_bytes, stream>>>(params);
   return cudaGetLastError() == cudaSuccess ? ARMOR_OK : ARMOR_ERROR_LAUNCH;
 }
 

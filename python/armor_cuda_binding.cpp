@@ -4,11 +4,14 @@
 // so this file needs neither torch nor CUDA headers (docs/DESIGN.md §9): torch-side checks, allocation
 // and the op registration live in armor_kernels/ops.py. Every call only launches work on the given stream.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "armor_cuda.h"
 
@@ -126,4 +129,14 @@ PYBIND11_MODULE(_armor_cuda, m) {
   m.def(
       "decode_linear", [](ArmorLinearParams const& p) { check(armor_sm90_decode_linear(&p), "decode_linear"); },
       py::arg("params"), "decode-sized y = ((x B'^T) S^T) A'^T + bias from the portable packed S");
+  m.def(
+      "last_launches",
+      [] {
+        ArmorLaunches l{};
+        armor_last_launches(&l);
+        std::vector<std::tuple<int, int, int>> grids;
+        for (int i = 0; i < l.count; ++i) grids.emplace_back(l.grid[i][0], l.grid[i][1], l.grid[i][2]);
+        return grids;
+      },
+      "the grids (x, y, z) this thread's last linear / decode_linear launched, in order");
 }

@@ -195,6 +195,22 @@ def test_flags_given_besides_the_preset_win():
     assert PRESETS["quality"].options.overhead is None  # the budget replaces it
 
 
+def test_config_flags_give_the_config_back():
+    """cli.config_flags (what benchmarks/bench_frontier.py runs its PruneConfigs with) is _prune_config's
+    inverse: for the presets, every method's defaults and every configuration the frontier measures."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_frontier import RUNS
+
+    from armor_kernels.cli import config_flags
+    configs = [*PRESETS.values(), *(c for c, _ in RUNS.values())]
+    assert len(configs) > 20
+    for config in configs:
+        assert _config(["prune", "--out", "x", *config_flags(config)]) == config, config_flags(config)
+    assert config_flags(PruneConfig("sparsegpt")) == ["--method", "sparsegpt"]
+    with pytest.raises(ValueError, match="config_flags: batch_size 4 has no flag"):
+        config_flags(PruneConfig(batch_size=4))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["prune", "--method", "armor", "--pre", "quality"], "unrecognized arguments: --pre quality"),  # no abbreviations
     (["prune", "--method", "armor", "--preset", "qualty"], "argument --preset: invalid choice: 'qualty'"),
