@@ -6,7 +6,7 @@
 # Needs python3 with a CUDA torch, cmake, pybind11, and (sanitize) compute-sanitizer. `build` compiles
 # csrc unless build/ci-csrc/libarmor_cuda.so exists, i.e. was built elsewhere by .ci/build_csrc.sh (the
 # same sm_90a library CI compiles, 1.6 MB) and carried along, which a GPU machine without the
-# nvidia-cutlass wheel needs; it binds the library as armor_kernels._armor_cuda.
+# nvidia-cutlass wheel needs; .ci/bind_csrc.sh binds the library as armor_kernels._armor_cuda.
 #
 # Nothing passes by skipping: `build` and `bench` fail unless the fused path is usable on this machine's
 # device (ops.fused_unavailable_reason says why not), and `test` and `sanitize` run with
@@ -33,10 +33,7 @@ for stage in "$@"; do
   case "$stage" in
     build)
       [[ -f "$lib" ]] || PYTHON=python3 ARMOR_BUILD_JOBS=8 bash .ci/build_csrc.sh || exit 1
-      cp "$lib" armor_kernels/
-      cmake -S . -B build/gpu-bind -DARMOR_PREBUILT_LIB="$PWD/$lib" -DARMOR_OUTPUT_DIR="$PWD/armor_kernels" \
-        -DPython_EXECUTABLE="$(command -v python3)" >"$out/build.log" 2>&1 &&
-        cmake --build build/gpu-bind >>"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+      PYTHON=python3 bash .ci/bind_csrc.sh || exit 1
       require_fused || exit 1
       ;;
     test)

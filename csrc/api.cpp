@@ -112,10 +112,10 @@ int armor_sm90_linear_workspace_bytes(const ArmorLinearParams* params, int64_t* 
 }
 
 int armor_sm90_linear(const ArmorLinearParams* params) {
+  last_launches = ArmorLaunches{};
   ArmorLinearParams p;
   if (int s = resolve(params, &p)) return s;
   if (int s = pointer_status(p)) return s;
-  last_launches = ArmorLaunches{};
   bool const bf16 = p.dtype == ARMOR_BF16;
   if (int s = (bf16 ? armor::sm90::block_diag_bf16 : armor::sm90::block_diag_fp16)(p)) return s;
   return (bf16 ? armor::sm90::sparse_linear_out_bf16 : armor::sm90::sparse_linear_out_fp16)(p);
@@ -130,10 +130,10 @@ int armor_sm90_decode_workspace_bytes(const ArmorLinearParams* params, int64_t* 
 }
 
 int armor_sm90_decode_linear(const ArmorLinearParams* params) {
+  last_launches = ArmorLaunches{};
   ArmorLinearParams p;
   if (int s = decode_status(params, &p)) return s;
   if (int s = pointer_status(p)) return s;
-  last_launches = ArmorLaunches{};
   return (p.dtype == ARMOR_BF16 ? armor::sm90::decode_linear_bf16 : armor::sm90::decode_linear_fp16)(p);
 }
 

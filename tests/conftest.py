@@ -20,6 +20,8 @@ Markers (registered in pyproject.toml):
   one a failure, and a session in which none passed fails, as ARMOR_REQUIRE_FUSED does for `gpu`.
 - ARMOR_REQUIRE_EXTRAS=1 (.ci/run sets it): the optional components CI installs (transformers, rdata, lm-eval,
   triton) must import, so no test of them passes by skipping.
+- ARMOR_REQUIRE_BINDING=1 (.ci/run sets it, after .ci/bind_csrc.sh): the CUDA library's binding must load,
+  so that its host-side tests run instead of skipping, GPU or not.
 - `sanitize(*tools)`: a case .ci/gpu_check.sh runs under compute-sanitizer; `--sanitizer TOOL` keeps
   only the cases marked for TOOL (memcheck, racecheck) and deselects everything else.
 """
@@ -34,6 +36,10 @@ if os.environ.get("ARMOR_REQUIRE_EXTRAS") == "1":  # a missing or broken extra f
     import rdata  # noqa: F401
     import transformers  # noqa: F401
     import triton  # noqa: F401
+if os.environ.get("ARMOR_REQUIRE_BINDING") == "1":
+    from armor_kernels import ops
+    if ops.NATIVE_IMPORT_ERROR is not None:
+        raise RuntimeError(f"ARMOR_REQUIRE_BINDING=1: {ops.NATIVE_IMPORT_ERROR}")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ the reference."""
 import ctypes
 import importlib
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -215,6 +216,7 @@ def test_binding_checks_its_arguments():
         native.decode_workspace_bytes(native.Params(**{**ok, "tokens": native.DECODE_MAX_TOKENS + 1}))
     with pytest.raises(RuntimeError, match="linear: invalid argument"):  # null pointers, before any launch
         native.linear(native.Params(**ok))
+    assert native.last_launches() == []  # a refused call launches nothing and leaves no older plan behind
     pointers = dict(x=1 << 20, B_blocks=2 << 20, A_blocks=3 << 20, S_values=4 << 20, S_meta=5 << 20,
                     workspace=6 << 20, y=(7 << 20) + 8)
     with pytest.raises(RuntimeError, match="not 16-byte aligned"):
@@ -401,6 +403,9 @@ def test_sparse_gemm_persistent_loop(sm_count, dtype):
         y = ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm", sm_count=sm_count)
     torch.cuda.synchronize()
     assert_within_ulps(y, rounded_reference(x, A, S, B, b))
+    # the plan that ran: the B' GEMM's and the sparse GEMM's persistent grids, sm_count CTAs each (fewer than
+    # their 6 and 9 tiles); a launch that ignored sm_count would give the full grids and the same result
+    assert [math.prod(g) for g in ops.LAUNCH_GRIDS["sparse_gemm"]] == [sm_count, sm_count]
     torch.testing.assert_close(y, ops.linear(x, A, S, B, b, sm90=sm90, backend="sparse_gemm"), rtol=0, atol=0)
 
 
@@ -417,12 +422,15 @@ def test_sparse_gemm_many_tiles_per_sm():
     torch.cuda.synchronize()
     assert_close(y, dense_math(x, A, S, B, b), torch.bfloat16)
     assert_within_ulps(y, rounded_reference(x, A, S, B, b))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    b_gemm, sparse_gemm = (math.prod(g) for g in ops.LAUNCH_GRIDS["sparse_gemm"])
+    assert b_gemm <= sms and sparse_gemm == min(sms, 32 * 8)  # persistent: at most one CTA per SM
 
 
 @gpu
 @pytest.mark.parametrize("sm_count", [1, 2, 7])  # 2, 4 and 8 splits of K at this shape (split_k.h)
 @pytest.mark.parametrize("tokens", [5, 16])
-def test_decode_sm_count(sm_count, tokens):
+def test_decode_sm_count(sm_count, tokens, decode_emulator):
     A, S, B, b = cuda_factors(256, 2048)
     values, idx = pack_24(S)
     x = torch.randn(tokens, 2048, device="cuda").to(torch.bfloat16)
@@ -430,6 +438,10 @@ def test_decode_sm_count(sm_count, tokens):
         y = ops.linear(x, A, values, B, b, S_idx=idx, backend="decode", sm_count=sm_count)
     torch.cuda.synchronize()
     assert_within_ulps(y, rounded_reference(x, A, S, B, b))
+    # the plan that ran: one CTA per 128 columns of x, then 2 row blocks x the K splits split_k.h plans for
+    # sm_count (the host emulation's count); ignoring sm_count would split for the whole device
+    _, splits = emulate_decode(decode_emulator, *(t.cpu() for t in (x, A, values, idx, B, b)), sm_count)
+    assert ops.LAUNCH_GRIDS["decode"] == [(2048 // 128, 1, 1), (256 // 128, splits, 1)]
 
 
 @gpu
