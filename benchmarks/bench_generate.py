@@ -25,8 +25,9 @@ import sys
 import time
 
 import torch
-from bench_linear import cpu_name
 from harness import bench_args, plot_lines, write_csv
+
+from armor_kernels.pipeline.runtime import cpu_name
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,

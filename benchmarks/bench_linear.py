@@ -38,6 +38,7 @@ from harness import bench_args, cuda_time_us, graphed, plot_lines, write_csv
 from armor_kernels import ops
 from armor_kernels.factors import block_sizes
 from armor_kernels.layout import identity_blocks
+from armor_kernels.pipeline.runtime import cpu_name
 from armor_kernels.sparse24 import pack_24, unpack_24
 
 # d_out x d_in of Llama-2-7B's projections (attention 4096x4096, MLP 11008x4096 and 4096x11008), the MLP up
@@ -156,17 +157,6 @@ def measure(d_out: int, d_in: int, block: int, dtype: torch.dtype, args, device:
 CPU_SHAPES = "576x576,1536x576,576x1536,4096x4096,14336x4096,4096x14336"  # SmolLM2-135M's, Llama-3-8B's
 CPU_TOKENS = "1,4,16,32,64,512,2048"
 CYCLE_BYTES = 256 << 20  # weights cycled per timing: far over any last-level cache, as a model's decode reads
-
-
-def cpu_name() -> str:
-    import platform
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def stream_bandwidth() -> float:

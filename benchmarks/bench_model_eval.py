@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import torch
-from bench_linear import cpu_name
 from harness import bench_args, write_csv
 
 from armor_kernels import paths, prepare
@@ -23,6 +22,7 @@ from armor_kernels.integrations.hf import load_pruned_model
 from armor_kernels.pipeline.data import EVAL_TOKENS, SEQ_LEN, token_splits
 from armor_kernels.pipeline.evaluate import perplexity
 from armor_kernels.pipeline.model import load_model
+from armor_kernels.pipeline.runtime import cpu_name
 
 
 def main(argv=None) -> int:

@@ -14,11 +14,11 @@ import torch
 
 from ..atomic import write_text
 from ..nn import paths, prepare
-from .runtime import decode_tokens_per_s, held_bytes
+from .runtime import cpu_name, decode_tokens_per_s, held_bytes
 
 DEMO_RUNS = ("dense", "quality", "sparsegpt")  # each a preset's or a method's name (config.prune_config)
 COLUMNS = ["run", "linear_bytes_ratio", "perplexity", "perplexity_vs_dense", "memory_mib", "memory_vs_dense",
-           "decode_tok_s", "decode_vs_dense", "paths", "prune_s"]
+           "decode_tok_s", "decode_vs_dense", "paths", "prune_s", "device", "cpu", "threads", "torch"]
 
 
 def _loaded(run: str, out: Path, model: str | None, device: str):
@@ -34,6 +34,8 @@ def _loaded(run: str, out: Path, model: str | None, device: str):
 def demo_table(results: list[dict], out: Path, model: str | None, device: str, seconds: float) -> str:
     """The runs' results (run_method's, in DEMO_RUNS' order) with their loaded memory and decode speed, as
     out/demo.csv and out/demo.md; returns the Markdown."""
+    machine = dict(device=torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
+                   cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__)
     rows = []
     for res in results:
         m = _loaded(res["method"], out, model, device)
@@ -44,7 +46,7 @@ def demo_table(results: list[dict], out: Path, model: str | None, device: str, s
                      "perplexity": res["perplexity"], "memory_mib": round(held_bytes(m) / 2 ** 20, 3),
                      "decode_tok_s": round(decode_tokens_per_s(m), 2),
                      "paths": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "dense",
-                     "prune_s": res["calibration_s"]})
+                     "prune_s": res["calibration_s"], **machine})
         del m
     base = rows[0]
     for r in rows:
@@ -64,9 +66,9 @@ def demo_table(results: list[dict], out: Path, model: str | None, device: str, s
                  _num(r["memory_mib"], r["memory_vs_dense"], " MiB"), _num(r["decode_tok_s"], r["decode_vs_dense"]),
                  r["paths"], f"{r['prune_s']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
-    md = ("\n".join(lines) + f"\n\nOn {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"perplexity in float32 on the evaluation text; ratios against dense. Total {seconds:.0f} s (runs resumed "
-          "from earlier ones count as 0).\n")
+    md = ("\n".join(lines) + f"\n\nOn {machine['device']} ({machine['cpu']}, {machine['threads']} threads, torch "
+          f"{machine['torch']}); perplexity in float32 on the evaluation text; ratios against dense. Total "
+          f"{seconds:.0f} s (runs resumed from earlier ones count as 0).\n")
     write_text(out / "demo.md", md)
     return md
 

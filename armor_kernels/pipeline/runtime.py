@@ -1,12 +1,24 @@
 """What a loaded model costs when it runs: the bytes it holds and its greedy decode speed."""
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
 from torch import nn
 
 from ..nn import pruned_linears
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the rows of a measurement."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _tensors(obj):
