@@ -50,19 +50,26 @@ def held_bytes(model: nn.Module) -> int:
 
 
 def decode_tokens_per_s(model: nn.Module, *, batch: int = 1, prompt: int = 8, new_tokens: int = 32,
-                        seed: int = 0) -> float:
+                        reps: int = 5, seed: int = 0) -> float:
     """Greedy `generate` tokens/s at `batch` (random prompts of `prompt` tokens, exactly `new_tokens` new
-    ones each), after a two-token warm-up."""
+    ones each): the median of `reps` runs after a two-token warm-up (one run's figure moves by tens of
+    percent on a machine that runs anything else)."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(device)
     kw = dict(do_sample=False, pad_token_id=0)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    speeds = []
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return batch * new_tokens / (time.perf_counter() - t0)
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+            sync()
+            speeds.append(batch * new_tokens / (time.perf_counter() - t0))
+    return sorted(speeds)[len(speeds) // 2]
