@@ -172,13 +172,20 @@ def test_model_without_linear_layers_is_refused(tiny, tmp_path):
         prune_model(model, tok, calib, "magnitude", tmp_path)
 
 
-def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
-    from armor_kernels.cli import main
+def cli_inputs(tiny, tmp_path, austen):
+    """(model directory, text file) for the CLI: the tiny model saved, and 20 000 characters of Emma."""
     _, tok, _, fresh = tiny
     model_dir, text = tmp_path / "tiny", tmp_path / "emma.txt"
     fresh().save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     text.write_text(austen["Emma"][:20_000])
+    return model_dir, text
+
+
+def test_cli_compare_writes_table_and_resumes(tiny, tmp_path, austen, capsys):
+    from armor_kernels.cli import main
+    fresh = tiny[3]
+    model_dir, text = cli_inputs(tiny, tmp_path, austen)
     argv = ["compare", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "cmp"),
             "--methods", "dense", "magnitude", "armor", "--n-samples", "2", "--seq-len", "32",
             "--eval-tokens", "96", "--block-size", "16", "--iters", "1"]
@@ -206,11 +213,7 @@ def test_cli_demo_puts_quality_size_and_speed_in_one_table(tiny, tmp_path, auste
     monkeypatch.setitem(PRESETS, "quality", PruneConfig(
         options=ArmorOptions(block_size=16, iters=1), budget=BudgetOptions(0.3, probe_iters=1),
         recon=ReconOptions(steps=2, batch=2, holdout=1, check=1)))
-    _, tok, _, fresh = tiny
-    model_dir, text = tmp_path / "tiny", tmp_path / "emma.txt"
-    fresh().save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    text.write_text(austen["Emma"][:20_000])
+    model_dir, text = cli_inputs(tiny, tmp_path, austen)
     argv = ["demo", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "demo"),
             "--n-samples", "4", "--seq-len", "32", "--eval-tokens", "96", "--device", "cpu"]
     assert main(argv) == 0
