@@ -29,10 +29,8 @@ def test_the_cpu_rows_are_checked_then_written(tmp_path, monkeypatch):
 def test_a_wrong_kernel_stops_the_benchmark(tmp_path, monkeypatch):
     real = ops.cpu_packed_linear
 
-    def off_by_a_bit(x, A, values, idx, B, bias, path=None):  # the layer with one output row lost
-        y = real(x, A, values, idx, B, bias, path=path)
-        y[..., 0] = 0
-        return y
+    def off_by_a_bit(x, A, values, idx, B, bias, path=None):  # 10 % off everywhere, whatever the random layer
+        return real(x, A, values, idx, B, bias, path=path) * 1.1
 
     monkeypatch.setattr(bench_linear, "CYCLE_BYTES", 1 << 16)
     monkeypatch.setattr(ops, "cpu_packed_linear", off_by_a_bit)
