@@ -2,6 +2,8 @@
 a partial one. Every file the package, its CLI and its benchmarks write goes through here."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -30,3 +32,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def save_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_csv(path: str | os.PathLike, rows: list[dict], fieldnames: list[str]) -> None:
+    """Rows as a CSV with these columns (keys outside them ignored, missing ones empty)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fieldnames, restval="", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())

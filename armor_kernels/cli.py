@@ -13,10 +13,8 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
-import io
 import json
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import save_json, write_text
+from .atomic import save_csv, save_json, write_text
 from .errors import InputError
 from .optim import ArmorOptions
 from .optim.options import OBJECTIVES, OPTIMIZERS, STARTS
@@ -248,11 +246,7 @@ def _evaluate(result: dict, method: str, args, out: Path, dense: Dense) -> dict:
 
 
 def write_table(rows: list[dict], out: Path, seconds: float) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "results.csv", buf.getvalue())
+    save_csv(out / "results.csv", rows, COLUMNS)
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]

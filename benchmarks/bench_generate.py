@@ -86,8 +86,7 @@ def build(model: str, variant: str, checkpoint: str | None):
 
 
 def child(model: str, variant: str, checkpoint: str | None) -> dict:
-    from armor_kernels import paths
-    from armor_kernels.pipeline.runtime import decode_tokens_per_s, held_bytes
+    from armor_kernels.pipeline.runtime import decode_tokens_per_s, held_bytes, path_counts
     t0 = time.perf_counter()
     m, vocab = build(model, variant, checkpoint)
     load_s = time.perf_counter() - t0
@@ -107,14 +106,7 @@ def child(model: str, variant: str, checkpoint: str | None) -> dict:
                 peak_rss_mib=round(peak, 1), param_buffer_mib=round(held / 2 ** 20, 1),
                 prefill_512_s=round(min(prefill), 3),
                 decode_tok_s_b1=round(decode[1], 2), decode_tok_s_b8=round(decode[8], 2),
-                paths=" ".join(f"{p}:{c}" for p, c in sorted(_count(paths(m).values()).items())) or "dense")
-
-
-def _count(values) -> dict:
-    out = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
+                paths=path_counts(m))
 
 
 def main(argv=None) -> int:

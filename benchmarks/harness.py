@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import statistics
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from armor_kernels.atomic import atomic_write, write_text  # noqa: E402
+from armor_kernels.atomic import atomic_write, save_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,12 +92,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     """All rows (the union of their keys, in first-seen order) to `path`, atomically."""
     if not rows:
         raise ValueError(f"write_csv: no rows to write to {path}")
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, restval="")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
+    save_csv(path, rows, list(dict.fromkeys(k for r in rows for k in r)))
     print(f"wrote {path}")
 
 

@@ -6,15 +6,13 @@ device, pruned layers packed and `prepare`d, for the bytes the model holds and i
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import torch
 
-from ..atomic import write_text
-from ..nn import paths, prepare
-from .runtime import cpu_name, decode_tokens_per_s, held_bytes
+from ..atomic import save_csv, write_text
+from ..nn import prepare
+from .runtime import cpu_name, decode_tokens_per_s, held_bytes, path_counts
 
 DEMO_RUNS = ("dense", "quality", "sparsegpt")  # each a preset's or a method's name (config.prune_config)
 COLUMNS = ["run", "linear_bytes_ratio", "perplexity", "perplexity_vs_dense", "memory_mib", "memory_vs_dense",
@@ -39,13 +37,10 @@ def demo_table(results: list[dict], out: Path, model: str | None, device: str, s
     rows = []
     for res in results:
         m = _loaded(res["method"], out, model, device)
-        counts = {}
-        for path in paths(m).values():
-            counts[path] = counts.get(path, 0) + 1
         rows.append({"run": res["method"], "linear_bytes_ratio": res["linear_bytes_ratio"],
                      "perplexity": res["perplexity"], "memory_mib": round(held_bytes(m) / 2 ** 20, 3),
                      "decode_tok_s": round(decode_tokens_per_s(m), 2),
-                     "paths": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "dense",
+                     "paths": path_counts(m),
                      "prune_s": res["calibration_s"], **machine})
         del m
     base = rows[0]
@@ -53,11 +48,7 @@ def demo_table(results: list[dict], out: Path, model: str | None, device: str, s
         for key, ratio in (("perplexity", "perplexity_vs_dense"), ("memory_mib", "memory_vs_dense"),
                            ("decode_tok_s", "decode_vs_dense")):
             r[ratio] = round(r[key] / base[key], 3) if r[key] and base[key] else ""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "demo.csv", buf.getvalue())
+    save_csv(out / "demo.csv", rows, COLUMNS)
     head = ["run", "stored bytes / dense bf16 (linears)", "perplexity", "memory loaded in bf16",
             "decode tokens/s (batch 1)", "paths", "prune time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import platform
 import time
+from collections import Counter
 
 import torch
 from torch import nn
 
-from ..nn import pruned_linears
+from ..nn import paths, pruned_linears
 
 
 def cpu_name() -> str:
@@ -47,6 +48,12 @@ def held_bytes(model: nn.Module) -> int:
         s = t.untyped_storage()
         storages[(s.device, s.data_ptr())] = s.nbytes()
     return sum(storages.values())
+
+
+def path_counts(model: nn.Module) -> str:
+    """How many pruned linears take each path (nn.layer_path), e.g. "cpu_packed:210"; "dense" for none."""
+    counts = Counter(paths(model).values())
+    return " ".join(f"{p}:{n}" for p, n in sorted(counts.items())) or "dense"
 
 
 def decode_tokens_per_s(model: nn.Module, *, batch: int = 1, prompt: int = 8, new_tokens: int = 32,
