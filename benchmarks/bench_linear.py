@@ -132,7 +132,7 @@ def measure(d_out: int, d_in: int, block: int, dtype: torch.dtype, args, device:
         want = {"armor": ops.reference(*f32(x, A, S, B, bias)), "sparse24": F.linear(*f32(x, S, bias))}
         for name, fn in fns.items():
             try:
-                if not name.endswith("_graph") and name != "dense":  # right before fast
+                if not name.endswith("_graph") and name != "dense":  # checked before it is timed
                     check(name, fn(), want["armor" if name.startswith("armor") else "sparse24"], where)
                 times[name] = cuda_time_us(fn() if name.endswith("_graph") else fn, args.reps)
             except RuntimeError as e:
@@ -207,6 +207,8 @@ def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> li
                "dense_fp32": (lambda k: F.linear(x32, dense32[k], bias.float()), 4 * d_out * d_in, "")}
         for name, layers in packed.items():
             nbytes = cpu_layer_bytes(layers[0])
+            A, values, idx, B, b = layers[0]
+            want = ops.reference(*f32(x16, A, unpack_24(values, idx), B, b))  # each kernel checked before timing
             for backend in ("auto", "cpu_decode", "cpu_gemm"):
                 label = name if backend == "auto" else f"{name}_{backend.removeprefix('cpu_')}"
                 if backend != "auto" and name == "armor_b16":
@@ -215,14 +217,11 @@ def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> li
                 # the kernels as a prepared layer's eager forward calls them (without the op's dispatch)
                 fns[label] = (lambda k, L=layers, p=path: ops.cpu_packed_linear(x16, L[k][0], L[k][1], L[k][2], L[k][3],
                                                                                 L[k][4], path=p), nbytes, path)
+                check(label, fns[label][0](0), want, f"{d_out}x{d_in} T={T}")
         ref = packed["armor_b128"]
         fns["reference_b128"] = (lambda k: ops.linear(x16, ref[k][0], ref[k][1], ref[k][3], ref[k][4], S_idx=ref[k][2],
                                                       backend="reference"), cpu_layer_bytes(ref[0]), "reference")
         big = T >= 512  # compute-bound: one copy, few reps
-        for name, (fn, _, path) in fns.items():
-            if path not in ("", "reference"):
-                A, values, idx, B, b = packed[name.removesuffix("_decode").removesuffix("_gemm")][0]
-                check(name, fn(0), ops.reference(*f32(x16, A, unpack_24(values, idx), B, b)), f"{d_out}x{d_in} T={T}")
         times = {}
         for name, (fn, _, _) in fns.items():
             n = 1 if big else copies
