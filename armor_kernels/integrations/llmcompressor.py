@@ -71,6 +71,7 @@ from ..pipeline.checkpoint import (
     RUN_FILE,
     STORAGE_DTYPE,
     config_hash,
+    dense_linear,
     finish_run,
     save_block,
     save_rest,
@@ -209,12 +210,9 @@ class _ArmorModifier(SparsityModifierBase):
                 full = f"{self._prefix}.{i}.{name}"
                 self._pruned[full] = copy.deepcopy(mod).to("cpu", STORAGE_DTYPE)  # its stored bf16 values, exactly
                 self._reports[full] = report[f"{i}.{name}"]
-                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                device=mod.A.device, dtype=dtype)
-                lin.weight.data = mod.to_dense(dtype)
-                if mod.bias is not None:
-                    lin.bias.data = mod.bias.detach().to(dtype)
-                replace_module(block, name, lin)
+                bias = None if mod.bias is None else mod.bias.detach().to(dtype)
+                # trainable as the model's other linears are, like those the per-block path leaves in place
+                replace_module(block, name, dense_linear(mod.to_dense(dtype), bias).requires_grad_())
 
     def on_calibration_start(self, state, event, **kwargs):
         if self.config is not None:  # pruned at initialisation

@@ -165,7 +165,7 @@ def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[s
             if get("A") is not None:
                 modules[name] = ArmorLinear.from_packed(get("A"), get("S_values"), get("S_idx"), get("B"), get("bias"))
             elif get("weight") is not None and get("weight").dim() == 2:
-                modules[name] = _dense_linear(get("weight"), get("bias"))
+                modules[name] = dense_linear(get("weight"), get("bias"))
             else:
                 modules[name] = Sparse24Linear(get("S_values"), get("S_idx"), get("bias"))
         except (ValueError, AttributeError, TypeError) as e:
@@ -173,7 +173,8 @@ def modules_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[s
     return modules
 
 
-def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding exactly these tensors (built on meta: no weight is drawn and thrown away)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
     lin.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
