@@ -81,9 +81,11 @@ CPU_DECODE_MAX_TOKENS = 16
 # Dense tile of S per GEMM in "cpu_gemm": large enough for torch's GEMM to run near full speed. 2-core AVX2
 # machine, bf16 layer, wrappers on the activations, median of 5, time / dense float32 F.linear, tiles of
 # 4 / 8 / 16 / 32 MiB: 4096 x 4096 at 512 tokens 1.22 / 1.13 / 1.11 / 1.12, at 2048 1.44 / 1.24 / 1.16 / 1.15;
-# 14336 x 4096 at 512 1.11 / 1.11 / 1.03 / 1.04, at 2048 1.22 / 1.11 / 1.08 / 1.12; 4096 x 14336 at 64 tokens
-# 1.05 / 1.11 / 1.16 / 1.18, at 2048 1.59 / 1.40 / 1.30 / 1.17 (ops._cpu_gemm timed with only the size varied;
-# expect ±10 % between runs on a shared machine).
+# 4096 x 14336 at 64 tokens 1.05 / 1.11 / 1.16 / 1.18, at 2048 1.59 / 1.40 / 1.30 / 1.17. With B' and A' as
+# one batched matmul each, tiles of 16 / 32 / 64 MiB: 4096 x 4096 at 512 1.04 / 1.10 / 1.11, at 2048 1.19 /
+# 1.20 / 1.16; 14336 x 4096 at 512 1.06 / 1.14 / 1.10, at 2048 1.12 / 1.07 / 1.08; 4096 x 14336 at 512 1.07 /
+# 0.97 / 1.00, at 2048 1.10 / 1.11 / 1.09 (ops._cpu_gemm timed with only the size varied; expect ±10 % between
+# runs on a shared machine, more than these sizes differ by).
 CPU_TILE_BYTES = 16 << 20
 _CPU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/packed_linear.h's Dtype
 LAUNCHES: collections.Counter = collections.Counter()  # kernel family -> native calls since import
@@ -402,8 +404,8 @@ def cpu_gemm_folds(tokens: int, d_out: int, d_in: int, a: int, b: int) -> bool:
     """"cpu_gemm"'s one choice: fold A' and B' into each tile of S (A'·S·B', a cost that does not grow with the
     tokens) rather than apply them to the activations (one that does): whichever multiplies less, ties folded
     (its matmuls are the larger ones). 2-core AVX2 machine, bf16 layers, median of 9, on x / folded ms:
-    576² at 2048 tokens 22.6 / 15.6, 1536 × 576 56.6 / 36.7, 2048² (a tie) 199.7 / 172.8; at 512 tokens,
-    where the rule keeps them on x, 576² 5.4 / 5.0, 1536 × 576 15.1 / 16.2, 2048² 46.8 / 70.3."""
+    576² at 2048 tokens 19.3 / 14.1, 1536 × 576 41.5 / 30.0, 2048² (a tie) 202.5 / 169.3; at 512 tokens,
+    where the rule keeps them on x, 576² 5.0 / 4.6, 1536 × 576 9.7 / 9.6, 2048² 39.0 / 56.4."""
     return d_out * d_in * (a + b) <= tokens * (d_in * b + d_out * a)
 
 
@@ -411,7 +413,8 @@ def _cpu_gemm(x2, A, values, idx, B, bias):
     """"cpu_gemm": S unpacked a tile (CPU_TILE_BYTES, whole blocks of A' rows) at a time into one buffer and
     multiplied by torch's GEMM, in cpu_gemm_dtype, rounded to x's dtype once at the end; the dense S is never
     whole. The wrappers either go on the activations, in transposed form (tokens along the rows, so every
-    block is a contiguous slab: xbᵀ = B'·xᵀ block by block, then tile·xbᵀ, then A' block by block), or, where
+    block is a contiguous slab: xbᵀ = B'·xᵀ, then tile·xbᵀ, then A', each wrapper one batched matmul over its
+    blocks: the same bits as a matmul per block, 2-22 % faster in a paired run on the shapes of bench_linear), or, where
     that multiplies more (cpu_gemm_folds: small layers, long inputs), into the tile: A'·S·B' by blocks while
     the tile is in cache, then x·tileᵀ."""
     tokens, d_in = x2.shape
@@ -431,8 +434,8 @@ def _cpu_gemm(x2, A, values, idx, B, bias):
     else:
         yt = _workspace("yt", d_out, tokens, dt)
         xbt = x.t() if B is None else _workspace("xbt", d_in, tokens, dt)
-        for j in range(0, d_in, b) if B is not None else ():
-            torch.mm(Bd[j // b], x[:, j:j + b].t(), out=xbt[j:j + b])
+        if B is not None:  # every block of B' at once: (d_in/b, b, b) times x's column slabs as (d_in/b, b, tokens)
+            torch.bmm(Bd, x.view(tokens, d_in // b, b).permute(1, 2, 0), out=xbt.view(d_in // b, b, tokens))
         sy = None if A is None else _workspace("sy", rows, tokens, dt)
     for r0 in range(0, d_out, rows):
         n = min(rows, d_out - r0)
@@ -443,8 +446,7 @@ def _cpu_gemm(x2, A, values, idx, B, bias):
             torch.bmm(tile[:n].view(n, nb, b).transpose(0, 1), Bd, out=sbm)
             tile[:n].view(n, nb, b).copy_(sbm.transpose(0, 1))
             w = sb[:n]
-            for i in range(0, n, a):
-                torch.mm(Ad[(r0 + i) // a], tile[i:i + a], out=w[i:i + a])
+            torch.bmm(Ad[r0 // a:(r0 + n) // a], tile[:n].view(n // a, a, d_in), out=w.view(n // a, a, d_in))
             out = _workspace("part", tokens, n, dt)
             torch.mm(x, w.t(), out=out)
             if bias is not None:
@@ -454,8 +456,8 @@ def _cpu_gemm(x2, A, values, idx, B, bias):
             torch.mm(tile[:n], xbt, out=yt[r0:r0 + n])
         else:
             torch.mm(tile[:n], xbt, out=sy[:n])
-            for i in range(0, n, a):
-                torch.mm(Ad[(r0 + i) // a], sy[i:i + a], out=yt[r0 + i:r0 + i + a])
+            k = n // a
+            torch.bmm(Ad[r0 // a:r0 // a + k], sy[:n].view(k, a, tokens), out=yt[r0:r0 + n].view(k, a, tokens))
     if fold:
         return y
     if bias is not None:

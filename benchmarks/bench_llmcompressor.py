@@ -13,12 +13,16 @@ seed 0), in their order (shuffle_calibration_samples=False) and in batches of 8 
   llmc-wanda      WandaPruningModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])
   llmc-armor      ArmorModifier() (the library's defaults, b = 128), saved with save_armor and evaluated
                   from the directory `from_pretrained` loads
+  llmc-quality    ArmorModifier(config="quality"): the recommended configuration (model-wide budget,
+                  block-wise reconstruction) through the package's pipeline at oneshot's initialisation;
+                  saved and evaluated as llmc-armor
   dense           the unpruned model, evaluated here: the control for this environment's transformers
 Each model is evaluated with the package's evaluator (pipeline.evaluate.perplexity) on both texts of
 bench_frontier.py (the first 20 000 tokens of Pride and Prejudice; the Python Language Reference). The
-package's own rows (sparsegpt, wanda, armor-b128, dense) are read from bench_frontier.py's CSV, whose runs
-used the same calibration tokens (`prune --method M`, sequential protocol, float32). A row's result is
-kept in the runs directory and reused.
+package's own rows (sparsegpt, wanda, armor-b128, quality, dense) are read from bench_frontier.py's CSV, whose
+runs used the same calibration tokens (`prune`, sequential protocol, float32). A row's result is kept in the
+runs directory and reused; the rows not named by --rows are kept from the CSV this script wrote before (their
+`environment` column says what measured them), and every comparison column is computed again.
 """
 from __future__ import annotations
 
@@ -42,19 +46,25 @@ from armor_kernels.pipeline.sizes import checkpoint_sizes, dense_bf16_linear_byt
 from armor_kernels.pipeline.source import model_source
 from armor_kernels.sparse24 import violations_24
 
-ROWS = ("dense", "llmc-sparsegpt", "llmc-wanda", "llmc-armor")
-PACKAGE_ROWS = {"sparsegpt": "sparsegpt", "wanda": "wanda", "armor-b128": "armor", "dense": "dense"}
+ROWS = ("dense", "llmc-sparsegpt", "llmc-wanda", "llmc-armor", "llmc-quality")
+ARMOR_ROWS = {"llmc-armor": {}, "llmc-quality": {"config": "quality"}}  # ArmorModifier's arguments
+PACKAGE_ROWS = {"sparsegpt": "sparsegpt", "wanda": "wanda", "armor-b128": "armor", "quality": "quality",
+                "dense": "dense"}  # frontier run -> the llm-compressor row it is compared with (llmc-<name>)
+NUMBERS = ("ppl_pride_and_prejudice", "ppl_python_reference", "prune_s", "linear_bytes_ratio", "linears_24",
+           "mean_loss")
 FRONTIER_CSV = RESULTS / "frontier_smollm2_cpu.csv"
 PEER_KW = dict(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])
 ONESHOT_KW = dict(batch_size=8, shuffle_calibration_samples=False)
+PACKAGE = "armor-kernels `prune` (frontier CSV)"
 
 
 def recipe(name: str):
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from armor_kernels.integrations.llmcompressor import ArmorModifier
-    return {"llmc-sparsegpt": lambda: SparseGPTModifier(**PEER_KW),
-            "llmc-wanda": lambda: WandaPruningModifier(**PEER_KW), "llmc-armor": lambda: ArmorModifier()}[name]()
+    if name in ARMOR_ROWS:
+        return ArmorModifier(**ARMOR_ROWS[name])
+    return {"llmc-sparsegpt": SparseGPTModifier, "llmc-wanda": WandaPruningModifier}[name](**PEER_KW)
 
 
 def check_24(model) -> int:
@@ -71,7 +81,8 @@ def check_24(model) -> int:
     return n
 
 
-def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_dir: Path) -> dict:
+def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_dir: Path,
+            bytes_24: float) -> dict:
     cache = runs_dir / f"{name}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -88,7 +99,7 @@ def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_d
         model = oneshot(model=str(model_dir), dataset=dataset, recipe=modifier,
                         num_calibration_samples=len(calib), **ONESHOT_KW)
         prune_s = time.perf_counter() - t0
-        if name == "llmc-armor":
+        if name in ARMOR_ROWS:
             from armor_kernels.integrations.llmcompressor import save_armor
             out = runs_dir / name
             shutil.rmtree(out, ignore_errors=True)
@@ -98,7 +109,7 @@ def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_d
             model = load_pruned_model(out)[0]  # evaluated as loaded, not as left in memory
             row["mean_loss"] = round(sum(r["loss"] for r in modifier._reports.values()) / len(modifier._reports), 6)
         else:
-            row["linear_bytes_ratio"] = 0.5628  # packed by `convert` (bench_frontier's 2:4 rows)
+            row["linear_bytes_ratio"] = bytes_24  # packed by `convert`: the bytes of bench_frontier's 2:4 rows
         row["linears_24"] = check_24(model)
     model.eval()
     row["prune_s"] = round(prune_s, 1)
@@ -114,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--runs-dir", type=Path, default=Path("runs/llmcompressor"))
     p.add_argument("--md-out", type=Path, default=RESULTS / "llmcompressor_smollm2_cpu.md")
+    p.add_argument("--timing", default="", help="what else ran on the cores meanwhile (the measured rows' `timing` "
+                   "column: prune_s is a wall time, a speed measurement only on an otherwise idle machine)")
     args = p.parse_args(argv)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     src = model_source(None)
@@ -126,22 +139,27 @@ def main(argv=None) -> int:
     import transformers
     env = (f"llmcompressor {llmcompressor.__version__}, transformers {transformers.__version__}, "
            f"torch {torch.__version__}")
-    rows = []
-    for name in args.rows:
-        row = run_row(name, src.path, splits.calibration, texts, args.runs_dir)
-        rows.append({"implementation": "llm-compressor" if name.startswith("llmc-") else "this environment", **row,
-                     "environment": env})
-        print(rows[-1], flush=True)
     with open(FRONTIER_CSV) as f:
         frontier = {r["run"]: r for r in csv.DictReader(f)}
+    measured = {}
+    for name in args.rows:
+        row = run_row(name, src.path, splits.calibration, texts, args.runs_dir,
+                      float(frontier["sparsegpt"]["linear_bytes_ratio"]))
+        measured[name] = {"implementation": "llm-compressor" if name.startswith("llmc-") else "this environment",
+                          **row, "environment": env, "timing": args.timing}
+        print(measured[name], flush=True)
+    kept = {}
+    if args.out.exists():  # the rows not measured this time, as the last run measured them
+        with open(args.out) as f:
+            kept = {r["row"]: {k: float(v) if k in NUMBERS and v else v for k, v in r.items() if v != ""}
+                    for r in csv.DictReader(f) if r["row"] in ROWS and r["implementation"] != PACKAGE}
+    rows = [measured.get(name) or kept[name] for name in ROWS if name in measured or name in kept]
     for run in PACKAGE_ROWS:
         r = frontier[run]
-        rows.append({"implementation": "armor-kernels `prune` (frontier CSV)", "row": run,
-                     "linear_bytes_ratio": float(r["linear_bytes_ratio"]), "prune_s": float(r["prune_s"]),
-                     "ppl_pride_and_prejudice": float(r["ppl_pride_and_prejudice"]),
-                     "ppl_python_reference": float(r["ppl_python_reference"]),
-                     "environment": "transformers 5.24.0, torch 2.13.0 (bench_frontier.py)"})
-    own = {PACKAGE_ROWS[r["row"]]: r for r in rows if r["row"] in PACKAGE_ROWS}
+        rows.append({"implementation": PACKAGE, "row": run, "environment": "bench_frontier.py (its CSV)",
+                     **{k: float(r[k]) for k in ("linear_bytes_ratio", "prune_s", "ppl_pride_and_prejudice",
+                                                 "ppl_python_reference")}})
+    own = {PACKAGE_ROWS[r["row"]]: r for r in rows if r["implementation"] == PACKAGE}
     for r in rows:
         peer = own.get(r["row"].removeprefix("llmc-"))
         if peer is not None and peer is not r:
