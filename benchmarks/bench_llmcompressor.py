@@ -67,6 +67,10 @@ def recipe(name: str):
     return {"llmc-sparsegpt": SparseGPTModifier, "llmc-wanda": WandaPruningModifier}[name](**PEER_KW)
 
 
+def number(text: str) -> int | float:
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
 def check_24(model) -> int:
     """How many decoder-block linears the model holds, after checking each is exactly 2:4 along d_in: the
     weight of an nn.Linear (a peer's), the S of an ArmorLinear (W = A'·S·B' is dense)."""
@@ -81,8 +85,7 @@ def check_24(model) -> int:
     return n
 
 
-def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_dir: Path,
-            bytes_24: float) -> dict:
+def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_dir: Path) -> dict:
     cache = runs_dir / f"{name}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -108,8 +111,6 @@ def run_row(name: str, model_dir: Path, calib: torch.Tensor, texts: dict, runs_d
             row["linear_bytes_ratio"] = round(sizes["linear_bytes"] / dense_bf16_linear_bytes(model), 4)
             model = load_pruned_model(out)[0]  # evaluated as loaded, not as left in memory
             row["mean_loss"] = round(sum(r["loss"] for r in modifier._reports.values()) / len(modifier._reports), 6)
-        else:
-            row["linear_bytes_ratio"] = bytes_24  # packed by `convert`: the bytes of bench_frontier's 2:4 rows
         row["linears_24"] = check_24(model)
     model.eval()
     row["prune_s"] = round(prune_s, 1)
@@ -143,17 +144,19 @@ def main(argv=None) -> int:
         frontier = {r["run"]: r for r in csv.DictReader(f)}
     measured = {}
     for name in args.rows:
-        row = run_row(name, src.path, splits.calibration, texts, args.runs_dir,
-                      float(frontier["sparsegpt"]["linear_bytes_ratio"]))
+        row = run_row(name, src.path, splits.calibration, texts, args.runs_dir)
         measured[name] = {"implementation": "llm-compressor" if name.startswith("llmc-") else "this environment",
                           **row, "environment": env, "timing": args.timing}
         print(measured[name], flush=True)
     kept = {}
     if args.out.exists():  # the rows not measured this time, as the last run measured them
         with open(args.out) as f:
-            kept = {r["row"]: {k: float(v) if k in NUMBERS and v else v for k, v in r.items() if v != ""}
+            kept = {r["row"]: {k: number(v) if k in NUMBERS else v for k, v in r.items() if v != ""}
                     for r in csv.DictReader(f) if r["row"] in ROWS and r["implementation"] != PACKAGE}
     rows = [measured.get(name) or kept[name] for name in ROWS if name in measured or name in kept]
+    for r in rows:  # llm-compressor saves 2:4 dense; packed by `convert` they take the bytes of `prune`'s 2:4 rows
+        if r["row"] in ("llmc-sparsegpt", "llmc-wanda"):
+            r["linear_bytes_ratio"] = float(frontier["sparsegpt"]["linear_bytes_ratio"])
     for run in PACKAGE_ROWS:
         r = frontier[run]
         rows.append({"implementation": PACKAGE, "row": run, "environment": "bench_frontier.py (its CSV)",
