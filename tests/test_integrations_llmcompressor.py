@@ -18,7 +18,7 @@ pytestmark = pytest.mark.llmcompressor
 
 BLOCK, ITERS = 16, 5          # small blocks and few iterations: the tiny model prunes in about a second
 N_SAMPLES, SEQ_LEN = 16, 48
-ONESHOT_KW = dict(batch_size=8, shuffle_calibration_samples=False, num_calibration_samples=N_SAMPLES)
+ONESHOT_KW = dict(batch_size=8, shuffle_calibration_samples=False)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def dataset(calib):
 
 def run_oneshot(model_dir, calib, recipe, **kw):
     from llmcompressor import oneshot
-    return oneshot(model=str(model_dir), dataset=dataset(calib), recipe=recipe, **ONESHOT_KW, **kw)
+    return oneshot(model=str(model_dir), dataset=dataset(calib), recipe=recipe, num_calibration_samples=len(calib),
+                   **ONESHOT_KW, **kw)
 
 
 def test_fields_are_armor_options_with_the_library_defaults(integ):
@@ -232,8 +233,10 @@ def test_same_factors_as_the_cli(integ, model_dir, text_and_calib, tmp_path, pro
 def test_a_config_prunes_with_the_package_pipeline_bit_for_bit(integ, model_dir, text_and_calib, tmp_path):
     """`config` (budget and reconstruction included) runs the pipeline `armor_kernels.prune` runs, on oneshot's
     calibration windows: the same stored tensors, the model left holding their loaded products, and a saved
-    directory that loads to the in-memory logits and records the configuration as a `prune` run does."""
-    from transformers import AutoModelForCausalLM
+    directory that loads to the in-memory logits and records the configuration as a `prune` run does. 32
+    windows, as `prune` takes by default: oneshot's loader yields so many of one length permuted
+    (integrations.llmcompressor.dataset_order), and the modifier puts them back in the dataset's order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import armor_kernels
     import armor_kernels.integrations.hf  # noqa: F401  (registers "armor")
@@ -241,10 +244,13 @@ def test_a_config_prunes_with_the_package_pipeline_bit_for_bit(integ, model_dir,
     from armor_kernels.optim import ArmorOptions
     from armor_kernels.pipeline.budget import BudgetOptions
     from armor_kernels.pipeline.config import PruneConfig, run_config
+    from armor_kernels.pipeline.data import token_splits
     from armor_kernels.pipeline.reconstruct import ReconOptions
     config = PruneConfig(options=ArmorOptions(block_size=BLOCK, iters=2), budget=BudgetOptions(0.3, probe_iters=1),
                          recon=ReconOptions(steps=2, batch=2, holdout=1, check=1))
-    calib = text_and_calib[1]
+    path = text_and_calib[0]
+    calib = token_splits(AutoTokenizer.from_pretrained(model_dir), path, n_samples=32, seq_len=SEQ_LEN,
+                         eval_tokens=200).calibration
     modifier = integ.ArmorModifier(config=config)
     model = run_oneshot(model_dir, calib, modifier)
     ref = armor_kernels.prune(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), calib, config)

@@ -35,7 +35,8 @@ Names: ArmorOptions' own, but its `start` (the factors the descent starts from) 
 every llm-compressor modifier has a `start` already, the step at which its lifecycle starts.
 
 Against `python -m armor_kernels prune`, on the same calibration windows in the same batches and order
-(oneshot's `batch_size=8, shuffle_calibration_samples=False`): the inputs of the first block's linears
+(oneshot's `batch_size=8, shuffle_calibration_samples=False`, and at most 16 windows: oneshot visits more of
+one length permuted, `dataset_order`, which the per-block path cannot undo): the inputs of the first block's linears
 before its attention (q, k, v) are the same sums bit for bit, and so are their factors. Everything after
 the first attention differs in float32 rounding: llm-compressor traces the model and hands each block the
 causal mask as an explicit float tensor, so SDPA runs its masked kernel, where `prune` passes no mask (SDPA's
@@ -91,6 +92,19 @@ OPTION_FIELDS = {RENAMED.get(f.name, f.name): f.name for f in fields(ArmorOption
 # what a user sets besides ArmorOptions' fields (the rest of the base classes' fields are llm-compressor's
 # bookkeeping or refused values of sparsity settings)
 SELECTION_FIELDS = ("targets", "ignore", "sparsity", "mask_structure")
+
+
+def dataset_order(windows: torch.Tensor, sampler) -> torch.Tensor:
+    """Windows of one length, as oneshot's loader yielded them, back in its dataset's order where its sampler
+    meant no other. Without shuffling, llm-compressor's LengthAwareSampler visits rows by descending length
+    with torch's unstable argsort, which permutes rows of equal length (32 windows arrive as rows 16, 31, 30,
+    …, 17, 0, 15, …, 1; 16 or fewer keep their order): order decides which windows reconstruction holds
+    back (the last ones) and the rounding of every sum, so the same windows would give another model than
+    `prune`'s. A shuffling sampler's order is kept."""
+    order = getattr(sampler, "order", None)
+    if type(sampler).__name__ != "LengthAwareSampler" or order is None:
+        return windows
+    return windows[torch.as_tensor(list(order)[:len(windows)]).argsort()]
 
 
 class _ArmorModifier(SparsityModifierBase):
@@ -200,7 +214,7 @@ class _ArmorModifier(SparsityModifierBase):
 
         if calib is None:
             raise InputError("config: ArmorModifier calibrates on oneshot's dataset; oneshot was given none")
-        self._calib = calibration_tokens(calib)
+        self._calib = dataset_order(calibration_tokens(calib), getattr(calib, "sampler", None))
         dtype = next(model.parameters()).dtype
         report = prune_model(model, None, self._calib, self.config, None)["layers"]
         for i, block in enumerate(decoder_layers(model)):
