@@ -20,8 +20,8 @@ first path of PATHS that applies and returns its name:
   packed form, one F.linear per call: dense prefill speed at the dense model's memory and more;
 - "semi_structured": other CUDA GPUs with 2:4 tensor cores (sm_80 and later, bf16/fp16): S on torch's
   semi-structured sparse matmul, B' and A' as block matmuls (semi_structured.py);
-- "cpu_packed": the CPU with the C++ extension: the op's packed CPU kernels ("cpu_decode" for few
-  tokens, "cpu_gemm" for many; ops.py);
+- "cpu_packed": the CPU with the C++ extension: the op's packed CPU kernels ("cpu_sparse", or "cpu_gemm"
+  where it multiplies less; ops.py);
 - "reference": the PyTorch reference, from the packed form.
 Nothing but the packed form is kept by default: the layer holds its stored bytes plus, for "fused" and
 "semi_structured", S once more in the device's compressed layout. The operands prepare builds are

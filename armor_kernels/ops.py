@@ -18,12 +18,14 @@ On CUDA, where the kernels of csrc/ apply (sm_90, bf16/fp16, operands in the ker
 writes (blocks 4…128, ragged sizes) reaches them through `fused_operands`, which builds the exactly
 equivalent padded, block-expanded operands (layout.py says how and what it costs). `linear_path` is the
 one rule:
-- "cpu_decode": on the CPU, up to CPU_DECODE_MAX_TOKENS tokens with S packed: S's kept values and 2-bit
-  positions streamed once (per 4 tokens) from memory, each value's input picked by vector permutes, B'
-  before and A' + bias after, float32 accumulation;
-- "cpu_gemm": on the CPU, more tokens with S packed: S unpacked a tile of rows at a time into one
-  buffer and multiplied by torch's own GEMM (the dense S is never whole in memory), B' and A' as batched
-  block matmuls;
+- "cpu_sparse": on the CPU with S packed, any token count: S's kept values and 2-bit positions read
+  straight from the packed form, half the dense multiplications, float32 accumulation, B' before and
+  A' + bias after. Up to 15 tokens it streams S once per 4 tokens and picks each value's input by vector
+  permutes; from 16 on it turns the activations around so that each kept value multiplies 8 tokens per
+  instruction (csrc/cpu/packed_linear.cpp);
+- "cpu_gemm": on the CPU with S packed, where it multiplies less (`cpu_gemm_folds`: small layers, long
+  inputs): S unpacked a tile of rows at a time into one buffer, the wrappers folded into the tile, and
+  multiplied by torch's own GEMM (the dense S is never whole in memory);
 - "decode": CUDA, up to DECODE_MAX_TOKENS (16) tokens with S packed (S_idx given): the decode kernels,
   which stream the portable packed S once, split along K over the SMs, with B' before and A' + bias
   folded into the reduction;
@@ -58,7 +60,7 @@ from .kernels.tile_sweep import cpu_ext
 from .layout import KERNEL_BLOCK, MAX_DIM, FusedOperands, layer_layout, pad_core
 from .sparse24 import check_24, pack_24, unpack_24
 
-BACKENDS = ("auto", "cpu_decode", "cpu_gemm", "decode", "sparse_gemm", "reference")
+BACKENDS = ("auto", "cpu_sparse", "cpu_gemm", "decode", "sparse_gemm", "reference")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels take (csrc/armor_cuda.h), known without them
 
@@ -74,10 +76,6 @@ if _native is not None:  # csrc/armor_cuda.h's constants, as the binding exports
 else:
     DECODE_MAX_TOKENS, _FUSED_DTYPES = 0, {}
 
-# The CPU crossover from the streamed kernel to tiles on torch's GEMM: at 16 tokens the streamed kernel
-# is faster on all six shapes of benchmarks/results/bench_linear_cpu.csv (1.2-2x), at 32 the tiles are
-# faster or even on five of them (`python benchmarks/bench_linear.py --device cpu`, rows *_decode, *_gemm).
-CPU_DECODE_MAX_TOKENS = 16
 # Dense tile of S per GEMM in "cpu_gemm": large enough for torch's GEMM to run near full speed. 2-core AVX2
 # machine, bf16 layer, wrappers on the activations, median of 5, time / dense float32 F.linear, tiles of
 # 4 / 8 / 16 / 32 MiB: 4096 x 4096 at 512 tokens 1.22 / 1.13 / 1.11 / 1.12, at 2048 1.44 / 1.24 / 1.16 / 1.15;
@@ -246,7 +244,7 @@ def cpu_unavailable_reason(device: torch.device | str = "cpu") -> Optional[str]:
 def linear_path(x: torch.Tensor | int, A: Optional[torch.Tensor], S: torch.Tensor, B: Optional[torch.Tensor], *,
                 S_idx: Optional[torch.Tensor] = None, sm90: Optional[Sm90Packed] = None,
                 backend: str = "auto") -> str:
-    """Which implementation `linear` runs for these arguments: "cpu_decode", "cpu_gemm", "decode",
+    """Which implementation `linear` runs for these arguments: "cpu_sparse", "cpu_gemm", "decode",
     "sparse_gemm" or "reference".
 
     x: the input, or its token count (the product of its leading dimensions); the other arguments as
@@ -267,10 +265,10 @@ def linear_path(x: torch.Tensor | int, A: Optional[torch.Tensor], S: torch.Tenso
         fused = fused_unavailable_reason(S.device, S.dtype) or _operands_reason(d_out, d_in, A.shape[1], B.shape[1])
     if fused is None and tokens < 1:
         fused = "x has no tokens"
-    # the streamed kernel is correct at any token count; "auto" hands it only the counts where it is faster
-    too_many = f"{tokens} tokens, more than CPU_DECODE_MAX_TOKENS = {CPU_DECODE_MAX_TOKENS}"
+    # both CPU paths are correct at any token count; "auto" takes the tiles only where they multiply less
+    tiled = backend == "auto" and _cpu_path(tokens, d_out, d_in, A, B) == "cpu_gemm"
     why_not = {
-        "cpu_decode": cpu or (too_many if backend == "auto" and tokens > CPU_DECODE_MAX_TOKENS else None),
+        "cpu_sparse": cpu or (f"{tokens} tokens: the tiles multiply less (cpu_gemm_folds)" if tiled else None),
         "cpu_gemm": cpu,
         "decode": fused or ("S is not packed (pass S_idx)" if S_idx is None else
                             f"{tokens} tokens, the decode kernels take at most {DECODE_MAX_TOKENS}"
@@ -353,25 +351,27 @@ def _linear_cpu(x, A, S, B, bias, S_idx, sm90_values, sm90_meta, backend="auto",
 
 def cpu_packed_linear(x: torch.Tensor, A: Optional[torch.Tensor], S_values: torch.Tensor, S_idx: torch.Tensor,
                       B: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                      path: Optional[str] = None) -> torch.Tensor:
+                      path: Optional[str] = None, lanes_from: int = 0) -> torch.Tensor:
     """`linear` on the packed CPU kernels without the op's dispatch and argument checks, for a layer whose
     tensors were checked when it was built (nn.py's eager forward: a torch op call costs ~0.1 ms here, a
-    decode step of a 576-wide layer not much more). path: "cpu_decode" or "cpu_gemm"; None: by token count
-    as `linear_path` decides. Operands on the CPU, in x's dtype (made contiguous: the kernels read raw memory)."""
+    decode step of a 576-wide layer not much more). path: "cpu_sparse" or "cpu_gemm"; None: by shape
+    as `linear_path` decides. Operands on the CPU, in x's dtype (made contiguous: the kernels read raw memory).
+    lanes_from: the token count from which "cpu_sparse" holds the tokens along the vector lanes (0: the
+    kernel's own, 16; benchmarks force either layout with it)."""
     if path is None:
-        path = "cpu_decode" if x.numel() // x.shape[-1] <= CPU_DECODE_MAX_TOKENS else "cpu_gemm"
+        path = _cpu_path(x.numel() // x.shape[-1], S_values.shape[0], x.shape[-1], A, B)
     S = S_values
     A, S, S_idx, B, bias = (None if t is None else t.contiguous() for t in (A, S, S_idx, B, bias))
     d_out, d_in = S.shape[0], x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
     x2 = x.reshape(tokens, d_in).contiguous()
     LAUNCHES[path] += 1
-    if path == "cpu_decode":
+    if path == "cpu_sparse":
         y = x2.new_empty(tokens, d_out)
         ptr = lambda t: 0 if t is None else t.data_ptr()
         cpu_ext.packed_linear(x2.data_ptr(), S.data_ptr(), S_idx.data_ptr(), ptr(A), ptr(B), ptr(bias), y.data_ptr(),
                               tokens, d_in, d_out, 0 if A is None else A.shape[1], 0 if B is None else B.shape[1],
-                              _CPU_DTYPES[x.dtype], torch.get_num_threads())
+                              _CPU_DTYPES[x.dtype], torch.get_num_threads(), lanes_from=lanes_from)
     else:
         y = _cpu_gemm(x2, A, S, S_idx, B, bias)
     return y.reshape(*x.shape[:-1], d_out)
@@ -407,6 +407,14 @@ def cpu_gemm_folds(tokens: int, d_out: int, d_in: int, a: int, b: int) -> bool:
     576² at 2048 tokens 19.3 / 14.1, 1536 × 576 41.5 / 30.0, 2048² (a tie) 202.5 / 169.3; at 512 tokens,
     where the rule keeps them on x, 576² 5.0 / 4.6, 1536 × 576 9.7 / 9.6, 2048² 39.0 / 56.4."""
     return d_out * d_in * (a + b) <= tokens * (d_in * b + d_out * a)
+
+
+def _cpu_path(tokens: int, d_out: int, d_in: int, A: Optional[torch.Tensor], B: Optional[torch.Tensor]) -> str:
+    """The CPU's one rule: "cpu_gemm" where it folds the wrappers (cpu_gemm_folds), else "cpu_sparse", which
+    does half the multiplications of a dense layer. Measured (benchmarks/bench_linear.py --device cpu): the
+    sparse kernel is faster than the tiles on every shape and token count except where the tiles fold."""
+    folds = A is not None and B is not None and cpu_gemm_folds(tokens, d_out, d_in, A.shape[1], B.shape[1])
+    return "cpu_gemm" if folds else "cpu_sparse"
 
 
 def _cpu_gemm(x2, A, values, idx, B, bias):

@@ -186,8 +186,9 @@ def cpu_layer_bytes(layer) -> int:
 
 
 def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> list[dict]:
-    """One shape's rows at every token count: ARMOR at b = 128 and b = 16 (the op's own choice, and each
-    CPU kernel forced, which is what CPU_DECODE_MAX_TOKENS rests on), plain 2:4 (Sparse24Linear's call),
+    """One shape's rows at every token count: ARMOR at b = 128 and b = 16 (the op's own choice, each CPU
+    kernel forced, and up to 64 tokens the sparse kernel's other layout: *_lanes below 16 tokens, *_permutes
+    from 16), plain 2:4 (Sparse24Linear's call),
     each as a prepared layer runs it in eager mode (ops.cpu_packed_linear), the reference (through the
     op), dense F.linear in bf16 and in float32. Weights are cycled over enough copies to exceed
     the last-level cache: time = median over reps of (one pass over the copies) / copies."""
@@ -209,7 +210,7 @@ def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> li
             nbytes = cpu_layer_bytes(layers[0])
             A, values, idx, B, b = layers[0]
             want = ops.reference(*f32(x16, A, unpack_24(values, idx), B, b))  # each kernel checked before timing
-            for backend in ("auto", "cpu_decode", "cpu_gemm"):
+            for backend in ("auto", "cpu_sparse", "cpu_gemm"):
                 label = name if backend == "auto" else f"{name}_{backend.removeprefix('cpu_')}"
                 if backend != "auto" and name == "armor_b16":
                     continue  # the crossover is read off b = 128 and plain 2:4
@@ -217,6 +218,12 @@ def measure_cpu(d_out: int, d_in: int, args, info: dict, bandwidth: float) -> li
                 # the kernels as a prepared layer's eager forward calls them (without the op's dispatch)
                 fns[label] = (lambda k, L=layers, p=path: ops.cpu_packed_linear(x16, L[k][0], L[k][1], L[k][2], L[k][3],
                                                                                 L[k][4], path=p), nbytes, path)
+                check(label, fns[label][0](0), want, f"{d_out}x{d_in} T={T}")
+            if name != "armor_b16" and T <= 64:  # the sparse kernel's other layout: what LANES_MIN_TOKENS rests on
+                label, lanes_from = (f"{name}_lanes", 1) if T < 16 else (f"{name}_permutes", 1 << 30)
+                fns[label] = (lambda k, L=layers, n=lanes_from: ops.cpu_packed_linear(
+                    x16, L[k][0], L[k][1], L[k][2], L[k][3], L[k][4], path="cpu_sparse", lanes_from=n),
+                    nbytes, "cpu_sparse")
                 check(label, fns[label][0](0), want, f"{d_out}x{d_in} T={T}")
         ref = packed["armor_b128"]
         fns["reference_b128"] = (lambda k: ops.linear(x16, ref[k][0], ref[k][1], ref[k][3], ref[k][4], S_idx=ref[k][2],

@@ -35,7 +35,8 @@ PYBIND11_MODULE(_armor_cpu, m) {
         "packed_linear",
         [](std::uintptr_t x, std::uintptr_t values, std::uintptr_t idx, std::uintptr_t A, std::uintptr_t B,
            std::uintptr_t bias, std::uintptr_t y, std::int64_t tokens, std::int64_t d_in, std::int64_t d_out,
-           std::int64_t block_A, std::int64_t block_B, int dtype, int num_threads, bool portable) {
+           std::int64_t block_A, std::int64_t block_B, int dtype, int num_threads, bool portable,
+           std::int64_t lanes_from) {
             armor_cpu::PackedLinearArgs a;
             a.x = as_ptr<const void>(x);
             a.values = as_ptr<const void>(values);
@@ -48,14 +49,16 @@ PYBIND11_MODULE(_armor_cpu, m) {
             a.dtype = static_cast<armor_cpu::Dtype>(dtype);
             a.num_threads = num_threads;
             a.portable = portable;
+            a.lanes_from = lanes_from;
             armor_cpu::packed_linear(a);
         },
         py::arg("x"), py::arg("values"), py::arg("idx"), py::arg("A"), py::arg("B"), py::arg("bias"), py::arg("y"),
         py::arg("tokens"), py::arg("d_in"), py::arg("d_out"), py::arg("block_A"), py::arg("block_B"),
-        py::arg("dtype"), py::arg("num_threads") = 0, py::arg("portable") = false,
+        py::arg("dtype"), py::arg("num_threads") = 0, py::arg("portable") = false, py::arg("lanes_from") = 0,
         py::call_guard<py::gil_scoped_release>(),
         "y = ((x B'^T) S^T) A'^T + bias from S's kept values and 2-bit positions (csrc/cpu/packed_linear.h).\n"
-        "dtype: 0 float32, 1 bfloat16, 2 float16. A, B, bias: 0 when absent.");
+        "dtype: 0 float32, 1 bfloat16, 2 float16. A, B, bias: 0 when absent. lanes_from: the token count from\n"
+        "which the tokens are held along the vector lanes (0: the kernel's own, 16).");
     m.def(
         "unpack_rows",
         [](std::uintptr_t values, std::uintptr_t idx, std::int64_t row0, std::int64_t rows, std::int64_t d_in,

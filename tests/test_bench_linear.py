@@ -21,7 +21,8 @@ def test_the_cpu_rows_are_checked_then_written(tmp_path, monkeypatch):
     assert bench_linear.main([*ARGV, "--out", str(tmp_path / "b.csv")]) == 0
     with open(tmp_path / "b.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} >= {"armor_b128", "armor_b128_decode", "armor_b128_gemm", "sparse24",
+    assert {r["method"] for r in rows} >= {"armor_b128", "armor_b128_sparse", "armor_b128_gemm", "sparse24",
+                                           "armor_b128_lanes", "armor_b128_permutes", "sparse24_lanes",
                                            "dense_bf16", "dense_fp32", "reference_b128"}
     assert {int(r["tokens"]) for r in rows} == {1, 20}
 

@@ -236,8 +236,9 @@ def test_linear_path_rule(monkeypatch):
     sm90 = sm90_buffers(256, 256)
     x = torch.randn(5, 256).to(torch.bfloat16)
     cpu = ops.cpu_unavailable_reason() is None
-    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == ("cpu_decode" if cpu else "reference")
-    many = ops.CPU_DECODE_MAX_TOKENS + 1
+    assert ops.linear_path(x, A, values, B, S_idx=idx, sm90=sm90) == ("cpu_sparse" if cpu else "reference")
+    many = 4096  # where the tiles fold the wrappers into S
+    assert ops.cpu_gemm_folds(many, 256, 256, 128, 128)
     assert ops.linear_path(many, A, values, B, S_idx=idx) == ("cpu_gemm" if cpu else "reference")
     assert ops.linear_path(x, A, S, B) == "reference"  # dense S: no packed kernel reads it
     assert ops.linear_path(5, A, S, B, backend="reference") == "reference"

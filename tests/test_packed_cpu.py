@@ -1,7 +1,7 @@
 """The packed CPU kernels of torch.ops.armor.linear (csrc/cpu/packed_linear.cpp) against exact math.
 
 Every test proves the kernel it claims ran (ops.LAUNCHES) and bounds the error against float64 math on
-the same stored values: the streamed kernel accumulates in float32 and rounds once, so it is within
+the same stored values: the sparse kernel accumulates in float32 and rounds once, so it is within
 half an ulp of the storage dtype plus float32 accumulation error; the tiled GEMM rounds like the
 reference in the dtype it multiplies in (ops.cpu_gemm_dtype). A skip here is a failure in CI, where the
 extension is always built (ARMOR_REQUIRE_CPU_EXT=1, set by .ci/run).
@@ -73,11 +73,38 @@ def run(backend, x, A, S, B, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
-@pytest.mark.parametrize("tokens", [1, 3, 17])
-def test_streamed_kernel_rounds_once(dtype, shape, tokens):
+@pytest.mark.parametrize("tokens", [1, 3, 15, 16, 17, 130])  # both layouts; 130: chunks of 64, 64 and 2
+def test_sparse_kernel_rounds_once(dtype, shape, tokens):
     A, S, B, bias = layer(*shape, dtype)
     x = torch.randn(tokens, shape[1]).to(dtype)
-    check(run("cpu_decode", x, A, S, B, bias), x, A, S, B, bias, torch.float32, 8)
+    check(run("cpu_sparse", x, A, S, B, bias), x, A, S, B, bias, torch.float32, 8)
+
+
+def binding(x, A, S, B, bias, **kw):
+    """y through the binding itself, where the tests choose the kernel's layout (lanes_from) or its code."""
+    values, idx = pack_24(S)
+    (tokens, d_in), d_out = x.shape, S.shape[0]
+    y = torch.empty(tokens, d_out, dtype=x.dtype)
+    ptr = lambda t: 0 if t is None else t.data_ptr()
+    cpu_ext.packed_linear(x.data_ptr(), values.data_ptr(), idx.data_ptr(), ptr(A), ptr(B), ptr(bias), y.data_ptr(),
+                          tokens, d_in, d_out, 0 if A is None else A.shape[1], 0 if B is None else B.shape[1],
+                          {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype], 2, **kw)
+    return y
+
+
+@pytest.mark.skipif(cpu_ext.packed_isa() != "avx2", reason="the lanes layout is AVX2 code")
+@pytest.mark.parametrize("tokens", [1, 9, 64, 65])
+@pytest.mark.parametrize("wrappers", [True, False], ids=["ARMOR", "plain 2:4"])
+def test_both_layouts_at_any_token_count(tokens, wrappers):
+    """Each layout forced where the kernel would not pick it: both within the bound, and different code (in
+    float32 their sums, in different orders, differ in the last bits somewhere)."""
+    A, S, B, bias = layer(576, 1536, 64, 16, torch.float32)
+    A, B = (A, B) if wrappers else (None, None)
+    x = torch.randn(tokens, 1536)
+    lanes, permutes = binding(x, A, S, B, bias, lanes_from=1), binding(x, A, S, B, bias, lanes_from=1 << 30)
+    for y in (lanes, permutes):
+        check(y, x, A, S, B, bias, torch.float32, 8)
+    assert not torch.equal(lanes, permutes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
@@ -100,32 +127,31 @@ def test_the_wrappers_are_folded_where_that_multiplies_less():
     assert not ops.cpu_gemm_folds(2048, 4096, 4096, 128, 128)  # folding would cost a 4096-token input's work
 
 
-@pytest.mark.parametrize("backend", ["cpu_decode", "cpu_gemm"])
-def test_no_wrappers_non_contiguous_x_and_leading_dims(backend):
+@pytest.mark.parametrize("backend", ["cpu_sparse", "cpu_gemm"])
+@pytest.mark.parametrize("tokens", [5, 40])
+def test_no_wrappers_non_contiguous_x_and_leading_dims(backend, tokens):
     A, S, B, bias = layer(96, 72, 32, 24, torch.bfloat16)
-    x = torch.randn(2, 72, 5).to(torch.bfloat16).transpose(1, 2)  # (2, 5, 72), not contiguous
+    x = torch.randn(2, 72, tokens).to(torch.bfloat16).transpose(1, 2)  # (2, tokens, 72), not contiguous
     y = run(backend, x, None, S, None, bias)
-    assert y.shape == (2, 5, 96)
-    compute = torch.float32 if backend == "cpu_decode" else ops.cpu_gemm_dtype(torch.bfloat16)
-    check(y.reshape(10, 96), x.reshape(10, 72), None, S, None, bias, compute, 8)
+    assert y.shape == (2, tokens, 96)
+    compute = torch.float32 if backend == "cpu_sparse" else ops.cpu_gemm_dtype(torch.bfloat16)
+    check(y.reshape(2 * tokens, 96), x.reshape(2 * tokens, 72), None, S, None, bias, compute, 8)
 
 
 def test_portable_code_agrees_with_exact_math():
     """The portable fallback (what a CPU without AVX2 runs), called through the binding."""
-    for dtype, code in ((torch.float32, 0), (torch.bfloat16, 1), (torch.float16, 2)):
+    for dtype in DTYPES:
         A, S, B, bias = layer(128, 136, 4, 8, dtype)
-        values, idx = pack_24(S)
-        x = torch.randn(5, 136).to(dtype)
-        y = torch.empty(5, 128, dtype=dtype)
-        cpu_ext.packed_linear(x.data_ptr(), values.data_ptr(), idx.data_ptr(), A.data_ptr(), B.data_ptr(),
-                              bias.data_ptr(), y.data_ptr(), 5, 136, 128, 4, 8, code, 2, True)
-        check(y, x, A, S, B, bias, torch.float32, 8)
+        for tokens in (5, 20):
+            x = torch.randn(tokens, 136).to(dtype)
+            check(binding(x, A, S, B, bias, portable=True), x, A, S, B, bias, torch.float32, 8)
 
 
-@pytest.mark.parametrize("backend", ["cpu_decode", "cpu_gemm"])
-def test_result_does_not_depend_on_the_thread_count(backend):
+@pytest.mark.parametrize("backend", ["cpu_sparse", "cpu_gemm"])
+@pytest.mark.parametrize("tokens", [3, 17, 130])
+def test_result_does_not_depend_on_the_thread_count(backend, tokens):
     A, S, B, bias = layer(576, 1536, 64, 16, torch.bfloat16)
-    x = torch.randn(17, 1536).to(torch.bfloat16)
+    x = torch.randn(tokens, 1536).to(torch.bfloat16)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -137,15 +163,18 @@ def test_result_does_not_depend_on_the_thread_count(backend):
     assert torch.equal(one, many)
 
 
-def test_auto_picks_the_streamed_kernel_up_to_the_crossover():
-    A, S, B, bias = layer(64, 64, 16, 16, torch.bfloat16)
-    values, idx = pack_24(S)
-    for tokens, want in ((1, "cpu_decode"), (ops.CPU_DECODE_MAX_TOKENS, "cpu_decode"),
-                         (ops.CPU_DECODE_MAX_TOKENS + 1, "cpu_gemm")):
+def test_auto_takes_the_tiles_only_where_they_fold_the_wrappers():
+    for (d_out, d_in, b), tokens, want in (((64, 64, 16), 1, "cpu_sparse"), ((64, 64, 16), 16, "cpu_sparse"),
+                                           ((256, 256, 32), 200, "cpu_sparse"), ((64, 64, 16), 200, "cpu_gemm")):
+        assert (want == "cpu_gemm") == ops.cpu_gemm_folds(tokens, d_out, d_in, b, b)
+        A, S, B, bias = layer(d_out, d_in, b, b, torch.bfloat16)
+        values, idx = pack_24(S)
         before = dict(ops.LAUNCHES)
-        ops.linear(torch.randn(tokens, 64).to(torch.bfloat16), A, values, B, bias, S_idx=idx)
+        ops.linear(torch.randn(tokens, d_in).to(torch.bfloat16), A, values, B, bias, S_idx=idx)
         assert ops.LAUNCHES[want] == before.get(want, 0) + 1
         assert sum(ops.LAUNCHES.values()) == sum(before.values()) + 1
+    # without wrappers there is nothing to fold: the sparse kernel at any length
+    assert ops.linear_path(4096, None, values, None, S_idx=idx) == "cpu_sparse"
 
 
 def test_modules_run_the_packed_kernel_without_a_dense_copy():
@@ -155,9 +184,9 @@ def test_modules_run_the_packed_kernel_without_a_dense_copy():
     x = torch.randn(3, 72)
     for mod, (a, b) in ((armor, (A, B)), (plain, (None, None))):
         assert mod.prepare() == "cpu_packed" and mod.dense_weight is None
-        before = ops.LAUNCHES["cpu_decode"]
+        before = ops.LAUNCHES["cpu_sparse"]
         y = mod(x)
-        assert ops.LAUNCHES["cpu_decode"] == before + 1
+        assert ops.LAUNCHES["cpu_sparse"] == before + 1
         check(y, x, a, S, b, bias, torch.float32, 8)
 
 

@@ -3,12 +3,12 @@
 // Three stages, each an OpenMP loop over rows in one parallel region:
 //   1. xb = x B'ᵀ in float32 (or x itself, converted, without B'): B' is small (bB · d_in values),
 //      and applying it first lets the sparse stage read float32 inputs;
-//   2. ys = xb Sᵀ, one output row at a time: the row's kept values and 2-bit positions are streamed
-//      once per group of up to 4 tokens (from memory for the first group, from cache after), and the
-//      input each kept value multiplies is picked out of its group of 4 by an in-lane vector permute;
+//   2. ys = xb Sᵀ from S's kept values and 2-bit positions, half a dense layer's multiplications;
 //   3. y = ys A'ᵀ + bias, rounded to the storage dtype once.
-// The sparse stage is where a decode step spends its time (S is ~90 % of the layer's bytes), so it is
-// the one written with intrinsics; the wrappers' dense dot products are left to the compiler.
+// The sparse stage has two layouts. Up to LANES_MIN_TOKENS − 1 tokens (decode), one output row at a time:
+// the row is streamed once per group of up to 4 tokens, and the input each kept value multiplies is
+// picked out of its group of 4 by an in-lane vector permute. From LANES_MIN_TOKENS on, the tokens lie
+// along the vector lanes ("more tokens" below), and the wrappers are computed the same way.
 #include "packed_linear.h"
 
 #include <algorithm>
@@ -236,6 +236,183 @@ ARMOR_AVX2 void sparse_row_avx2(const void* values, const std::uint8_t* idx_row,
     }
 }
 
+// --- more tokens: the tokens along the vector lanes -------------------------------------------------
+// From LANES_MIN_TOKENS on, the AVX2 code turns the activations around: each input column holds a
+// chunk's tokens (up to CHUNK) contiguously, so a kept value multiplies 8 tokens per instruction and no
+// input is selected: its column is an address, decoded once per kept value instead of once per token.
+// S is read once per chunk, by blocks of RB rows × KB columns, so that the chunk's inputs for one block of
+// columns (KB · CHUNK floats, 16 KiB) are read from L1 by every row of the block, and the rows' partial
+// sums (RB · CHUNK floats) wait in L2 for the next block of columns. Each row sums its kept values in
+// order, in NACC interleaved chains joined at the end: an order fixed by the shapes.
+constexpr i64 CHUNK = 64;  // tokens per pass over S: up to 8 registers of 8
+constexpr i64 KB = 64;     // input columns per block: 32 kept values per row
+constexpr i64 RB = 64;     // most output rows per block
+// Paired runs of both layouts on the six shapes of benchmarks/bench_linear.py (2-core AVX2 machine, bf16,
+// ARMOR b = 128 / 96; bench_linear.py's *_permutes rows): at 8 tokens the permutes are faster on all six (1.2-1.4x), at 16 the lanes on five
+// (1.03-1.4x; 6 % slower on 14336 × 4096), at 64 the lanes by 2.6-3.2x, at 512 by 3.2-7x.
+constexpr i64 LANES_MIN_TOKENS = 16;
+
+template <int NV>
+constexpr int lanes_chains() { return NV >= 5 ? 1 : NV >= 3 ? 2 : 4; }  // enough to hide the FMA latency
+
+// acc += Σ_j v[j] · x[off[j] … + 8·NV), j in order, chain j % NACC
+template <int NV, int NACC>
+ARMOR_AVX2 inline void lanes_segment(const float* v, const std::int32_t* off, i64 n, const float* x,
+                                     __m256 (&acc)[NACC][NV]) {
+    i64 j = 0;
+    for (; j + NACC <= n; j += NACC)
+        for (int a = 0; a < NACC; ++a) {
+            const __m256 vv = _mm256_broadcast_ss(v + j + a);
+            const float* xp = x + off[j + a];
+            for (int i = 0; i < NV; ++i) acc[a][i] = _mm256_fmadd_ps(vv, _mm256_load_ps(xp + 8 * i), acc[a][i]);
+        }
+    for (int a = 0; j < n; ++j, ++a) {
+        const __m256 vv = _mm256_broadcast_ss(v + j);
+        const float* xp = x + off[j];
+        for (int i = 0; i < NV; ++i) acc[a][i] = _mm256_fmadd_ps(vv, _mm256_load_ps(xp + 8 * i), acc[a][i]);
+    }
+}
+
+template <int NV, int NACC>
+ARMOR_AVX2 inline void lanes_store(__m256 (&acc)[NACC][NV], float* out) {
+    for (int i = 0; i < NV; ++i) {
+        __m256 s = acc[0][i];
+        for (int a = 1; a < NACC; ++a) s = _mm256_add_ps(s, acc[a][i]);
+        _mm256_store_ps(out + 8 * i, s);
+    }
+}
+
+// A wrapper on a chunk, rows [0, n) of blockdiag(W): out[c] = Σ_k W[c][k] · in[c / b · b + k], rows of
+// w = 8·NV floats; off holds k · w.
+template <Dtype D, int NV>
+ARMOR_AVX2 void wrap_lanes(const void* W, i64 b, i64 n, const float* in, float* out, float* wrow,
+                           const std::int32_t* off) {
+    constexpr int NACC = lanes_chains<NV>();
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < n; ++c) {
+        i64 k = 0;
+        for (; k + 8 <= b; k += 8) _mm256_storeu_ps(wrow + k, load8<D>(W, c * b + k));
+        for (; k < b; ++k) wrow[k] = load1<D>(W, c * b + k);
+        __m256 acc[NACC][NV];
+        for (auto& r : acc)
+            for (auto& q : r) q = _mm256_setzero_ps();
+        lanes_segment<NV, NACC>(wrow, off, b, in + c / b * b * 8 * NV, acc);
+        lanes_store<NV, NACC>(acc, out + c * 8 * NV);
+    }
+}
+
+// Kept values [j0, j0 + n) of one row of S as float32 (v) and their inputs' offsets from column 2·j0 in a
+// chunk of w tokens (off): 16 at a time from a 32-bit word of positions, the rest one by one.
+template <Dtype D>
+ARMOR_AVX2 inline void decode_segment(const void* values, const std::uint8_t* idx_row, i64 base, i64 j0, i64 n,
+                                      i64 w, float* v, std::int32_t* off) {
+    const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), three = _mm256_set1_epi32(3);
+    const __m256i group = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12), wv = _mm256_set1_epi32(int(w));
+    i64 j = 0;
+    for (; j + 16 <= n; j += 16) {
+        std::uint32_t u;
+        std::memcpy(&u, idx_row + (j0 + j) / 4, 4);
+        const __m256i uv = _mm256_set1_epi32(int(u));
+        for (int h = 0; h < 2; ++h) {
+            const __m256i pos = _mm256_and_si256(_mm256_srlv_epi32(uv, _mm256_add_epi32(shift, _mm256_set1_epi32(16 * h))), three);
+            const __m256i col = _mm256_add_epi32(_mm256_add_epi32(group, _mm256_set1_epi32(int(2 * j + 16 * h))), pos);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + j + 8 * h), _mm256_mullo_epi32(col, wv));
+            _mm256_storeu_ps(v + j + 8 * h, load8<D>(values, base + j0 + j + 8 * h));
+        }
+    }
+    for (; j < n; ++j) {  // n % 16 is 0, 4, 8 or 12 at the end of a row
+        v[j] = load1<D>(values, base + j0 + j);
+        off[j] = std::int32_t((kept_position(idx_row, j0 + j) - 2 * j0) * w);
+    }
+}
+
+// The sparse stage on a chunk of w = 8·NV tokens, rows [r0, r1) of S: ys[r] = Σ_j S[r][j] · xc[col(j)].
+// part: (r1 − r0) · NACC · w floats, 32-byte aligned.
+template <Dtype D, int NV>
+ARMOR_AVX2 void sparse_lanes(const void* values, const std::uint8_t* idx, i64 r0, i64 r1, i64 d_in, const float* xc,
+                             float* ys, float* part) {
+    constexpr int NACC = lanes_chains<NV>();
+    constexpr i64 w = 8 * NV, ES = D == Dtype::F32 ? 4 : 2;
+    const i64 kept = d_in / 2;
+    alignas(32) float v[KB / 2];
+    alignas(32) std::int32_t off[KB / 2];
+    for (i64 k0 = 0; k0 < d_in; k0 += KB) {
+        const i64 j0 = k0 / 2, n = std::min(KB, d_in - k0) / 2;
+        for (i64 r = r0; r < r1; ++r) {
+            const std::uint8_t* idx_row = idx + r * (d_in / 8);
+            // S is read across its rows here: ask for this row's values and positions two blocks ahead
+            _mm_prefetch(static_cast<const char*>(values) + (r * kept + j0 + KB) * ES, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(idx_row + (j0 + KB) / 4), _MM_HINT_T0);
+            decode_segment<D>(values, idx_row, r * kept, j0, n, w, v, off);
+            __m256 acc[NACC][NV];
+            float* p = part + (r - r0) * NACC * w;
+            for (int a = 0; a < NACC; ++a)
+                for (int i = 0; i < NV; ++i) acc[a][i] = k0 ? _mm256_load_ps(p + a * w + 8 * i) : _mm256_setzero_ps();
+            lanes_segment<NV, NACC>(v, off, n, xc + k0 * w, acc);
+            if (k0 + KB < d_in) {
+                for (int a = 0; a < NACC; ++a)
+                    for (int i = 0; i < NV; ++i) _mm256_store_ps(p + a * w + 8 * i, acc[a][i]);
+            } else {
+                lanes_store<NV, NACC>(acc, ys + r * w);
+            }
+        }
+    }
+}
+
+// 64-byte aligned float buffers: the lanes kernels read their rows with aligned loads
+struct Floats {
+    std::vector<float> buf;
+    float* p;
+    explicit Floats(i64 n) : buf(std::size_t(n + 16)), p(buf.data() + (16 - reinterpret_cast<std::uintptr_t>(buf.data()) / 4 % 16) % 16) {}
+};
+
+template <Dtype D, int NV>
+ARMOR_AVX2 void run_lanes_chunk(const PackedLinearArgs& a, i64 t0, i64 tt, i64 rb, float* xf, float* xb, float* ys,
+                                float* yo, float* wrow, const std::int32_t* off, float* part) {
+    constexpr i64 w = 8 * NV;
+    const i64 d_in = a.d_in, d_out = a.d_out;
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < d_in; ++c) {
+        float* row = xf + c * w;
+        for (i64 t = 0; t < tt; ++t) row[t] = load1<D>(a.x, (t0 + t) * d_in + c);
+        for (i64 t = tt; t < w; ++t) row[t] = 0.f;
+    }
+    if (a.B) wrap_lanes<D, NV>(a.B, a.block_B, d_in, xf, xb, wrow, off);
+#pragma omp for schedule(static)
+    for (i64 r0 = 0; r0 < d_out; r0 += rb)
+        sparse_lanes<D, NV>(a.values, a.idx, r0, std::min(d_out, r0 + rb), d_in, a.B ? xb : xf, ys, part);
+    if (a.A) wrap_lanes<D, NV>(a.A, a.block_A, d_out, ys, yo, wrow, off);
+    const float* yout = a.A ? yo : ys;
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < d_out; ++c) {
+        const float b = a.bias ? load1<D>(a.bias, c) : 0.f;
+        for (i64 t = 0; t < tt; ++t) store1<D>(a.y, (t0 + t) * d_out + c, yout[c * w + t] + b);
+    }
+}
+
+template <Dtype D>
+void run_lanes(const PackedLinearArgs& a, int nt) {
+    using Chunk = void (*)(const PackedLinearArgs&, i64, i64, i64, float*, float*, float*, float*, float*,
+                           const std::int32_t*, float*);
+    static constexpr Chunk chunks[8] = {&run_lanes_chunk<D, 1>, &run_lanes_chunk<D, 2>, &run_lanes_chunk<D, 3>,
+                                        &run_lanes_chunk<D, 4>, &run_lanes_chunk<D, 5>, &run_lanes_chunk<D, 6>,
+                                        &run_lanes_chunk<D, 7>, &run_lanes_chunk<D, 8>};
+    const i64 T = a.tokens, d_in = a.d_in, d_out = a.d_out, b = std::max(a.block_A, a.block_B);
+    // row blocks of at most RB rows, a multiple of the thread count of them (no thread idle at the end)
+    const i64 blocks = (std::max<i64>((d_out + RB - 1) / RB, 1) + nt - 1) / nt * nt, rb = (d_out + blocks - 1) / blocks;
+    Floats xf(d_in * CHUNK), xb(a.B ? d_in * CHUNK : 0), ys(d_out * CHUNK), yo(a.A ? d_out * CHUNK : 0);
+#pragma omp parallel num_threads(nt)
+    {
+        Floats wrow(b), part(rb * CHUNK);  // NACC · w <= CHUNK
+        std::vector<std::int32_t> off(static_cast<std::size_t>(b));
+        for (i64 t0 = 0; t0 < T; t0 += CHUNK) {
+            const i64 tt = std::min(CHUNK, T - t0), nv = (tt + 7) / 8;
+            for (i64 k = 0; k < b; ++k) off[std::size_t(k)] = std::int32_t(k * 8 * nv);
+            chunks[nv - 1](a, t0, tt, rb, xf.p, xb.p, ys.p, yo.p, wrow.p, off.data(), part.p);
+        }
+    }
+}
+
 bool cpu_has_avx2() {
     static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                             __builtin_cpu_supports("f16c");
@@ -271,10 +448,13 @@ constexpr int MAX_TT = 4;  // tokens per pass over a row: 4 accumulators and the
 template <Dtype D>
 void run(const PackedLinearArgs& a, int nt, bool portable) {
     const i64 T = a.tokens, d_in = a.d_in, d_out = a.d_out, bA = a.block_A, bB = a.block_B;
+    const bool avx2 = !portable && cpu_has_avx2();
+#if ARMOR_X86
+    if (avx2 && T >= (a.lanes_from > 0 ? a.lanes_from : LANES_MIN_TOKENS)) return run_lanes<D>(a, nt);
+#endif
     // xf: x in float32; xin: the sparse stage's inputs (x B'ᵀ, or x), in avx2_column's order on that path
     std::vector<float> xf(std::size_t(T * d_in)), xb(a.B ? std::size_t(T * d_in) : 0), ys(std::size_t(T * d_out));
     float* xin = a.B ? xb.data() : xf.data();
-    const bool avx2 = !portable && cpu_has_avx2();
     const auto place = [&](i64 c) { return avx2 ? avx2_column(c, d_in) : c; };
     const SparseRow rows[MAX_TT] = {pick_row<D, 1>(avx2), pick_row<D, 2>(avx2), pick_row<D, 3>(avx2),
                                     pick_row<D, 4>(avx2)};

@@ -34,14 +34,16 @@ struct PackedLinearArgs {
     Dtype dtype = Dtype::F32;
     int num_threads = 0;    // <= 0: the OpenMP default
     bool portable = false;  // the portable code even where the CPU has AVX2 (tests compare both)
+    std::int64_t lanes_from = 0;  // tokens from which the AVX2 code holds them along the lanes; <= 0: 16
 };
 
-// The streamed kernel (few tokens): S read once per group of up to 4 tokens, each kept value's input
-// selected from its 2-bit position in vector registers. Throws std::invalid_argument on bad sizes.
+// The sparse kernel, any token count: S read from its packed form once per group of up to 4 tokens (each
+// kept value's input selected from its 2-bit position in vector registers) or, from 16 tokens on, once per
+// 64 tokens held along the vector lanes. Throws std::invalid_argument on bad sizes.
 void packed_linear(const PackedLinearArgs& a);
 
 // Rows [row0, row0 + rows) of S unpacked into out (rows, d_in), zeros included, in the storage dtype
-// or (out_f32) in float32: the tile the many-token path hands to a dense GEMM.
+// or (out_f32) in float32: the tile the tiled path hands to a dense GEMM.
 void unpack_rows(const void* values, const std::uint8_t* idx, std::int64_t row0, std::int64_t rows,
                  std::int64_t d_in, Dtype dtype, void* out, bool out_f32, int num_threads = 0);
 
