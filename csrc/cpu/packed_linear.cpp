@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -359,11 +360,14 @@ ARMOR_AVX2 void sparse_lanes(const void* values, const std::uint8_t* idx, i64 r0
     }
 }
 
-// 64-byte aligned float buffers: the lanes kernels read their rows with aligned loads
+// 64-byte aligned float buffers, left uninitialised (every element is written before it is read): the
+// lanes kernels read their rows with aligned loads
 struct Floats {
-    std::vector<float> buf;
+    std::unique_ptr<float[]> buf;
     float* p;
-    explicit Floats(i64 n) : buf(std::size_t(n + 16)), p(buf.data() + (16 - reinterpret_cast<std::uintptr_t>(buf.data()) / 4 % 16) % 16) {}
+    explicit Floats(i64 n)
+        : buf(new float[std::size_t(n + 16)]),
+          p(buf.get() + (16 - reinterpret_cast<std::uintptr_t>(buf.get()) / 4 % 16) % 16) {}
 };
 
 template <Dtype D, int NV>
@@ -400,10 +404,11 @@ void run_lanes(const PackedLinearArgs& a, int nt) {
     const i64 T = a.tokens, d_in = a.d_in, d_out = a.d_out, b = std::max(a.block_A, a.block_B);
     // row blocks of at most RB rows, a multiple of the thread count of them (no thread idle at the end)
     const i64 blocks = (std::max<i64>((d_out + RB - 1) / RB, 1) + nt - 1) / nt * nt, rb = (d_out + blocks - 1) / blocks;
-    Floats xf(d_in * CHUNK), xb(a.B ? d_in * CHUNK : 0), ys(d_out * CHUNK), yo(a.A ? d_out * CHUNK : 0);
+    const i64 wmax = std::min(CHUNK, (T + 7) / 8 * 8);  // the widest chunk
+    Floats xf(d_in * wmax), xb(a.B ? d_in * wmax : 0), ys(d_out * wmax), yo(a.A ? d_out * wmax : 0);
 #pragma omp parallel num_threads(nt)
     {
-        Floats wrow(b), part(rb * CHUNK);  // NACC · w <= CHUNK
+        Floats wrow(b), part(rb * wmax * 4);  // NACC · w <= 4 · wmax
         std::vector<std::int32_t> off(static_cast<std::size_t>(b));
         for (i64 t0 = 0; t0 < T; t0 += CHUNK) {
             const i64 tt = std::min(CHUNK, T - t0), nv = (tt + 7) / 8;
