@@ -248,9 +248,9 @@ ARMOR_AVX2 void sparse_row_avx2(const void* values, const std::uint8_t* idx_row,
 constexpr i64 CHUNK = 64;  // tokens per pass over S: up to 8 registers of 8
 constexpr i64 KB = 64;     // input columns per block: 32 kept values per row
 constexpr i64 RB = 64;     // most output rows per block
-// Paired runs of both layouts on the six shapes of benchmarks/bench_linear.py (2-core AVX2 machine, bf16,
-// ARMOR b = 128 / 96; bench_linear.py's *_permutes rows): at 8 tokens the permutes are faster on all six (1.2-1.4x), at 16 the lanes on five
-// (1.03-1.4x; 6 % slower on 14336 × 4096), at 64 the lanes by 2.6-3.2x, at 512 by 3.2-7x.
+// benchmarks/results/bench_linear_cpu.csv (2-core AVX2 machine, bf16, six shapes, ARMOR b = 128 and plain
+// 2:4; its *_lanes and *_permutes rows force the other layout): the other layout's time over the chosen
+// one's is 1.8-2.8 at 4 tokens, 0.77-1.6 at 16 (the lanes faster on 11 of 12), 1.35-2.1 at 32, 2.5-3.0 at 64.
 constexpr i64 LANES_MIN_TOKENS = 16;
 
 template <int NV>
