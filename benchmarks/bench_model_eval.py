@@ -1,11 +1,11 @@
 """A pruned model against its dense model, end to end: the time of the bundled model's evaluation
 (perplexity of the first 20 000 tokens of Pride and Prejudice in 512-token windows) on the CPU, the
-pruned model as `from_pretrained` loads it (packed: the CPU kernels' "cpu_gemm" path at 512 tokens) and
+pruned model as `from_pretrained` loads it (packed: the CPU kernels' path for 512-token windows) and
 with `prepare(model, keep_dense=True)` (one matmul of the dense product per layer, what the pruning
 pipeline's own evaluation runs): the perplexity difference between the two is the packed path's
 rounding.
 
-    python benchmarks/bench_model_eval.py --checkpoint runs/main/armor [--reps 1] [--out results/model_eval_cpu.csv]
+    python benchmarks/bench_model_eval.py --checkpoint runs/demo/quality [--reps 1] [--out results/model_eval_cpu.csv]
 
 One row per model: its paths, seconds per evaluation (median of --reps), tokens/s, perplexity, and the ratio to
 dense. The models run one after the other in the same process, on the same tokens.
@@ -27,7 +27,7 @@ from armor_kernels.pipeline.runtime import cpu_name
 
 def main(argv=None) -> int:
     p = bench_args(__doc__.split("\n")[0], "model_eval_cpu")
-    p.add_argument("--checkpoint", required=True, help="a pruned checkpoint directory (e.g. runs/main/armor)")
+    p.add_argument("--checkpoint", required=True, help="a pruned checkpoint directory (e.g. runs/demo/quality)")
     p.add_argument("--model", default=None, help="its dense source model (default: the bundled SmolLM2-135M)")
     p.add_argument("--reps", type=int, default=1)
     args = p.parse_args(argv)

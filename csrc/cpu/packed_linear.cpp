@@ -315,7 +315,8 @@ ARMOR_AVX2 inline void decode_segment(const void* values, const std::uint8_t* id
         std::memcpy(&u, idx_row + (j0 + j) / 4, 4);
         const __m256i uv = _mm256_set1_epi32(int(u));
         for (int h = 0; h < 2; ++h) {
-            const __m256i pos = _mm256_and_si256(_mm256_srlv_epi32(uv, _mm256_add_epi32(shift, _mm256_set1_epi32(16 * h))), three);
+            const __m256i bits = _mm256_srlv_epi32(uv, _mm256_add_epi32(shift, _mm256_set1_epi32(16 * h)));
+            const __m256i pos = _mm256_and_si256(bits, three);
             const __m256i col = _mm256_add_epi32(_mm256_add_epi32(group, _mm256_set1_epi32(int(2 * j + 16 * h))), pos);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + j + 8 * h), _mm256_mullo_epi32(col, wv));
             _mm256_storeu_ps(v + j + 8 * h, load8<D>(values, base + j0 + j + 8 * h));
@@ -403,12 +404,13 @@ void run_lanes(const PackedLinearArgs& a, int nt) {
                                         &run_lanes_chunk<D, 7>, &run_lanes_chunk<D, 8>};
     const i64 T = a.tokens, d_in = a.d_in, d_out = a.d_out, b = std::max(a.block_A, a.block_B);
     // row blocks of at most RB rows, a multiple of the thread count of them (no thread idle at the end)
-    const i64 blocks = (std::max<i64>((d_out + RB - 1) / RB, 1) + nt - 1) / nt * nt, rb = (d_out + blocks - 1) / blocks;
+    const i64 blocks = (std::max<i64>((d_out + RB - 1) / RB, 1) + nt - 1) / nt * nt;
+    const i64 rb = (d_out + blocks - 1) / blocks;
     const i64 wmax = std::min(CHUNK, (T + 7) / 8 * 8);  // the widest chunk
     Floats xf(d_in * wmax), xb(a.B ? d_in * wmax : 0), ys(d_out * wmax), yo(a.A ? d_out * wmax : 0);
 #pragma omp parallel num_threads(nt)
     {
-        Floats wrow(b), part(rb * wmax * 4);  // NACC · w <= 4 · wmax
+        Floats wrow(b), part(rb * CHUNK);  // NACC · w <= CHUNK (lanes_chains)
         std::vector<std::int32_t> off(static_cast<std::size_t>(b));
         for (i64 t0 = 0; t0 < T; t0 += CHUNK) {
             const i64 tt = std::min(CHUNK, T - t0), nv = (tt + 7) / 8;
