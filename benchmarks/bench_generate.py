@@ -8,7 +8,8 @@ Models (each variant measured in a fresh process, so that its resident memory is
   `from_pretrained` in bf16: packed, every pruned linear on the path `prepare` picks (the packed CPU kernels).
 - llama1b: a Llama-shaped model of Llama-3.2-1B's configuration (hidden 2048, 16 layers, intermediate 8192,
   32 heads / 8 KV heads, its 128 256-token vocabulary, tied head), random weights; pruned: every decoder
-  linear an ArmorLinear with random factors (b = 128) and a random 2:4 core. Speed and memory do not
+  linear an ArmorLinear with random factors (b = 128) and a random 2:4 core, built without any dense linear
+  (its peak memory is the packed model's, as a load's). Speed and memory do not
   depend on the values, only on the shapes and paths, so no pruning run is needed for it.
 Per variant: peak and final resident memory of the process after load (VmHWM, VmRSS), the bytes of its
 parameters and buffers, the 512-token prefill time (batch 1, logits of the last position, as generate's
@@ -69,20 +70,32 @@ def build(model: str, variant: str, checkpoint: str | None):
             m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
         return m, m.config.vocab_size
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
     from armor_kernels import prepare
     from armor_kernels.pipeline.model import decoder_layers, replace_module
-    from armor_kernels.pipeline.source import trim_heap
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype).eval()
-    if variant.startswith("pruned"):
-        for block in decoder_layers(m):
-            for name, lin in list(block.named_modules()):
-                if isinstance(lin, torch.nn.Linear):
-                    replace_module(block, name, random_packed_armor(lin.out_features, lin.in_features, dtype))
-        prepare(m)
-        trim_heap()  # the dense linears it replaced, freed: resident as from_pretrained's load, which builds none
-    return m, LLAMA_1B["vocab_size"]
+    config = LlamaConfig(**LLAMA_1B)
+    if variant.startswith("dense"):
+        return LlamaForCausalLM(config).to(dtype).eval(), config.vocab_size
+    # the skeleton on the meta device, so that no dense linear is ever built: the load's peak is the packed
+    # model's, as from_pretrained's; every decoder linear packed, then the rest given values
+    with torch.device("meta"):
+        m = LlamaForCausalLM(config).to(dtype).eval()
+    for block in decoder_layers(m):
+        for name, lin in list(block.named_modules()):
+            if isinstance(lin, torch.nn.Linear):
+                replace_module(block, name, random_packed_armor(lin.out_features, lin.in_features, dtype))
+    embed = torch.randn(config.vocab_size, config.hidden_size, dtype=dtype).mul_(0.02)
+    m.model.embed_tokens.weight = m.lm_head.weight = torch.nn.Parameter(embed)  # tied, as the dense model
+    for norm in [mod for mod in m.modules() if isinstance(mod, LlamaRMSNorm)]:
+        norm.weight = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=dtype))
+    m.model.rotary_emb = LlamaRotaryEmbedding(config).to(dtype)
+    meta = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+    if meta:
+        raise SystemExit(f"bench_generate: the pruned 1B model has tensors without values: {meta[:5]}")
+    prepare(m)
+    return m, config.vocab_size
 
 
 def child(model: str, variant: str, checkpoint: str | None) -> dict:
