@@ -88,7 +88,7 @@ def binding(x, A, S, B, bias, **kw):
     ptr = lambda t: 0 if t is None else t.data_ptr()
     cpu_ext.packed_linear(x.data_ptr(), values.data_ptr(), idx.data_ptr(), ptr(A), ptr(B), ptr(bias), y.data_ptr(),
                           tokens, d_in, d_out, 0 if A is None else A.shape[1], 0 if B is None else B.shape[1],
-                          {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype], 2, **kw)
+                          ops._CPU_DTYPES[x.dtype], 2, **kw)
     return y
 
 

@@ -283,6 +283,14 @@ ARMOR_AVX2 inline void lanes_store(__m256 (&acc)[NACC][NV], float* out) {
     }
 }
 
+// n stored values from offset as float32 (a row of a wrapper)
+template <Dtype D>
+ARMOR_AVX2 inline void to_f32_avx2(const void* src, i64 offset, i64 n, float* dst) {
+    i64 i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8<D>(src, offset + i));
+    for (; i < n; ++i) dst[i] = load1<D>(src, offset + i);
+}
+
 // A wrapper on a chunk, rows [0, n) of blockdiag(W): out[c] = Σ_k W[c][k] · in[c / b · b + k], rows of
 // w = 8·NV floats; off holds k · w.
 template <Dtype D, int NV>
@@ -291,9 +299,7 @@ ARMOR_AVX2 void wrap_lanes(const void* W, i64 b, i64 n, const float* in, float* 
     constexpr int NACC = lanes_chains<NV>();
 #pragma omp for schedule(static)
     for (i64 c = 0; c < n; ++c) {
-        i64 k = 0;
-        for (; k + 8 <= b; k += 8) _mm256_storeu_ps(wrow + k, load8<D>(W, c * b + k));
-        for (; k < b; ++k) wrow[k] = load1<D>(W, c * b + k);
+        to_f32_avx2<D>(W, c * b, b, wrow);
         __m256 acc[NACC][NV];
         for (auto& r : acc)
             for (auto& q : r) q = _mm256_setzero_ps();
@@ -319,7 +325,7 @@ ARMOR_AVX2 inline void decode_segment(const void* values, const std::uint8_t* id
             const __m256i pos = _mm256_and_si256(bits, three);
             const __m256i col = _mm256_add_epi32(_mm256_add_epi32(group, _mm256_set1_epi32(int(2 * j + 16 * h))), pos);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + j + 8 * h), _mm256_mullo_epi32(col, wv));
-            _mm256_storeu_ps(v + j + 8 * h, load8<D>(values, base + j0 + j + 8 * h));
+            _mm256_storeu_ps(v + j + 8 * h, load8<D>(values, base + j0 + j + 8 * h));  // one pass with the offsets
         }
     }
     for (; j < n; ++j) {  // n % 16 is 0, 4, 8 or 12 at the end of a row
